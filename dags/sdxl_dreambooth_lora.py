@@ -1,0 +1,121 @@
+"""
+### SDXL DreamBooth-LoRA: from a versioned folder of photos to a registered, evaluated LoRA
+
+Every night at 02:00 (or on **Trigger** with the form below) this DAG:
+
+1. opens an MLflow parent run for the DAG run;
+2. **dataset**: fetches the subject's images at the chosen version of the DVC data registry (rev, commit and
+   content hash are recorded everywhere downstream);
+3. **validate → caption → resize → encode**: checks every image, captions it, fits it to an SDXL bucket, and
+   caches VAE latents and both text encoders' embeddings;
+4. **train**: one DreamBooth-LoRA run per learning rate, in parallel, a checkpoint every *checkpoint interval*;
+5. **evaluate**: every checkpoint, on the same prompts and seeds (DINO, CLIP-I, CLIP-T);
+6. **select** the best checkpoint by the weighted score, **register** it in the MLflow Model Registry as a new
+   version of `<subject>-sdxl-lora`, alias `champion` when there is none yet.
+
+Each task runs one `python -m sd_tasks <step>` command: a local process here, a Kubernetes pod on a GPU node in
+production (`DREAMLINE_EXECUTOR=kubernetes`). Everything a run writes lives under one folder per DAG run; only small
+JSON results travel through XCom. Review the sweep in MLflow: experiment `<subject>`, one nested run per learning
+rate.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import chain, dag, get_current_context, task
+
+from dreamline.deployment import DEPLOYMENT
+from dreamline.operators import StepOperator
+from dreamline.params import evaluation_params, subject_params, training_params
+
+RUN = "{{ run_dir(dag.dag_id, run_id) }}"  # this DAG run's folder
+PARENT_RUN_ID = "{{ ti.xcom_pull(task_ids='mlflow_run')['run_id'] }}"
+
+
+@dag(
+    dag_id="sdxl_dreambooth_lora",
+    schedule="0 2 * * *",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    params={**subject_params(), **training_params(), **evaluation_params()},
+    user_defined_macros={"run_dir": DEPLOYMENT.run_dir},
+    tags=["dreamline", "sdxl", "lora"],
+)
+def sdxl_dreambooth_lora():
+    mlflow_run = StepOperator(task_id="mlflow_run", step="start-run", options={
+        "experiment": "{{ params.subject }}", "run_key": "{{ dag.dag_id }}/{{ run_id }}", "run_name": "{{ run_id }}",
+        "tags": ["dataset.version={{ params.dataset_version }}", "base_model={{ params.base_model }}",
+                 "instance_prompt={{ params.instance_prompt }}", "class_prompt={{ params.class_prompt }}"],
+    })
+    dataset = StepOperator(task_id="dataset", step="dataset", options={
+        "repo": "{{ params.dataset_repo }}", "rev": "{{ params.dataset_version }}", "path": "{{ params.subject }}",
+        "output": f"{RUN}/dataset",
+    })
+    validated = StepOperator(task_id="validate", step="validate", options={
+        "input": f"{RUN}/dataset/images", "output": f"{RUN}/validated",
+    })
+    captioned = StepOperator(task_id="caption", step="caption", options={
+        "report": f"{RUN}/validated", "output": f"{RUN}/captions", "instance_prompt": "{{ params.instance_prompt }}",
+    })
+    resized = StepOperator(task_id="resize", step="resize", options={
+        "captions": f"{RUN}/captions", "output": f"{RUN}/resized", "resolution": "{{ params.resolution }}",
+    })
+    encoded = StepOperator(task_id="encode", step="encode", profile="gpu", options={
+        "images": f"{RUN}/resized", "output": f"{RUN}/encoded", "base_model": "{{ params.base_model }}",
+    })
+
+    @task
+    def training_runs(parent: dict) -> list[dict]:
+        """One `train` options dict per learning rate."""
+        params, run = _params_and_run_dir()
+        return [{
+            "cache": f"{run}/encoded", "output": f"{run}/train/lr-{lr:g}", "base_model": params["base_model"],
+            "learning_rate": lr, "max_steps": params["max_steps"], "checkpointing_steps": params["checkpointing_steps"],
+            "rank": params["rank"], "seed": params["seed"], "experiment": params["subject"],
+            "parent_run_id": parent["run_id"],
+        } for lr in params["learning_rates"]]
+
+    trained = StepOperator.partial(
+        task_id="train", step="train", profile="gpu", map_index_template="lr={{ task.options['learning_rate'] }}",
+    ).expand(options=training_runs(mlflow_run.output))
+
+    @task
+    def checkpoint_evaluations(training_results: list[dict]) -> list[dict]:
+        """One `evaluate` options dict per checkpoint of every training run."""
+        params, run = _params_and_run_dir()
+        instance = f"{params['instance_token']} {params['class_noun']}"
+        prompts = [p.format(instance=instance, class_noun=params["class_noun"]) for p in params["evaluation_prompts"]]
+        return [{
+            "checkpoint": c["uri"], "output": f"{run}/eval/lr-{r['learning_rate']:g}/step-{c['step']}",
+            "instance_images": f"{run}/resized", "prompts": prompts, "clip_model": params["clip_model"],
+            "dino_model": params["dino_model"], "images_per_prompt": params["images_per_prompt"],
+            "num_inference_steps": params["inference_steps"], "resolution": params["resolution"],
+            "seed": params["seed"],
+        } for r in training_results for c in r["checkpoints"]]
+
+    evaluated = StepOperator.partial(
+        task_id="evaluate", step="evaluate", profile="gpu",
+        map_index_template="{{ task.options['output'].split('/eval/')[-1] }}",
+    ).expand(options=checkpoint_evaluations(trained.output))
+
+    selected = StepOperator(task_id="select", step="select", options={
+        "evaluations": f"{RUN}/eval", "output": f"{RUN}/select",
+        "weight_accuracy": "{{ params.weight_accuracy }}", "weight_flexibility": "{{ params.weight_flexibility }}",
+    })
+    registered = StepOperator(task_id="register", step="register", options={
+        "selection": f"{RUN}/select", "dataset": f"{RUN}/dataset", "output": f"{RUN}/register",
+        "model_name": "{{ params.subject }}-sdxl-lora", "parent_run_id": PARENT_RUN_ID,
+    })
+
+    chain(mlflow_run, dataset, validated, captioned, resized, encoded, trained)
+    chain(evaluated, selected, registered)
+
+
+def _params_and_run_dir() -> tuple[dict, str]:
+    context = get_current_context()
+    return context["params"], DEPLOYMENT.run_dir(context["dag"].dag_id, context["run_id"])
+
+
+sdxl_dreambooth_lora()

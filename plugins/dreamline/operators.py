@@ -1,0 +1,137 @@
+"""Run an `sd_tasks` step from Airflow: as a local subprocess or as a Kubernetes pod, with the same argv.
+
+A task says which step and with which options (a dict, templated, mappable with `.expand(options=...)`); both
+operators turn that into `python -m sd_tasks <step> --flag value ...` via `step_argv` and push the step's one-line
+JSON result to XCom. `StepOperator` is the one the deployment selects (DREAMLINE_EXECUTOR).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException
+
+from dreamline.deployment import DEPLOYMENT, REPO_ROOT
+from dreamline.profiles import PROFILES
+
+
+def step_argv(step: str, options: dict[str, Any]) -> list[str]:
+    """`sd_tasks` arguments for a step: {"max_steps": 20, "prompts": ["a", "b"], "debug": False} becomes
+    [step, "--max-steps", "20", "--prompts", "a", "b", "--no-debug"]. None values are left out."""
+    argv = [step]
+    for name, value in options.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_result(lines: list[str]) -> dict | None:
+    """The step's result: the last line of its output that is a JSON object."""
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+class LocalStepOperator(BaseOperator):
+    """Run a step as a subprocess of the worker, in the same Python environment."""
+
+    template_fields = ("options",)
+    ui_color = "#e8f1fb"
+
+    def __init__(self, *, step: str, options: dict[str, Any], profile: str = "cpu", **kwargs):
+        super().__init__(**kwargs)
+        self.step, self.options, self.profile = step, options, PROFILES[profile]
+
+    def execute(self, context) -> dict:
+        argv = [sys.executable, "-m", "sd_tasks", *step_argv(self.step, self.options)]
+        self.log.info("Running %s", " ".join(argv[1:]))
+        env = {**os.environ, **DEPLOYMENT.step_env,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        self._process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                         env=env, cwd=REPO_ROOT)
+        lines = []
+        for line in self._process.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            self.log.info("%s", line)
+        if self._process.wait() != 0:
+            errors = [line for line in lines if line.startswith("error: ")]
+            raise AirflowException(errors[-1] if errors else f"step {self.step} exited {self._process.returncode}")
+        result = parse_result(lines)
+        if result is None:
+            raise AirflowException(f"step {self.step} printed no JSON result")
+        return result
+
+    def on_kill(self) -> None:
+        process = getattr(self, "_process", None)
+        if process and process.poll() is None:
+            process.terminate()  # the step turns SIGTERM into a clean exit: MLflow runs end FAILED
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _kubernetes_operator():
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
+
+    class KubernetesStepOperator(KubernetesPodOperator):
+        """Run a step as a pod of the Dreamline image; the argv is the local operator's, without the interpreter
+        path. The step writes its result to /airflow/xcom/return.json, which the XCom sidecar reads."""
+
+        template_fields = (*KubernetesPodOperator.template_fields, "options")
+
+        def __init__(self, *, step: str, options: dict[str, Any], profile: str = "cpu", **kwargs):
+            p = PROFILES[profile]
+            limits = {"cpu": p.cpu, "memory": p.memory} | ({"nvidia.com/gpu": str(p.gpus)} if p.gpus else {})
+            kwargs.setdefault("name", f"sd-{step}")
+            kwargs.setdefault("namespace", DEPLOYMENT.namespace)
+            kwargs.setdefault("image", DEPLOYMENT.image)
+            super().__init__(
+                cmds=["python", "-m", "sd_tasks"],
+                arguments=[],  # filled from the rendered options in build_pod_request_obj
+                env_vars={**DEPLOYMENT.step_env, "SD_TASKS_RESULT_FILE": "/airflow/xcom/return.json"},
+                container_resources=k8s.V1ResourceRequirements(requests={"cpu": p.cpu, "memory": p.memory},
+                                                               limits=limits),
+                node_selector=p.node_selector or None,
+                tolerations=[k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+                if p.gpus else None,
+                startup_timeout_seconds=p.startup_timeout_seconds,
+                do_xcom_push=True,
+                on_finish_action="delete_succeeded_pod",
+                **kwargs,
+            )
+            self.step, self.options = step, options
+
+        def build_pod_request_obj(self, context=None):
+            self.arguments = step_argv(self.step, self.options)
+            return super().build_pod_request_obj(context)
+
+    return KubernetesStepOperator
+
+
+def step_operator_class(executor: str = DEPLOYMENT.executor) -> type[BaseOperator]:
+    if executor == "local":
+        return LocalStepOperator
+    if executor == "kubernetes":
+        return _kubernetes_operator()
+    raise ValueError(f"DREAMLINE_EXECUTOR={executor!r}: use local or kubernetes")
+
+
+StepOperator = step_operator_class()

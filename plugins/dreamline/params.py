@@ -1,0 +1,80 @@
+"""The trigger form of Dreamline's DAGs: typed Params with titles, descriptions and sections.
+
+Defaults are the production recipe (SDXL base, 500 steps, a checkpoint every 100, three learning rates); the
+deployment's environment supplies the model and registry defaults (see `dreamline.deployment`).
+"""
+from __future__ import annotations
+
+from airflow.sdk import Param
+
+from dreamline.deployment import DEPLOYMENT
+
+# DreamBench's prompt templates (Ruiz et al. 2023), a subset; {instance} is "<token> <class>", e.g. "sks dog".
+DEFAULT_EVALUATION_PROMPTS = [
+    "a photo of {instance}",
+    "a {instance} in the jungle",
+    "a {instance} in the snow",
+    "a {instance} on the beach",
+    "a {instance} with a city in the background",
+    "a red {instance}",
+]
+
+SUBJECT = "Subject and data"
+TRAINING = "Training"
+EVALUATION = "Evaluation and selection"
+
+
+def subject_params() -> dict[str, Param]:
+    return {
+        "subject": Param("dog", type="string", pattern=r"^[a-z0-9][a-z0-9_-]*$", title="Subject",
+                         description="Folder of the subject in the data registry; also names the registered model.",
+                         section=SUBJECT),
+        "instance_token": Param("sks", type="string", title="Instance token",
+                                description="Rare token that comes to mean your subject.", section=SUBJECT),
+        "class_noun": Param("dog", type="string", title="Class noun",
+                            description="What the subject is, e.g. dog, backpack, person.", section=SUBJECT),
+        "instance_prompt": Param("a photo of sks dog", type="string", title="Instance prompt",
+                                 description="Caption of every training image.", section=SUBJECT),
+        "class_prompt": Param("a photo of dog", type="string", title="Class prompt",
+                              description="Prompt for the class images of prior preservation.", section=SUBJECT),
+        "dataset_repo": Param(DEPLOYMENT.dataset_repo, type="string", title="Data registry",
+                              description="Git URL or path of the DVC data registry.", section=SUBJECT),
+        "dataset_version": Param("main", type="string", title="Dataset version",
+                                 description="Git tag, branch or commit of the data registry to train on.",
+                                 section=SUBJECT),
+    }
+
+
+def training_params() -> dict[str, Param]:
+    return {
+        "base_model": Param(DEPLOYMENT.base_model, type="string", title="Base model",
+                            description="SDXL pipeline: Hugging Face id or a local diffusers folder.", section=TRAINING),
+        "learning_rates": Param([1e-4, 5e-4, 1e-5], type="array", items={"type": "number", "exclusiveMinimum": 0},
+                                minItems=1, title="Learning rates",
+                                description="One training run per value, run in parallel.", section=TRAINING),
+        "max_steps": Param(500, type="integer", minimum=1, title="Max steps", section=TRAINING),
+        "checkpointing_steps": Param(100, type="integer", minimum=1, title="Checkpoint interval",
+                                     description="Steps between checkpoints; every checkpoint is evaluated.",
+                                     section=TRAINING),
+        "rank": Param(4, type="integer", minimum=1, maximum=256, title="LoRA rank", section=TRAINING),
+        "resolution": Param(1024, type="integer", minimum=64, multipleOf=8, title="Resolution",
+                            description="Training and evaluation image side, in pixels.", section=TRAINING),
+        "seed": Param(0, type="integer", minimum=0, title="Seed", section=TRAINING),
+    }
+
+
+def evaluation_params() -> dict[str, Param]:
+    return {
+        "evaluation_prompts": Param(DEFAULT_EVALUATION_PROMPTS, type="array", items={"type": "string"}, minItems=1,
+                                    title="Evaluation prompts",
+                                    description="`{instance}` becomes '<token> <class>', `{class_noun}` the class.",
+                                    section=EVALUATION),
+        "images_per_prompt": Param(4, type="integer", minimum=1, title="Images per prompt", section=EVALUATION),
+        "inference_steps": Param(25, type="integer", minimum=1, title="Inference steps", section=EVALUATION),
+        "clip_model": Param(DEPLOYMENT.clip_model, type="string", title="CLIP model", section=EVALUATION),
+        "dino_model": Param(DEPLOYMENT.dino_model, type="string", title="DINO model", section=EVALUATION),
+        "weight_accuracy": Param(1.0, type="number", minimum=0, title="Weight: subject fidelity",
+                                 description="How much DINO and CLIP-I count in the score.", section=EVALUATION),
+        "weight_flexibility": Param(1.0, type="number", minimum=0, title="Weight: prompt fidelity",
+                                    description="How much CLIP-T counts in the score.", section=EVALUATION),
+    }

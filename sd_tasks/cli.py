@@ -1,0 +1,197 @@
+"""The step CLI: `python -m sd_tasks <step> [--flags] [--config FILE]`.
+
+Every step is a plain function `run(config) -> dict` whose single parameter is a dataclass. This module turns that
+dataclass into argparse flags (field name `max_steps` becomes `--max-steps`, its type and help come from the
+annotation and `field(metadata={"help": ...})`), merges an optional JSON/YAML config file under the flags, runs the
+step and prints its result as one JSON line, last on stdout. That line is the whole contract with Airflow: the same
+argv runs as a local subprocess or as a Kubernetes pod.
+
+Failures end with exit code 1 and one line on stderr, `error: <step>: <reason>`. A `StepError` is bad input and
+gets only that line; anything else is a bug, so its traceback goes first.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import signal
+import sys
+import traceback
+import types
+import typing
+from pathlib import Path
+
+from sd_tasks.errors import StepError
+
+# step name -> ("module[:function]", one-line description); the function defaults to `run`. Modules import lazily so `validate` never pays for torch.
+STEPS: dict[str, tuple[str, str]] = {
+    "tiny-model": ("sd_tasks.tiny_model", "write a random-weight SDXL pipeline and evaluators for offline runs"),
+    "publish-dataset": ("sd_tasks.dataset:publish", "add a folder of images to a DVC data registry as a new version"),
+    "dataset": ("sd_tasks.dataset", "resolve a DVC dataset version to files and a content hash"),
+    "validate": ("sd_tasks.validate", "decode every image, reject the unusable, report why"),
+    "caption": ("sd_tasks.caption", "attach a caption to every accepted image"),
+    "resize": ("sd_tasks.resize", "resize and crop to the training resolution, record SDXL micro-conditioning"),
+    "encode": ("sd_tasks.encode", "encode VAE latents and both SDXL text encoders into a cache"),
+    "start-run": ("sd_tasks.tracking", "open (or reopen) the MLflow parent run of a pipeline run"),
+    "train": ("sd_tasks.train", "train DreamBooth-LoRA on the encode cache, checkpoint every N steps"),
+    "evaluate": ("sd_tasks.evaluate", "generate fixed-seed images for a checkpoint and score them"),
+    "select": ("sd_tasks.select", "score every evaluated checkpoint and pick the best"),
+    "register": ("sd_tasks.register", "register the selected LoRA in the MLflow Model Registry"),
+}
+
+RESULT_FILE_ENV = "SD_TASKS_RESULT_FILE"  # also write the result here (a pod's /airflow/xcom/return.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    step = argv.pop(0)
+    if step not in STEPS:
+        print(f"error: unknown step {step!r}; steps: {', '.join(STEPS)}", file=sys.stderr)
+        return 2
+    module_name, _, func_name = STEPS[step][0].partition(":")
+    func = getattr(importlib.import_module(module_name), func_name or "run")
+    config_type = _config_type(func)
+    parser = build_parser(step, config_type)
+    args = parser.parse_args(argv)
+    # Airflow stops a task with SIGTERM: turn it into an exception so `with` blocks (MLflow runs, staging
+    # folders) close properly instead of leaving RUNNING runs and temp folders behind.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        config = make_config(config_type, args, parser)
+        result = func(config)
+    except StepError as exc:
+        print(f"error: {step}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"error: {step}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: keep the traceback for the log, then the one line
+        traceback.print_exc()
+        print(f"error: {step}: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+    line = json.dumps(result, sort_keys=True, default=str)
+    if os.environ.get(RESULT_FILE_ENV):
+        Path(os.environ[RESULT_FILE_ENV]).parent.mkdir(parents=True, exist_ok=True)
+        Path(os.environ[RESULT_FILE_ENV]).write_text(line)
+    sys.stdout.flush()
+    print(line, flush=True)
+    return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _usage() -> str:
+    width = max(map(len, STEPS))
+    lines = ["usage: python -m sd_tasks <step> [--help] [--config FILE] [--flag VALUE ...]", "", "steps:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in STEPS.items()]
+    return "\n".join(lines)
+
+
+def _config_type(func) -> type:
+    hints = typing.get_type_hints(func)
+    params = list(inspect.signature(func).parameters)
+    return hints[params[0]]
+
+
+def build_parser(step: str, config_type: type) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m sd_tasks {step}",
+        description=(config_type.__doc__ or "").strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="JSON or YAML file of settings; flags override it")
+    hints = typing.get_type_hints(config_type)
+    for f in dataclasses.fields(config_type):
+        kind, is_list = _scalar_type(hints[f.name])
+        names = [f.name] if f.metadata.get("positional") else ["--" + f.name.replace("_", "-")]
+        kwargs: dict = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        if f.metadata.get("positional"):
+            kwargs["nargs"] = "?"  # may also come from --config
+        else:
+            kwargs["dest"] = f.name
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if not f.metadata.get("positional"):
+                kwargs["metavar"] = f.metadata.get("metavar", kind.__name__.upper())
+            if is_list:
+                kwargs["nargs"] = "+"
+        if _required(f):
+            kwargs["help"] += " (required)"
+        else:
+            kwargs["help"] += f" (default: {_default(f)!r})"
+        parser.add_argument(*names, **kwargs)
+    return parser
+
+
+def make_config(config_type: type, args: argparse.Namespace, parser: argparse.ArgumentParser):
+    values: dict = {}
+    if args.config:
+        values.update(_read_config_file(args.config))
+    values.update({k: v for k, v in vars(args).items() if k != "config"})
+    names = {f.name for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise StepError(f"{args.config}: unknown settings {', '.join(unknown)}")
+    missing = [f.name for f in dataclasses.fields(config_type) if _required(f) and f.name not in values]
+    if missing:
+        parser.error("missing " + ", ".join(_flag(f) for f in dataclasses.fields(config_type) if f.name in missing))
+    return config_type(**values)
+
+
+def _read_config_file(path: str) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise StepError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise StepError(f"{path}: not valid {'YAML' if path.endswith(('yaml', 'yml')) else 'JSON'} ({exc})") from None
+    if not isinstance(data, dict):
+        raise StepError(f"{path}: config file must hold a mapping of settings")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _scalar_type(hint) -> tuple[type, bool]:
+    """(element type, is a list) for str, int, float, bool, X | None and list[X]."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.name.upper() if f.metadata.get("positional") else "--" + f.name.replace("_", "-")
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def option(help: str, default=dataclasses.MISSING, **metadata):
+    """A config field with its help text; list defaults are copied per instance."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})

@@ -1,0 +1,122 @@
+"""Datasets are versioned in a DVC data registry: a Git repo whose `.dvc` files point at a remote (a local folder
+or S3). A version is a Git rev (tag, branch or commit); every run records the commit it resolved to and a content
+hash of the exact files, so "which images did this LoRA see?" always has an answer.
+
+`dataset` (run) resolves a version to files; `publish-dataset` (publish) adds a folder as a new version.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from sd_tasks.cli import option
+from sd_tasks.errors import StepError
+from sd_tasks.storage import write_dir, write_json
+
+
+@dataclass
+class DatasetConfig:
+    """Fetch one subject's images at a dataset version from a DVC data registry."""
+
+    repo: str = option("data registry: a Git URL or local path of a repo tracked with DVC")
+    path: str = option("the subject's folder inside the registry, e.g. dog")
+    output: str = option("URI to write the images and dataset.json to")
+    rev: str = option("Git rev of the registry: tag, branch or commit", "main")
+
+
+def run(config: DatasetConfig) -> dict:
+    from dvc.api import DVCFileSystem
+
+    try:
+        fs = DVCFileSystem(config.repo, rev=config.rev)
+        commit = fs.repo.scm.get_rev()
+        info = fs.info(config.path)
+    except FileNotFoundError:
+        raise StepError(f"{config.repo}: no {config.path!r} at rev {config.rev!r}") from None
+    except Exception as exc:  # dvc/scmrepo raise many types for a bad repo or rev
+        raise StepError(f"{config.repo}@{config.rev}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    if info["type"] != "directory":
+        raise StepError(f"{config.repo}: {config.path!r} at rev {config.rev!r} is not a folder")
+    with write_dir(config.output) as out:
+        images = out / "images"
+        fs.get(config.path.rstrip("/") + "/", str(images), recursive=True)
+        files = sorted(p.relative_to(images).as_posix() for p in images.rglob("*") if p.is_file())
+        result = {
+            "repo": config.repo,
+            "path": config.path,
+            "rev": config.rev,
+            "commit": commit,
+            "dvc_md5": info.get("md5"),
+            "hash": content_hash(images),
+            "num_files": len(files),
+        }
+        write_json(out / "dataset.json", {**result, "files": files})
+    return {**result, "images": f"{config.output}/images"}
+
+
+def content_hash(folder: Path) -> str:
+    """sha256 over (relative path, file sha256) pairs: the same files give the same hash wherever they live."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return "sha256:" + digest.hexdigest()
+
+
+@dataclass
+class PublishConfig:
+    """Add a folder of images to a DVC data registry (created if missing) as a new tagged version."""
+
+    source: str = option("local folder of images to publish")
+    repo: str = option("local path of the data registry (a Git repo with DVC); created when missing")
+    path: str = option("the subject's folder inside the registry, e.g. dog")
+    tag: str = option("Git tag naming this version, e.g. dog-v1")
+    remote: str | None = option("DVC remote (local folder or s3://...) for a new registry", None)
+
+
+def publish(config: PublishConfig) -> dict:
+    source, repo = Path(config.source), Path(config.repo)
+    if not source.is_dir() or not any(source.iterdir()):
+        raise StepError(f"{source}: not a folder with files")
+    if not (repo / ".dvc").is_dir():
+        if not config.remote:
+            raise StepError(f"{repo}: not a DVC registry yet; pass --remote to create one")
+        repo.mkdir(parents=True, exist_ok=True)
+        _git(repo, "init", "-q", "-b", "main")
+        _dvc(repo, "init", "-q")
+        _dvc(repo, "remote", "add", "-d", "store", config.remote)
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-qm", "Initialise DVC data registry")
+    if _git(repo, "tag", "--list", config.tag).strip():
+        raise StepError(f"{repo}: tag {config.tag!r} already exists; versions are immutable, pick a new tag")
+    target = repo / config.path
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    _dvc(repo, "add", "-q", config.path)
+    _dvc(repo, "push", "-q")
+    _git(repo, "add", f"{config.path}.dvc", ".gitignore")
+    if _git(repo, "status", "--porcelain", "--untracked-files=no").strip():
+        _git(repo, "commit", "-qm", f"Publish {config.path} as {config.tag}")
+    _git(repo, "tag", config.tag)
+    return {"repo": str(repo), "path": config.path, "tag": config.tag, "commit": _git(repo, "rev-parse", "HEAD").strip(),
+            "hash": content_hash(target)}
+
+
+def _git(repo: Path, *args: str) -> str:
+    return _call(["git", "-c", "user.name=Dreamline", "-c", "user.email=dreamline@localhost", *args], repo)
+
+
+def _dvc(repo: Path, *args: str) -> str:
+    return _call([sys.executable, "-m", "dvc", *args], repo)
+
+
+def _call(argv: list[str], cwd: Path) -> str:
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise StepError(f"{cwd}: `{' '.join(argv[-3:])}` failed: {detail[-1] if detail else proc.returncode}")
+    return proc.stdout

@@ -1,0 +1,52 @@
+"""The DreamBooth paper's metrics: DINO and CLIP-I (subject fidelity: generated vs real images, mean pairwise
+cosine similarity) and CLIP-T (prompt fidelity: each image vs its prompt). Evaluator ids are configuration:
+openai/clip-vit-large-patch14 and facebook/dino-vits16 in production, tiny offline models in tests.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class ClipEmbedder:
+    def __init__(self, model_id: str):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.model = CLIPModel.from_pretrained(model_id).eval()
+        self.processor = CLIPProcessor.from_pretrained(model_id)
+
+    @torch.no_grad()
+    def images(self, images) -> torch.Tensor:
+        out = self.model.get_image_features(**self.processor(images=images, return_tensors="pt"))
+        return F.normalize(getattr(out, "pooler_output", out), dim=-1)
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        inputs = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True)
+        out = self.model.get_text_features(**inputs)
+        return F.normalize(getattr(out, "pooler_output", out), dim=-1)
+
+
+class DinoEmbedder:
+    """DINO ViT's [CLS] token, as in the DreamBooth paper."""
+
+    def __init__(self, model_id: str):
+        from transformers import AutoImageProcessor, AutoModel
+
+        self.model = AutoModel.from_pretrained(model_id, add_pooling_layer=False).eval()
+        self.processor = AutoImageProcessor.from_pretrained(model_id)
+
+    @torch.no_grad()
+    def images(self, images) -> torch.Tensor:
+        out = self.model(**self.processor(images=images, return_tensors="pt"))
+        return F.normalize(out.last_hidden_state[:, 0], dim=-1)
+
+
+def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity over all (row of a, row of b) pairs; rows must be unit vectors."""
+    return (a @ b.T).mean().item()
+
+
+def mean_matched_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity of a[i] with b[i]; rows must be unit vectors."""
+    return (a * b).sum(dim=-1).mean().item()

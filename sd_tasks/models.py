@@ -1,0 +1,56 @@
+"""Loading SDXL's parts from a model id or a local diffusers folder, and the two-encoder text conditioning.
+
+One loader for production ids and the offline tiny models: `base_model` is whatever `from_pretrained` accepts.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def load_vae(base_model: str):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(base_model, subfolder="vae")
+
+
+def load_unet(base_model: str):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
+
+
+def load_text_encoders(base_model: str):
+    """((tokenizer, tokenizer_2), (text_encoder, text_encoder_2)), frozen and in eval mode."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizers = tuple(AutoTokenizer.from_pretrained(base_model, subfolder=s) for s in ("tokenizer", "tokenizer_2"))
+    encoders = (
+        CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder"),
+        CLIPTextModelWithProjection.from_pretrained(base_model, subfolder="text_encoder_2"),
+    )
+    for encoder in encoders:
+        encoder.requires_grad_(False).eval()
+    return tokenizers, encoders
+
+
+@torch.no_grad()
+def encode_prompts(tokenizers, encoders, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL conditioning: penultimate hidden states of both encoders concatenated (batch, 77, 768 + 1280 in
+    SDXL-base) and the projected pooled output of encoder 2 (batch, 1280)."""
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(encoder.device)
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # text_embeds of CLIPTextModelWithProjection, the last encoder
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(original_size, crop_top_left, target_size) -> torch.Tensor:
+    """SDXL's six micro-conditioning numbers: original (h, w), crop top-left (y, x), target (h, w)."""
+    return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
