@@ -119,9 +119,9 @@ def _kubernetes_operator():
             )
             self.step, self.options = step, options
 
-        def build_pod_request_obj(self, context=None):
+        def build_pod_request_obj(self, context=None, **kwargs):
             self.arguments = step_argv(self.step, self.options)
-            return super().build_pod_request_obj(context)
+            return super().build_pod_request_obj(context, **kwargs)
 
     return KubernetesStepOperator
 

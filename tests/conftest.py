@@ -1,0 +1,61 @@
+"""Shared fixtures: offline tiny models, a DVC data registry of the sample subject, and a run folder prepared up to
+the encode cache. Everything is real (diffusers, peft, DVC, MLflow on sqlite) and small."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "plugins")]
+SAMPLE = REPO / "sample_data" / "dog"
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory) -> Path:
+    """DREAMLINE_HOME for the whole session; MLflow goes to its sqlite store."""
+    path = tmp_path_factory.mktemp("dreamline-home")
+    os.environ["DREAMLINE_HOME"] = str(path)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return path
+
+
+@pytest.fixture(scope="session")
+def models(home) -> dict:
+    from sd_tasks.tiny_model import TinyModelConfig, run
+
+    return run(TinyModelConfig(output=str(home / "models" / "tiny-sdxl"), evaluators=str(home / "models" / "eval")))
+
+
+@pytest.fixture(scope="session")
+def registry(home) -> Path:
+    from sd_tasks.dataset import PublishConfig, publish
+
+    repo = home / "data-registry"
+    publish(PublishConfig(source=str(SAMPLE), repo=str(repo), path="dog", tag="dog-v1",
+                          remote=str(home / "dvc-remote")))
+    return repo
+
+
+@pytest.fixture(scope="session")
+def prepared(home, models, registry) -> Path:
+    """A run folder taken through dataset, validate, caption, resize (64 px) and encode."""
+    from sd_tasks import caption, dataset, encode, resize, validate
+
+    run = home / "runs" / "prepared"
+    dataset.run(dataset.DatasetConfig(repo=str(registry), path="dog", rev="dog-v1", output=str(run / "dataset")))
+    validate.run(validate.ValidateConfig(input=str(run / "dataset" / "images"), output=str(run / "validated")))
+    caption.run(caption.CaptionConfig(report=str(run / "validated"), output=str(run / "captions"),
+                                      instance_prompt="a photo of sks dog"))
+    resize.run(resize.ResizeConfig(captions=str(run / "captions"), output=str(run / "resized"), resolution=64))
+    encode.run(encode.EncodeConfig(images=str(run / "resized"), output=str(run / "encoded"),
+                                   base_model=models["sdxl"]))
+    return run
+
+
+def tree_snapshot(folder: Path) -> dict:
+    """{relative path: bytes} of every file, to prove a folder was left untouched."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -1,0 +1,65 @@
+"""The step CLI: help for every step, config files under flags, one JSON line out, one error line on failure."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from sd_tasks import cli
+
+
+def sd_tasks(*argv, **kwargs):
+    return subprocess.run([sys.executable, "-m", "sd_tasks", *argv], capture_output=True, text=True, cwd=REPO,
+                          **kwargs)
+
+
+@pytest.mark.parametrize("step", list(cli.STEPS))
+def test_every_step_has_help(step, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main([step, "--help"])
+    assert exit.value.code == 0
+    assert f"python -m sd_tasks {step}" in capsys.readouterr().out
+
+
+def test_usage_lists_the_steps():
+    out = sd_tasks("--help").stdout
+    assert all(step in out for step in cli.STEPS)
+
+
+def test_config_file_with_flags_overriding(tmp_path, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    config = tmp_path / "validate.yaml"
+    config.write_text(f"input: {images}\noutput: {tmp_path / 'out'}\nmin-images: 5\n")
+    assert cli.main(["validate", "--config", str(config)]) == 1
+    assert "0 usable images, need 5" in capsys.readouterr().err
+    assert cli.main(["validate", "--config", str(config), "--min-images", "0"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accepted"] == 0
+
+
+def test_failure_is_one_line_naming_the_cause(tmp_path):
+    proc = sd_tasks("validate", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: validate: {tmp_path / 'nope'}: no such directory"
+    assert proc.stdout == ""
+
+
+def test_bad_config_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    assert cli.main(["validate", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: validate: {bad}: not valid JSON") and "\n" not in err
+    bad.write_text('{"input": "a", "output": "b", "colour": "red"}')
+    assert cli.main(["validate", "--config", str(bad)]) == 1
+    assert "unknown settings colour" in capsys.readouterr().err
+
+
+def test_missing_required_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["validate"])
+    assert exit.value.code == 2
+    assert "missing --input, --output" in capsys.readouterr().err

@@ -1,0 +1,84 @@
+"""The whole DAG end to end through Airflow (`airflow dags test`), on the tiny model, into a fresh MLflow store."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+CONF = {"subject": "dog", "dataset_version": "dog-v1", "learning_rates": [1e-3, 1e-4], "max_steps": 4,
+        "checkpointing_steps": 2, "resolution": 64, "images_per_prompt": 1, "inference_steps": 2,
+        "evaluation_prompts": ["a {instance} in the snow", "a red {instance}"]}
+
+
+@pytest.fixture(scope="module")
+def dag_run(tmp_path_factory, models, registry):
+    home = tmp_path_factory.mktemp("e2e-home")
+    env = {**os.environ, "DREAMLINE_HOME": str(home), "AIRFLOW_HOME": str(home / "airflow"),
+           "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "DREAMLINE_DATASET_REPO": str(registry),
+           "DREAMLINE_BASE_MODEL": models["sdxl"], "DREAMLINE_CLIP_MODEL": models["clip"],
+           "DREAMLINE_DINO_MODEL": models["dino"]}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    airflow = [sys.executable, "-m", "airflow"]
+    subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True, cwd=REPO)
+    proc = subprocess.run([*airflow, "dags", "test", "sdxl_dreambooth_lora", "-c", json.dumps(CONF)], env=env,
+                          capture_output=True, text=True, cwd=REPO)
+    (home / "dags-test.log").write_text(proc.stdout + proc.stderr)
+    runs = subprocess.run([*airflow, "dags", "list-runs", "sdxl_dreambooth_lora", "-o", "json"], env=env,
+                          capture_output=True, text=True, check=True, cwd=REPO)
+    return {"home": home, "proc": proc, "runs": json.loads(runs.stdout)}
+
+
+@pytest.fixture(scope="module")
+def client(dag_run):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{dag_run['home'] / 'mlflow' / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_dag_run_succeeds(dag_run):
+    assert dag_run["proc"].returncode == 0, dag_run["proc"].stdout[-3000:]
+    assert [r["state"] for r in dag_run["runs"]] == ["success"], (dag_run["home"] / "dags-test.log").read_text()[-5000:]
+
+
+def test_champion_version_carries_its_lineage(dag_run, client, registry):
+    version = client.get_model_version_by_alias("dog-sdxl-lora", "champion")
+    assert version.version == "1"
+    tags = version.tags
+    assert tags["dataset.rev"] == "dog-v1" and tags["dataset.hash"].startswith("sha256:")
+    assert tags["dataset.repo"] == str(registry) and len(tags["dataset.commit"]) == 40
+    assert tags["learning_rate"] in ("0.001", "0.0001") and tags["step"] in ("2", "4")
+    assert tags["base_model"].endswith("tiny-sdxl")
+    assert "Dataset: `dog` at `dog-v1`" in version.description
+
+
+def test_parent_run_has_one_nested_run_per_learning_rate_with_curves_metrics_and_images(dag_run, client):
+    experiment = client.get_experiment_by_name("dog")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.params["learning_rate"] for r in children) == ["0.0001", "0.001"]
+    for child in children:
+        run_id = child.info.run_id
+        assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
+        for metric in ("eval/dino", "eval/clip_i", "eval/clip_t"):
+            assert sorted(m.step for m in client.get_metric_history(run_id, metric)) == [2, 4]
+        images = [a.path for a in client.list_artifacts(run_id, "images")]
+        assert len(images) >= 4, images  # 2 prompts x 2 checkpoints
+    assert "selection.json" in [a.path for a in client.list_artifacts(parents[0].info.run_id)]
+
+
+def test_registered_lora_loads_back_and_generates_offline(dag_run, client):
+    import mlflow
+
+    model = mlflow.pyfunc.load_model("models:/dog-sdxl-lora@champion")
+    images = model.predict({"prompt": ["a photo of sks dog"]},
+                           params={"num_inference_steps": 2, "height": 64, "width": 64})
+    assert images[0][:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,124 @@
+"""dataset, validate, caption and resize on real files made in the test."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from conftest import SAMPLE, tree_snapshot
+from sd_tasks import caption, dataset, resize, validate
+from sd_tasks.errors import StepError
+
+
+def photo(path, size=(96, 80), color=(200, 30, 30), mode="RGB", **save):
+    Image.new(mode, size, color if mode == "RGB" else None).save(path, **save)
+    return path
+
+
+@pytest.fixture
+def messy(tmp_path):
+    folder = tmp_path / "messy"
+    folder.mkdir()
+    photo(folder / "good.jpg")
+    photo(folder / "later copy.jpg")  # byte-identical to good.jpg
+    photo(folder / "wide.png", size=(400, 64), color=(0, 0, 255))
+    photo(folder / "tiny.png", size=(32, 32), color=(0, 255, 0))
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("this is not an image")
+    data = (folder / "good.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    rgba = Image.new("RGBA", (90, 90), (255, 0, 0, 0))
+    rgba.save(folder / "alpha.png")
+    photo(folder / "grey.png", size=(100, 70), color=None, mode="L")
+    os.symlink(folder / "good.jpg", folder / "link.jpg")
+    photo(folder / "lying extension ü.png", size=(70, 90), color=(9, 9, 9), format="JPEG")
+    return folder
+
+
+def test_validate_accepts_unusual_rejects_broken_and_leaves_input_untouched(messy, tmp_path):
+    before = tree_snapshot(messy)
+    result = validate.run(validate.ValidateConfig(input=str(messy), output=str(tmp_path / "out"), min_side=64))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    accepted = {r["path"] for r in report["accepted"]}
+    rejected = {r["path"]: r["reason"] for r in report["rejected"]}
+    assert accepted == {"alpha.png", "good.jpg", "grey.png", "lying extension ü.png"}
+    assert rejected["later copy.jpg"] == "exact duplicate of good.jpg"
+    assert rejected["empty.jpg"] == "empty file"
+    assert rejected["notes.jpg"] == "not an image"
+    assert rejected["truncated.jpg"].startswith("corrupt or truncated")
+    assert rejected["tiny.png"].startswith("too small")
+    assert rejected["wide.png"].startswith("extreme aspect ratio")
+    assert rejected["link.jpg"].startswith("symbolic link")
+    assert result == {"report": f"{tmp_path / 'out'}/report.json", "accepted": 4, "rejected": 7}
+    assert next(r for r in report["accepted"] if r["path"] == "lying extension ü.png")["format"] == "JPEG"
+    assert tree_snapshot(messy) == before
+
+
+def test_validate_fails_with_a_summary_when_too_few_images(messy, tmp_path):
+    with pytest.raises(StepError, match=r"4 usable images, need 10 \(.*1 empty file.*\)"):
+        validate.run(validate.ValidateConfig(input=str(messy), output=str(tmp_path / "out"), min_images=10))
+    assert not (tmp_path / "out").exists()
+
+
+def test_caption_instance_and_sidecar(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    photo(folder / "a.jpg")
+    photo(folder / "b.jpg", color=(1, 2, 3))
+    (folder / "a.txt").write_text("  on a sofa\n")
+    validate.run(validate.ValidateConfig(input=str(folder), output=str(tmp_path / "v")))
+    result = caption.run(caption.CaptionConfig(report=str(tmp_path / "v"), output=str(tmp_path / "c"),
+                                               instance_prompt="a photo of sks dog", strategy="sidecar"))
+    records = json.loads((tmp_path / "c" / "manifest.json").read_text())["records"]
+    assert {r["path"]: r["caption"] for r in records} == {"a.jpg": "a photo of sks dog, on a sofa",
+                                                          "b.jpg": "a photo of sks dog"}
+    assert result["missing_captions"] == ["b.jpg"]
+
+
+def test_resize_buckets_and_micro_conditioning(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    photo(folder / "landscape.jpg", size=(300, 200))
+    photo(folder / "square.jpg", size=(150, 150), color=(5, 5, 5))
+    validate.run(validate.ValidateConfig(input=str(folder), output=str(tmp_path / "v")))
+    caption.run(caption.CaptionConfig(report=str(tmp_path / "v"), output=str(tmp_path / "c"), instance_prompt="x"))
+    resize.run(resize.ResizeConfig(captions=str(tmp_path / "c"), output=str(tmp_path / "r"), resolution=128,
+                                   bucket_step=32))
+    records = {r["source"]: r for r in json.loads((tmp_path / "r" / "manifest.json").read_text())["records"]}
+    land = records["landscape.jpg"]
+    assert land["original_size"] == [200, 300]
+    assert land["target_size"] == [96, 160]  # 160x96 (5:3) is the bucket nearest 3:2 within ~128² pixels
+    assert land["crop_top_left"] == [5, 0]  # scaled to 160x107, center-cropped vertically
+    assert Image.open(tmp_path / "r" / land["file"]).size == (160, 96)
+    assert records["square.jpg"]["target_size"] == [128, 128]
+
+
+def test_aspect_buckets_have_about_the_same_area():
+    for width, height in resize.aspect_buckets(1024, 64, 2.0):
+        assert width % 64 == 0 and height % 64 == 0
+        assert 0.8 < width * height / 1024**2 <= 1.0
+        assert max(width, height) / min(width, height) <= 2.0
+
+
+def test_dataset_resolves_a_version_with_commit_and_content_hash(registry, tmp_path):
+    result = dataset.run(dataset.DatasetConfig(repo=str(registry), path="dog", rev="dog-v1",
+                                               output=str(tmp_path / "ds")))
+    assert result["num_files"] == 5 and len(result["commit"]) == 40
+    assert result["hash"] == dataset.content_hash(SAMPLE)
+    assert tree_snapshot(tmp_path / "ds" / "images") == tree_snapshot(SAMPLE)
+    written = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert written["files"] == sorted(p.name for p in SAMPLE.iterdir())
+
+
+def test_dataset_names_the_bad_rev_and_path(registry, tmp_path):
+    with pytest.raises(StepError, match="unknown Git revision 'v404'"):
+        dataset.run(dataset.DatasetConfig(repo=str(registry), path="dog", rev="v404", output=str(tmp_path / "x")))
+    with pytest.raises(StepError, match="no 'cat' at rev 'dog-v1'"):
+        dataset.run(dataset.DatasetConfig(repo=str(registry), path="cat", rev="dog-v1", output=str(tmp_path / "x")))
+
+
+def test_publish_refuses_to_move_an_existing_version(registry):
+    with pytest.raises(StepError, match="tag 'dog-v1' already exists"):
+        dataset.publish(dataset.PublishConfig(source=str(SAMPLE), repo=str(registry), path="dog", tag="dog-v1"))

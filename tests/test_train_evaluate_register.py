@@ -1,0 +1,131 @@
+"""encode → train → evaluate → select → register on the tiny model, with MLflow on sqlite."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sd_tasks import evaluate, register, select, tracking, train
+from sd_tasks.errors import StepError
+
+
+def test_encode_cache_holds_latent_moments_text_embeddings_and_time_ids(prepared, models):
+    manifest = json.loads((prepared / "encoded" / "manifest.json").read_text())
+    tensors = load_file(prepared / "encoded" / "cache.safetensors")
+    assert len(manifest["records"]) == 5 and manifest["scaling_factor"] == 0.13025
+    assert tensors["0.latent_moments"].shape == (8, 8, 8)  # mean and logvar of 4 channels at 64/8
+    assert tensors["0.prompt_embeds"].shape == (77, 64)  # both encoders' penultimate states, 32 + 32
+    assert tensors["0.pooled_prompt_embeds"].shape == (32,)
+    assert manifest["records"][0]["original_size"] == [256, 256]
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, models, home):
+    parent = tracking.run(tracking.StartRunConfig(experiment="dog", run_key="test/run-1"))["run_id"]
+    config = train.TrainConfig(cache=str(prepared / "encoded"), output=str(prepared / "train" / "lr-1e-3"),
+                               base_model=models["sdxl"], learning_rate=1e-3, max_steps=4, checkpointing_steps=2,
+                               experiment="dog", parent_run_id=parent)
+    return {"parent": parent, "config": config, "result": train.run(config)}
+
+
+def test_train_writes_checkpoints_and_a_nested_mlflow_run(trained):
+    result, parent = trained["result"], trained["parent"]
+    assert [c["step"] for c in result["checkpoints"]] == [2, 4]
+    weights = load_file(f"{result['checkpoints'][-1]['uri']}/pytorch_lora_weights.safetensors")
+    assert weights and all(k.startswith("unet.") and "lora" in k for k in weights)
+    client = tracking.client()
+    run = client.get_run(result["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.info.status == "FINISHED"
+    assert run.data.params["learning_rate"] == "0.001"
+    assert [m.step for m in client.get_metric_history(result["run_id"], "loss")] == [1, 2, 3, 4]
+
+
+def test_training_is_deterministic_for_a_seed(trained, tmp_path):
+    from dataclasses import replace
+
+    again = train.run(replace(trained["config"], output=str(tmp_path / "again"), parent_run_id=None))
+    first = load_file(f"{trained['result']['checkpoints'][-1]['uri']}/pytorch_lora_weights.safetensors")
+    second = load_file(f"{again['checkpoints'][-1]['uri']}/pytorch_lora_weights.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_lora_changes_the_images_of_the_base_model(trained, models):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(models["sdxl"])
+
+    def image():
+        return pipe("a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+    base = image()
+    pipe.load_lora_weights(trained["result"]["checkpoints"][-1]["uri"])
+    assert abs(image() - base).max() > 1e-4
+
+
+def test_a_diverging_loss_stops_training_and_fails_the_run(prepared, models, monkeypatch):
+    monkeypatch.setattr(train.F, "mse_loss", lambda a, b: (a - b).pow(2).mean() * float("nan"))
+    config = train.TrainConfig(cache=str(prepared / "encoded"), output=str(prepared / "train" / "nan"),
+                               base_model=models["sdxl"], learning_rate=1e-3, max_steps=3, experiment="dog-nan")
+    with pytest.raises(StepError, match="loss is nan at step 1"):
+        train.run(config)
+    client = tracking.client()
+    runs = client.search_runs([tracking.experiment_id("dog-nan")])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_evaluate_select_register(trained, prepared, models):
+    for checkpoint in trained["result"]["checkpoints"]:
+        scores = evaluate.run(evaluate.EvaluateConfig(
+            checkpoint=checkpoint["uri"], output=str(prepared / "eval" / f"step-{checkpoint['step']}"),
+            instance_images=str(prepared / "resized"), prompts=["a sks dog in the snow", "a red sks dog"],
+            clip_model=models["clip"], dino_model=models["dino"], images_per_prompt=2, num_inference_steps=2))
+        assert all(-1 <= scores[k] <= 1 for k in ("clip_t", "clip_i", "dino"))
+        assert len(list((prepared / "eval" / f"step-{checkpoint['step']}" / "images").iterdir())) == 4
+    client = tracking.client()
+    run_id = trained["result"]["run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "eval/dino")] == [2, 4]
+
+    chosen = select.run(select.SelectConfig(evaluations=str(prepared / "eval"), output=str(prepared / "select")))
+    assert chosen["candidates"] == 2
+
+    config = register.RegisterConfig(selection=str(prepared / "select"), dataset=str(prepared / "dataset"),
+                                     model_name="dog-sdxl-lora", output=str(prepared / "register"),
+                                     parent_run_id=trained["parent"])
+    first = register.run(config)
+    assert first["version"] == 1 and first["aliases"] == ["champion"]
+    version = client.get_model_version("dog-sdxl-lora", "1")
+    dataset = json.loads((prepared / "dataset" / "dataset.json").read_text())
+    assert version.tags["dataset.rev"] == "dog-v1" and version.tags["dataset.hash"] == dataset["hash"]
+    assert version.tags["dataset.commit"] == dataset["commit"] and version.tags["base_model"] == models["sdxl"]
+    assert version.tags["step"] == str(chosen["selected"]["step"]) and version.tags["learning_rate"] == "0.001"
+    assert client.get_run(trained["parent"]).info.status == "FINISHED"
+    assert register.run(config)["version"] == 1  # a retried register makes no second version
+    assert len(client.search_model_versions("name = 'dog-sdxl-lora'")) == 1
+
+
+def test_select_weights_and_ties_go_to_the_earlier_step(tmp_path):
+    rows = [(1e-4, 100, 0.5, 0.5, 0.2), (1e-4, 200, 0.5, 0.5, 0.2), (5e-4, 100, 0.9, 0.9, 0.1)]
+    for lr, step, dino, clip_i, clip_t in rows:
+        folder = tmp_path / "eval" / f"{lr}-{step}"
+        folder.mkdir(parents=True)
+        folder.joinpath("metrics.json").write_text(json.dumps(dict(
+            learning_rate=lr, step=step, dino=dino, clip_i=clip_i, clip_t=clip_t, checkpoint=f"c{step}", run_id="r")))
+
+    def best(**weights):
+        out = select.run(select.SelectConfig(evaluations=str(tmp_path / "eval"), output=str(tmp_path / "s"), **weights))
+        return out["selected"]["learning_rate"], out["selected"]["step"]
+
+    assert best() == (5e-4, 100)
+    assert best(weight_accuracy=0.0) == (1e-4, 100)  # prompt fidelity only: tie between steps 100 and 200
+
+
+def test_metric_math_on_known_embeddings():
+    from sd_tasks.metrics import mean_matched_cosine, mean_pairwise_cosine
+
+    a = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    assert mean_pairwise_cosine(a[:1], a[:1]) == pytest.approx(1.0)
+    assert mean_matched_cosine(a, a) == pytest.approx(1.0)
+    assert mean_matched_cosine(a, a[[1, 2, 3, 0]]) < 1.0
