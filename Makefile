@@ -15,6 +15,7 @@ export DREAMLINE_BASE_MODEL ?= $(DREAMLINE_HOME)/models/tiny-sdxl
 export DREAMLINE_CLIP_MODEL ?= $(DREAMLINE_HOME)/models/evaluators/clip
 export DREAMLINE_DINO_MODEL ?= $(DREAMLINE_HOME)/models/evaluators/dino
 export HF_HUB_OFFLINE ?= 1
+export DVC_NO_ANALYTICS ?= 1
 
 .PHONY: demo test ui install clean
 

@@ -3,15 +3,16 @@
 
 Every night at 02:00 (or on **Trigger** with the form below) this DAG:
 
-1. opens an MLflow parent run for the DAG run;
-2. **dataset**: fetches the subject's images at the chosen version of the DVC data registry (rev, commit and
-   content hash are recorded everywhere downstream);
+1. **dataset**: fetches the subject's images at the chosen version of the DVC data registry (rev, commit and
+   content hash are recorded on every MLflow run and on the registered version);
+2. opens an MLflow parent run for the DAG run;
 3. **validate → caption → resize → encode**: checks every image, captions it, fits it to an SDXL bucket, and
    caches VAE latents and both text encoders' embeddings;
 4. **train**: one DreamBooth-LoRA run per learning rate, in parallel, a checkpoint every *checkpoint interval*;
 5. **evaluate**: every checkpoint, on the same prompts and seeds (DINO, CLIP-I, CLIP-T);
 6. **select** the best checkpoint by the weighted score, **register** it in the MLflow Model Registry as a new
-   version of `<subject>-sdxl-lora`, alias `champion` when there is none yet.
+   version of `<subject>-sdxl-lora`, alias `champion` when there is none yet;
+7. closes the MLflow parent run (FAILED if the DAG run failed before registering).
 
 Each task runs one `python -m sd_tasks <step>` command: a local process here, a Kubernetes pod on a GPU node in
 production (`DREAMLINE_EXECUTOR=kubernetes`). Everything a run writes lives under one folder per DAG run; only small
@@ -30,6 +31,12 @@ from dreamline.params import evaluation_params, subject_params, training_params
 
 RUN = "{{ run_dir(dag.dag_id, run_id) }}"  # this DAG run's folder
 PARENT_RUN_ID = "{{ ti.xcom_pull(task_ids='mlflow_run')['run_id'] }}"
+# The dataset's lineage, recorded on every MLflow run of the DAG run.
+DATASET_TAGS = [
+    "dataset.rev={{ ti.xcom_pull(task_ids='dataset')['rev'] }}",
+    "dataset.commit={{ ti.xcom_pull(task_ids='dataset')['commit'] }}",
+    "dataset.hash={{ ti.xcom_pull(task_ids='dataset')['hash'] }}",
+]
 
 
 @dag(
@@ -44,14 +51,14 @@ PARENT_RUN_ID = "{{ ti.xcom_pull(task_ids='mlflow_run')['run_id'] }}"
     tags=["dreamline", "sdxl", "lora"],
 )
 def sdxl_dreambooth_lora():
-    mlflow_run = StepOperator(task_id="mlflow_run", step="start-run", options={
-        "experiment": "{{ params.subject }}", "run_key": "{{ dag.dag_id }}/{{ run_id }}", "run_name": "{{ run_id }}",
-        "tags": ["dataset.version={{ params.dataset_version }}", "base_model={{ params.base_model }}",
-                 "instance_prompt={{ params.instance_prompt }}", "class_prompt={{ params.class_prompt }}"],
-    })
     dataset = StepOperator(task_id="dataset", step="dataset", options={
         "repo": "{{ params.dataset_repo }}", "rev": "{{ params.dataset_version }}", "path": "{{ params.subject }}",
         "output": f"{RUN}/dataset",
+    })
+    mlflow_run = StepOperator(task_id="mlflow_run", step="start-run", options={
+        "experiment": "{{ params.subject }}", "run_key": "{{ dag.dag_id }}/{{ run_id }}", "run_name": "{{ run_id }}",
+        "tags": [*DATASET_TAGS, "base_model={{ params.base_model }}", "instance_prompt={{ params.instance_prompt }}",
+                 "class_prompt={{ params.class_prompt }}"],
     })
     validated = StepOperator(task_id="validate", step="validate", options={
         "input": f"{RUN}/dataset/images", "output": f"{RUN}/validated",
@@ -67,19 +74,19 @@ def sdxl_dreambooth_lora():
     })
 
     @task
-    def training_runs(parent: dict) -> list[dict]:
+    def training_runs(parent: dict, data: dict) -> list[dict]:
         """One `train` options dict per learning rate."""
         params, run = _params_and_run_dir()
         return [{
             "cache": f"{run}/encoded", "output": f"{run}/train/lr-{lr:g}", "base_model": params["base_model"],
             "learning_rate": lr, "max_steps": params["max_steps"], "checkpointing_steps": params["checkpointing_steps"],
             "rank": params["rank"], "seed": params["seed"], "experiment": params["subject"],
-            "parent_run_id": parent["run_id"],
+            "parent_run_id": parent["run_id"], "tags": [f"dataset.{k}={data[k]}" for k in ("rev", "commit", "hash")],
         } for lr in params["learning_rates"]]
 
     trained = StepOperator.partial(
         task_id="train", step="train", profile="gpu", map_index_template="lr={{ task.options['learning_rate'] }}",
-    ).expand(options=training_runs(mlflow_run.output))
+    ).expand(options=training_runs(mlflow_run.output, dataset.output))
 
     @task
     def checkpoint_evaluations(training_results: list[dict]) -> list[dict]:
@@ -109,8 +116,11 @@ def sdxl_dreambooth_lora():
         "model_name": "{{ params.subject }}-sdxl-lora", "parent_run_id": PARENT_RUN_ID,
     })
 
-    chain(mlflow_run, dataset, validated, captioned, resized, encoded, trained)
-    chain(evaluated, selected, registered)
+    # Runs whatever happened upstream; a run that failed before `register` closed it ends FAILED, not RUNNING.
+    closed = StepOperator(task_id="close_mlflow_run", step="end-run", options={"run_id": PARENT_RUN_ID})
+
+    chain(dataset, mlflow_run, validated, captioned, resized, encoded, trained)
+    chain(evaluated, selected, registered, closed.as_teardown(setups=mlflow_run))
 
 
 def _params_and_run_dir() -> tuple[dict, str]:

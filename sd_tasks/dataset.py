@@ -7,6 +7,7 @@ hash of the exact files, so "which images did this LoRA see?" always has an answ
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -115,7 +116,8 @@ def _dvc(repo: Path, *args: str) -> str:
 
 
 def _call(argv: list[str], cwd: Path) -> str:
-    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}  # no usage reports from offline machines
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         raise StepError(f"{cwd}: `{' '.join(argv[-3:])}` failed: {detail[-1] if detail else proc.returncode}")

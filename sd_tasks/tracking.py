@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd_tasks.cli import option
+from sd_tasks.errors import StepError
 
 RUN_KEY = "dreamline.run_key"
 
@@ -67,7 +68,31 @@ class StartRunConfig:
     tags: list[str] = option("extra tags as key=value", [])
 
 
+def parse_tags(tags: list[str]) -> dict[str, str]:
+    bad = [t for t in tags if "=" not in t]
+    if bad:
+        raise StepError(f"--tags {bad[0]!r}: tags are key=value")
+    return dict(t.split("=", 1) for t in tags)
+
+
 def run(config: StartRunConfig) -> dict:
-    tags = dict(t.split("=", 1) for t in config.tags)
+    tags = parse_tags(config.tags)
     run_id = find_or_create_run(config.experiment, config.run_key, config.run_name or config.run_key, tags)
     return {"run_id": run_id, "experiment": config.experiment, "tracking_uri": tracking_uri()}
+
+
+@dataclass
+class EndRunConfig:
+    """Close a run that is still RUNNING (a pipeline that stopped before `register`); leave a closed run alone."""
+
+    run_id: str = option("MLflow run id")
+    status: str = option("status for a run still RUNNING: FAILED or KILLED", "FAILED")
+
+
+def end(config: EndRunConfig) -> dict:
+    c = client()
+    status = c.get_run(config.run_id).info.status
+    if status == "RUNNING":
+        c.set_terminated(config.run_id, config.status)
+        status = config.status
+    return {"run_id": config.run_id, "status": status}

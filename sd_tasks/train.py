@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = option("seed for LoRA init, data order, noise and timesteps", 0)
     experiment: str = option("MLflow experiment", "dreamline")
     parent_run_id: str | None = option("MLflow parent run to nest this training run under", None)
+    tags: list[str] = option("extra MLflow tags as key=value (e.g. the dataset's lineage)", [])
 
 
 def run(config: TrainConfig) -> dict:
@@ -163,10 +164,10 @@ class training_run:
         key = f"{self.config.parent_run_id or 'standalone'}/lr={self.config.learning_rate:g}"
         self.id = tracking.find_or_create_run(
             self.config.experiment, key, f"lr={self.config.learning_rate:g}",
-            tags={"dreamline.learning_rate": f"{self.config.learning_rate:g}"},
+            tags={"dreamline.learning_rate": f"{self.config.learning_rate:g}", **tracking.parse_tags(self.config.tags)},
             parent_run_id=self.config.parent_run_id)
         self._active = mlflow.start_run(run_id=self.id)
-        mlflow.log_params({k: v for k, v in asdict(self.config).items() if k != "parent_run_id"})
+        mlflow.log_params({k: v for k, v in asdict(self.config).items() if k not in ("parent_run_id", "tags")})
         return self
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:

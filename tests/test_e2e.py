@@ -31,7 +31,8 @@ def dag_run(tmp_path_factory, models, registry):
     (home / "dags-test.log").write_text(proc.stdout + proc.stderr)
     runs = subprocess.run([*airflow, "dags", "list-runs", "sdxl_dreambooth_lora", "-o", "json"], env=env,
                           capture_output=True, text=True, check=True, cwd=REPO)
-    return {"home": home, "proc": proc, "runs": json.loads(runs.stdout)}
+    listing = next(line for line in reversed(runs.stdout.splitlines()) if line.startswith("["))  # after log lines
+    return {"home": home, "proc": proc, "runs": json.loads(listing)}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_dag_run_succeeds(dag_run):
 
 def test_champion_version_carries_its_lineage(dag_run, client, registry):
     version = client.get_model_version_by_alias("dog-sdxl-lora", "champion")
-    assert version.version == "1"
+    assert str(version.version) == "1"
     tags = version.tags
     assert tags["dataset.rev"] == "dog-v1" and tags["dataset.hash"].startswith("sha256:")
     assert tags["dataset.repo"] == str(registry) and len(tags["dataset.commit"]) == 40
@@ -64,6 +65,10 @@ def test_parent_run_has_one_nested_run_per_learning_rate_with_curves_metrics_and
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    version = client.get_model_version_by_alias("dog-sdxl-lora", "champion")
+    for run in [*parents, *children]:  # the dataset's lineage is on every run
+        assert run.data.tags["dataset.rev"] == "dog-v1"
+        assert run.data.tags["dataset.hash"] == version.tags["dataset.hash"]
     assert sorted(r.data.params["learning_rate"] for r in children) == ["0.0001", "0.001"]
     for child in children:
         run_id = child.info.run_id
