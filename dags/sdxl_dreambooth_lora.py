@@ -7,7 +7,8 @@ Every night at 02:00 (or on **Trigger** with the form below) this DAG:
    content hash are recorded on every MLflow run and on the registered version);
 2. opens an MLflow parent run for the DAG run;
 3. **validate → caption → resize → encode**: checks every image, captions it, fits it to an SDXL bucket, and
-   caches VAE latents and both text encoders' embeddings;
+   caches VAE latents and both text encoders' embeddings, in shards of *encode shard size* images (one pod each),
+   content-addressed so an unchanged dataset is not encoded again;
 4. **train**: one DreamBooth-LoRA run per learning rate, in parallel, a checkpoint every *checkpoint interval*;
 5. **evaluate**: every checkpoint, on the same prompts and seeds (DINO, CLIP-I, CLIP-T);
 6. **select** the best checkpoint by the weighted score, **register** it in the MLflow Model Registry as a new
@@ -21,6 +22,7 @@ rate.
 """
 from __future__ import annotations
 
+import math
 from datetime import datetime
 
 from airflow.sdk import chain, dag, get_current_context, task
@@ -69,16 +71,35 @@ def sdxl_dreambooth_lora():
     resized = StepOperator(task_id="resize", step="resize", options={
         "captions": f"{RUN}/captions", "output": f"{RUN}/resized", "resolution": "{{ params.resolution }}",
     })
-    encoded = StepOperator(task_id="encode", step="encode", profile="gpu", options={
-        "images": f"{RUN}/resized", "output": f"{RUN}/encoded", "base_model": "{{ params.base_model }}",
-    })
 
     @task
-    def training_runs(parent: dict, data: dict) -> list[dict]:
+    def encode_shards(prepared: dict) -> list[dict]:
+        """One `encode` options dict per shard of at most `encode_shard_size` images (one pod each)."""
+        params, run = _params_and_run_dir()
+        count = max(1, math.ceil(prepared["images"] / params["encode_shard_size"]))
+        return [{"images": f"{run}/resized", "output": DEPLOYMENT.cache_dir("encode"), "flip": params["flip"],
+                 "base_model": params["base_model"], "shard_index": i, "num_shards": count} for i in range(count)]
+
+    encoded_shards = StepOperator.partial(
+        task_id="encode", step="encode", profile="gpu", map_index_template="{{ task.options['shard_index'] }}",
+    ).expand(options=encode_shards(resized.output))
+
+    @task
+    def cache_to_merge(shards: list[dict]) -> dict:
+        """`merge-cache` options: every shard must have computed the same content key."""
+        caches = {s["cache"] for s in shards}
+        if len(caches) != 1:
+            raise ValueError(f"encode shards disagree on the cache: {sorted(caches)}")
+        return {"cache": caches.pop(), "num_shards": len(shards)}
+
+    encoded = StepOperator(task_id="merge_cache", step="merge-cache", options=cache_to_merge(encoded_shards.output))
+
+    @task
+    def training_runs(parent: dict, data: dict, cache: dict) -> list[dict]:
         """One `train` options dict per learning rate."""
         params, run = _params_and_run_dir()
         return [{
-            "cache": f"{run}/encoded", "output": f"{run}/train/lr-{lr:g}", "base_model": params["base_model"],
+            "cache": cache["cache"], "output": f"{run}/train/lr-{lr:g}", "base_model": params["base_model"],
             "learning_rate": lr, "max_steps": params["max_steps"], "checkpointing_steps": params["checkpointing_steps"],
             "rank": params["rank"], "seed": params["seed"], "experiment": params["subject"],
             "parent_run_id": parent["run_id"], "tags": [f"dataset.{k}={data[k]}" for k in ("rev", "commit", "hash")],
@@ -86,7 +107,7 @@ def sdxl_dreambooth_lora():
 
     trained = StepOperator.partial(
         task_id="train", step="train", profile="gpu", map_index_template="lr={{ task.options['learning_rate'] }}",
-    ).expand(options=training_runs(mlflow_run.output, dataset.output))
+    ).expand(options=training_runs(mlflow_run.output, dataset.output, encoded.output))
 
     @task
     def checkpoint_evaluations(training_results: list[dict]) -> list[dict]:
@@ -119,7 +140,7 @@ def sdxl_dreambooth_lora():
     # Runs whatever happened upstream; a run that failed before `register` closed it ends FAILED, not RUNNING.
     closed = StepOperator(task_id="close_mlflow_run", step="end-run", options={"run_id": PARENT_RUN_ID})
 
-    chain(dataset, mlflow_run, validated, captioned, resized, encoded, trained)
+    chain(dataset, mlflow_run, validated, captioned, resized)
     chain(evaluated, selected, registered, closed.as_teardown(setups=mlflow_run))
 
 

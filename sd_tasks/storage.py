@@ -90,5 +90,27 @@ def write_json(path: Path, data) -> Path:
     return path
 
 
+def exists(uri: str) -> bool:
+    if not is_remote(uri):
+        return _local(uri).exists()
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.exists(path)
+
+
+def write_file(uri: str, data: bytes) -> None:
+    """Write a whole file so that readers see the old content or the new, never a part (a rename locally; a
+    single PUT on object stores)."""
+    if is_remote(uri):
+        with fsspec.open(uri, "wb") as f:
+            f.write(data)
+        return
+    path = _local(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(data)
+    os.chmod(tmp.name, 0o644)
+    os.replace(tmp.name, path)
+
+
 def join(uri: str, *parts: str) -> str:
     return "/".join([str(uri).rstrip("/"), *parts])

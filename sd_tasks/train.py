@@ -198,13 +198,12 @@ class LatentCache:
 
         folder = read_dir(uri)
         manifest = read_json(f"{uri}/manifest.json")
-        tensors = load_file(Path(folder) / "cache.safetensors")
+        shards = {name: load_file(Path(folder) / name / "latents.safetensors") for name in manifest["shards"]}
         self.scaling_factor = manifest["scaling_factor"]
         self.items = [
             {
-                "latent_moments": tensors[f"{r['key']}.latent_moments"],
-                "prompt_embeds": tensors[f"{r['key']}.prompt_embeds"],
-                "pooled_prompt_embeds": tensors[f"{r['key']}.pooled_prompt_embeds"],
+                **{t: shards[r["shard"]][f"{r['key']}.{t}"].float()
+                   for t in ("latent_moments", "prompt_embeds", "pooled_prompt_embeds")},
                 "time_ids": models.sdxl_time_ids(r["original_size"], r["crop_top_left"], r["target_size"]),
             }
             for r in manifest["records"]

@@ -51,9 +51,16 @@ def prepared(home, models, registry) -> Path:
     caption.run(caption.CaptionConfig(report=str(run / "validated"), output=str(run / "captions"),
                                       instance_prompt="a photo of sks dog"))
     resize.run(resize.ResizeConfig(captions=str(run / "captions"), output=str(run / "resized"), resolution=64))
-    encode.run(encode.EncodeConfig(images=str(run / "resized"), output=str(run / "encoded"),
-                                   base_model=models["sdxl"]))
     return run
+
+
+@pytest.fixture(scope="session")
+def cache(prepared, models) -> str:
+    """URI of the encode cache of the prepared run."""
+    from sd_tasks import encode
+
+    return encode.run(encode.EncodeConfig(images=str(prepared / "resized"), output=str(prepared / "cache"),
+                                          base_model=models["sdxl"]))["cache"]
 
 
 def tree_snapshot(folder: Path) -> dict:

@@ -2,29 +2,52 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd_tasks import evaluate, register, select, tracking, train
+from sd_tasks import encode, evaluate, register, select, tracking, train
 from sd_tasks.errors import StepError
 
 
-def test_encode_cache_holds_latent_moments_text_embeddings_and_time_ids(prepared, models):
-    manifest = json.loads((prepared / "encoded" / "manifest.json").read_text())
-    tensors = load_file(prepared / "encoded" / "cache.safetensors")
+def test_encode_cache_holds_latent_moments_text_embeddings_and_time_ids(cache):
+    manifest = json.loads(Path(cache, "manifest.json").read_text())
+    tensors = load_file(Path(cache, manifest["shards"][0], "latents.safetensors"))
     assert len(manifest["records"]) == 5 and manifest["scaling_factor"] == 0.13025
-    assert tensors["0.latent_moments"].shape == (8, 8, 8)  # mean and logvar of 4 channels at 64/8
-    assert tensors["0.prompt_embeds"].shape == (77, 64)  # both encoders' penultimate states, 32 + 32
-    assert tensors["0.pooled_prompt_embeds"].shape == (32,)
+    key = manifest["records"][0]["key"]
+    assert tensors[f"{key}.latent_moments"].shape == (8, 8, 8)  # mean and logvar of 4 channels at 64/8
+    assert tensors[f"{key}.prompt_embeds"].shape == (77, 64)  # both encoders' penultimate states, 32 + 32
+    assert tensors[f"{key}.pooled_prompt_embeds"].shape == (32,)
     assert manifest["records"][0]["original_size"] == [256, 256]
 
 
+def test_encode_is_content_addressed_and_skips_a_rerun(prepared, models, cache):
+    again = encode.run(encode.EncodeConfig(images=str(prepared / "resized"), output=str(prepared / "cache"),
+                                           base_model=models["sdxl"]))
+    assert again["cache"] == cache and again["cached"] and again["encoded"] == 0
+    flipped = encode.run(encode.EncodeConfig(images=str(prepared / "resized"), output=str(prepared / "cache"),
+                                             base_model=models["sdxl"], flip=True))
+    assert flipped["cache"] != cache and not flipped["cached"]
+
+
+def test_three_shards_give_the_same_latents_as_one(prepared, models, cache, tmp_path):
+    parts = [encode.run(encode.EncodeConfig(images=str(prepared / "resized"), output=str(tmp_path), shard_index=i,
+                                            num_shards=3, base_model=models["sdxl"])) for i in range(3)]
+    assert [p["encoded"] for p in parts] == [2, 2, 1] and len({p["cache"] for p in parts}) == 1
+    assert encode.merge(encode.MergeConfig(cache=parts[0]["cache"], num_shards=3))["records"] == 5
+    one, three = train.LatentCache(cache), train.LatentCache(parts[0]["cache"])
+    assert len(one.items) == len(three.items) == 5
+    for a, b in zip(one.items, three.items):
+        for name in a:  # batching differently moves float32 results by ~1e-7, no more
+            assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
 @pytest.fixture(scope="module")
-def trained(prepared, models, home):
+def trained(prepared, cache, models, home):
     parent = tracking.run(tracking.StartRunConfig(experiment="dog", run_key="test/run-1"))["run_id"]
-    config = train.TrainConfig(cache=str(prepared / "encoded"), output=str(prepared / "train" / "lr-1e-3"),
+    config = train.TrainConfig(cache=cache, output=str(prepared / "train" / "lr-1e-3"),
                                base_model=models["sdxl"], learning_rate=1e-3, max_steps=4, checkpointing_steps=2,
                                experiment="dog", parent_run_id=parent)
     return {"parent": parent, "config": config, "result": train.run(config)}
@@ -65,9 +88,9 @@ def test_lora_changes_the_images_of_the_base_model(trained, models):
     assert abs(image() - base).max() > 1e-4
 
 
-def test_a_diverging_loss_stops_training_and_fails_the_run(prepared, models, monkeypatch):
+def test_a_diverging_loss_stops_training_and_fails_the_run(prepared, cache, models, monkeypatch):
     monkeypatch.setattr(train.F, "mse_loss", lambda a, b: (a - b).pow(2).mean() * float("nan"))
-    config = train.TrainConfig(cache=str(prepared / "encoded"), output=str(prepared / "train" / "nan"),
+    config = train.TrainConfig(cache=cache, output=str(prepared / "train" / "nan"),
                                base_model=models["sdxl"], learning_rate=1e-3, max_steps=3, experiment="dog-nan")
     with pytest.raises(StepError, match="loss is nan at step 1"):
         train.run(config)

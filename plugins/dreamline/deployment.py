@@ -5,6 +5,7 @@
 | DREAMLINE_HOME | `<repo>/.dreamline` | all local state: MLflow store, data registry, models, run folders |
 | DREAMLINE_EXECUTOR | `local` | `local` runs steps as subprocesses, `kubernetes` as pods |
 | DREAMLINE_STORAGE | `$DREAMLINE_HOME/runs` | root URI of run folders (s3://bucket/prefix in production) |
+| DREAMLINE_CACHE | `$DREAMLINE_HOME/cache` | root URI of content-addressed caches shared by runs (encode) |
 | DREAMLINE_DATASET_REPO | `$DREAMLINE_HOME/data-registry` | default DVC data registry (Git URL or path) |
 | DREAMLINE_BASE_MODEL | stabilityai/stable-diffusion-xl-base-1.0 | default SDXL pipeline |
 | DREAMLINE_CLIP_MODEL / DREAMLINE_DINO_MODEL | openai/clip-vit-large-patch14 / facebook/dino-vits16 | evaluators |
@@ -26,6 +27,7 @@ class Deployment:
     home: Path
     executor: str
     storage: str
+    cache: str
     dataset_repo: str
     base_model: str
     clip_model: str
@@ -34,6 +36,9 @@ class Deployment:
     image: str
     namespace: str
     step_env: dict = field(default_factory=dict)
+
+    def cache_dir(self, name: str) -> str:
+        return f"{self.cache.rstrip('/')}/{name}"
 
     def run_dir(self, dag_id: str, run_id: str) -> str:
         """The one folder (URI) that holds everything a pipeline run writes."""
@@ -51,6 +56,7 @@ def from_environment(env=os.environ) -> Deployment:
         home=home,
         executor=env.get("DREAMLINE_EXECUTOR", "local"),
         storage=env.get("DREAMLINE_STORAGE", str(home / "runs")),
+        cache=env.get("DREAMLINE_CACHE", str(home / "cache")),
         dataset_repo=env.get("DREAMLINE_DATASET_REPO", str(home / "data-registry")),
         base_model=env.get("DREAMLINE_BASE_MODEL", "stabilityai/stable-diffusion-xl-base-1.0"),
         clip_model=env.get("DREAMLINE_CLIP_MODEL", "openai/clip-vit-large-patch14"),

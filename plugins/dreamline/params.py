@@ -20,6 +20,7 @@ DEFAULT_EVALUATION_PROMPTS = [
 ]
 
 SUBJECT = "Subject and data"
+PREPARATION = "Data preparation"
 TRAINING = "Training"
 EVALUATION = "Evaluation and selection"
 
@@ -42,6 +43,12 @@ def subject_params() -> dict[str, Param]:
         "dataset_version": Param("main", type="string", title="Dataset version",
                                  description="Git tag, branch or commit of the data registry to train on.",
                                  section=SUBJECT),
+        "flip": Param(False, type="boolean", title="Flip augmentation",
+                      description="Also train on mirrored copies (not for asymmetric subjects such as text).",
+                      section=PREPARATION),
+        "encode_shard_size": Param(1000, type="integer", minimum=1, title="Encode shard size",
+                                   description="Images per encode task; larger sets are encoded in parallel shards.",
+                                   section=PREPARATION),
     }
 
 
