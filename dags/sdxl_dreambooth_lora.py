@@ -67,6 +67,7 @@ def sdxl_dreambooth_lora():
     })
     captioned = StepOperator(task_id="caption", step="caption", options={
         "report": f"{RUN}/validated", "output": f"{RUN}/captions", "instance_prompt": "{{ params.instance_prompt }}",
+        "strategy": "{{ params.caption_strategy }}", "caption_model": "{{ params.caption_model }}",
     })
     resized = StepOperator(task_id="resize", step="resize", options={
         "captions": f"{RUN}/captions", "output": f"{RUN}/resized", "resolution": "{{ params.resolution }}",

@@ -1,9 +1,10 @@
 """Give every accepted image its training caption.
 
-Strategies: `instance` (the DreamBooth instance prompt for every image, the default) and `sidecar` (kohya's
-convention: `photo.txt` or `photo.caption` beside `photo.jpg`), combined through a template such as
-`{instance_prompt}, {caption}`. Images whose sidecar is missing or empty fall back to the instance prompt and are
-reported.
+Strategies: `instance` (the DreamBooth instance prompt for every image, the default), `sidecar` (kohya's
+convention: `photo.txt` or `photo.caption` beside `photo.jpg`) and `model` (a captioning model through
+transformers, BLIP-class, e.g. Salesforce/blip-image-captioning-large), combined with the instance prompt through a
+template such as `{instance_prompt}, {caption}`. Images whose caption is missing or empty fall back to the instance
+prompt and are reported.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from sd_tasks.cli import option
 from sd_tasks.errors import StepError
 from sd_tasks.storage import read_dir, read_json, write_dir, write_json
 
-STRATEGIES = ("instance", "sidecar")
+STRATEGIES = ("instance", "sidecar", "model")
 
 
 @dataclass
@@ -25,7 +26,9 @@ class CaptionConfig:
     output: str = option("URI to write manifest.json to")
     instance_prompt: str = option("the DreamBooth prompt naming the subject, e.g. 'a photo of sks dog'")
     strategy: str = option(f"where captions come from: {' or '.join(STRATEGIES)}", "instance")
-    template: str = option("how a sidecar caption combines with the instance prompt", "{instance_prompt}, {caption}")
+    template: str = option("how a found caption combines with the instance prompt", "{instance_prompt}, {caption}")
+    caption_model: str = option("captioning model id or folder (strategy model)", "Salesforce/blip-image-captioning-large")
+    batch_size: int = option("images per captioning-model batch", 8)
 
 
 def run(config: CaptionConfig) -> dict:
@@ -33,19 +36,42 @@ def run(config: CaptionConfig) -> dict:
         raise StepError(f"--strategy {config.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     report = read_json(f"{config.report}/report.json")
     images = read_dir(report["source"])
+    paths = [images / item["path"] for item in report["accepted"]]
+    if config.strategy == "sidecar":
+        found = [sidecar_caption(p) for p in paths]
+    elif config.strategy == "model":
+        found = model_captions(paths, config.caption_model, config.batch_size)
+    else:
+        found = [None] * len(paths)
     records, missing = [], []
-    for item in report["accepted"]:
+    for item, text in zip(report["accepted"], found):
         caption = config.instance_prompt
-        if config.strategy == "sidecar":
-            text = sidecar_caption(images / item["path"])
-            if text:
-                caption = config.template.format(instance_prompt=config.instance_prompt, caption=text)
-            else:
-                missing.append(item["path"])
+        if text:
+            caption = config.template.format(instance_prompt=config.instance_prompt, caption=text)
+        elif text is not None:
+            missing.append(item["path"])
         records.append({**item, "caption": caption})
     with write_dir(config.output) as out:
         write_json(out / "manifest.json", {"source": report["source"], "records": records, "missing": missing})
     return {"manifest": f"{config.output}/manifest.json", "captioned": len(records), "missing_captions": missing}
+
+
+def model_captions(paths: list[Path], model_id: str, batch_size: int) -> list[str]:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from sd_tasks.images import open_rgb
+    from sd_tasks.models import device
+
+    processor = AutoProcessor.from_pretrained(model_id)
+    model = AutoModelForImageTextToText.from_pretrained(model_id).to(device()).eval()
+    captions = []
+    for i in range(0, len(paths), batch_size):
+        inputs = processor(images=[open_rgb(p) for p in paths[i:i + batch_size]], return_tensors="pt").to(device())
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=40)
+        captions += [" ".join(c.split()) for c in processor.batch_decode(ids, skip_special_tokens=True)]
+    return captions
 
 
 def sidecar_caption(image: Path) -> str:

@@ -4,7 +4,7 @@
 two CLIP text encoders whose hidden sizes add up to the UNet's cross-attention size, and a UNet that takes SDXL's
 `text_time` embedding of the pooled text plus six time ids. `full` has SDXL-base's real dimensions (random weights,
 about 3.5B parameters) for GPU benchmarks without a model hub. The evaluators are a CLIP model and a ViT (the DINO
-architecture) in their transformers formats. Production ids (stabilityai/stable-diffusion-xl-base-1.0,
+architecture), and the captioner a BLIP model, in their transformers formats. Production ids (stabilityai/stable-diffusion-xl-base-1.0,
 openai/clip-vit-large-patch14, facebook/dino-vits16) load through the same code as these directories.
 """
 from __future__ import annotations
@@ -57,6 +57,7 @@ class TinyModelConfig:
     output: str = option("directory for the diffusers-format SDXL pipeline", positional=True)
     size: str = option("tiny (tests, demo) or full (SDXL-base dimensions, for GPU benchmarks)", "tiny")
     evaluators: str | None = option("also write tiny evaluators here: <dir>/clip and <dir>/dino", None)
+    captioner: str | None = option("also write a tiny BLIP captioning model here", None)
     seed: int = option("seed for the random weights", 0)
 
 
@@ -77,6 +78,10 @@ def run(config: TinyModelConfig) -> dict:
         with write_dir(f"{config.evaluators}/dino") as out:
             save_dino(out)
         result |= {"clip": f"{config.evaluators}/clip", "dino": f"{config.evaluators}/dino"}
+    if config.captioner:
+        with write_dir(config.captioner) as out:
+            save_blip(out)
+        result["captioner"] = config.captioner
     return result
 
 
@@ -156,3 +161,24 @@ def save_dino(out: Path, image_size: int = 32) -> None:
                        num_attention_heads=4, num_hidden_layers=2)
     ViTModel(config, add_pooling_layer=False).save_pretrained(out)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
+
+
+CAPTION_WORDS = "a an the photo picture of dog cat toy on in with sitting lying grass sofa floor red blue white black"
+
+
+def save_blip(out: Path, image_size: int = 32) -> None:
+    """A BLIP captioner (Salesforce/blip-image-captioning-* architecture) over a small word-piece vocabulary."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CAPTION_WORDS.split()]
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "vocab.txt").write_text("\n".join(words))
+        tokenizer = BertTokenizer(str(Path(tmp, "vocab.txt")), bos_token="[CLS]")
+    text = dict(vocab_size=len(words), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                encoder_hidden_size=32, bos_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id)
+    vision = dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                  num_hidden_layers=2)
+    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32)).save_pretrained(out)
+    images = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    BlipProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(out)

@@ -122,3 +122,24 @@ def test_dataset_names_the_bad_rev_and_path(registry, tmp_path):
 def test_publish_refuses_to_move_an_existing_version(registry):
     with pytest.raises(StepError, match="tag 'dog-v1' already exists"):
         dataset.publish(dataset.PublishConfig(source=str(SAMPLE), repo=str(registry), path="dog", tag="dog-v1"))
+
+
+def test_caption_with_a_captioning_model(tmp_path, home):
+    from sd_tasks.tiny_model import save_blip
+
+    blip = tmp_path / "blip"
+    blip.mkdir()
+    save_blip(blip)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    photo(folder / "a.jpg")
+    photo(folder / "b.jpg", color=(1, 2, 3))
+    validate.run(validate.ValidateConfig(input=str(folder), output=str(tmp_path / "v")))
+    caption.run(caption.CaptionConfig(report=str(tmp_path / "v"), output=str(tmp_path / "c"), strategy="model",
+                                      instance_prompt="a photo of sks dog", caption_model=str(blip)))
+    records = json.loads((tmp_path / "c" / "manifest.json").read_text())["records"]
+    assert all(r["caption"] != "a photo of sks dog" for r in records)  # every image got words from the model
+    for r in records:  # the tiny model's words are random, but they come from its vocabulary, after the prompt
+        assert r["caption"].startswith("a photo of sks dog")
+        assert set(r["caption"].removeprefix("a photo of sks dog").strip(", ").split()) <= set(
+            "a an the photo picture of dog cat toy on in with sitting lying grass sofa floor red blue white black".split())

@@ -9,6 +9,7 @@
 | DREAMLINE_DATASET_REPO | `$DREAMLINE_HOME/data-registry` | default DVC data registry (Git URL or path) |
 | DREAMLINE_BASE_MODEL | stabilityai/stable-diffusion-xl-base-1.0 | default SDXL pipeline |
 | DREAMLINE_CLIP_MODEL / DREAMLINE_DINO_MODEL | openai/clip-vit-large-patch14 / facebook/dino-vits16 | evaluators |
+| DREAMLINE_CAPTION_MODEL | Salesforce/blip-image-captioning-large | captioner, when captions come from a model |
 | MLFLOW_TRACKING_URI | `sqlite:///$DREAMLINE_HOME/mlflow/mlflow.db` | MLflow tracking and registry |
 | DREAMLINE_IMAGE / DREAMLINE_NAMESPACE | dreamline:latest / dreamline | pod image and namespace (kubernetes) |
 """
@@ -32,6 +33,7 @@ class Deployment:
     base_model: str
     clip_model: str
     dino_model: str
+    caption_model: str
     tracking_uri: str
     image: str
     namespace: str
@@ -61,6 +63,7 @@ def from_environment(env=os.environ) -> Deployment:
         base_model=env.get("DREAMLINE_BASE_MODEL", "stabilityai/stable-diffusion-xl-base-1.0"),
         clip_model=env.get("DREAMLINE_CLIP_MODEL", "openai/clip-vit-large-patch14"),
         dino_model=env.get("DREAMLINE_DINO_MODEL", "facebook/dino-vits16"),
+        caption_model=env.get("DREAMLINE_CAPTION_MODEL", "Salesforce/blip-image-captioning-large"),
         tracking_uri=tracking_uri,
         image=env.get("DREAMLINE_IMAGE", "dreamline:latest"),
         namespace=env.get("DREAMLINE_NAMESPACE", "dreamline"),
