@@ -88,8 +88,9 @@ def cache_key(folder: Path, manifest: dict, config: EncodeConfig) -> str:
 
 
 def model_fingerprint(base_model: str) -> str:
-    """A hub id names its weights; a local folder may be rewritten in place, so hash its files' names, sizes and
-    modification times (hashing SDXL's 7 GB of weights would cost more than the encode)."""
+    """A hub id names its weights. A local folder may be rewritten in place, so fingerprint the parts encode uses by
+    content: every file's path, size and the sha256 of its first and last MiB (hashing SDXL's gigabytes of weights
+    would cost more than the encode). Path-independent, so two clones agree on the key."""
     path = Path(base_model)
     if not path.is_dir():
         return base_model
@@ -97,9 +98,13 @@ def model_fingerprint(base_model: str) -> str:
     for sub in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         for f in sorted((path / sub).rglob("*")):
             if f.is_file():
-                stat = f.stat()
-                digest.update(f"{f.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return f"{path.resolve()}@{digest.hexdigest()[:16]}"
+                size = f.stat().st_size
+                with open(f, "rb") as handle:
+                    head = handle.read(2**20)
+                    handle.seek(max(0, size - 2**20))
+                    tail = handle.read(2**20)
+                digest.update(f"{f.relative_to(path)}:{size}:".encode() + hashlib.sha256(head + tail).digest())
+    return f"local:{digest.hexdigest()}"
 
 
 def encode_records(folder: Path, records: list[dict], config: EncodeConfig, out: Path) -> None:

@@ -3,6 +3,13 @@
 Steps work on local directories. `read_dir` gives a local view of an input (remote inputs are downloaded once to
 a cache), `write_dir` gives a local staging directory that becomes the output only when the step succeeds, so a
 killed step never leaves a half-written output behind that a rerun could mistake for a whole one.
+
+S3 is configured by the environment, the standard AWS way (checked with s3fs 2026.9, botocore 1.43, dvc-s3 3.3):
+AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a role), and for an S3-compatible store (MinIO, SeaweedFS, Ceph)
+AWS_ENDPOINT_URL_S3=http://host:port. That one variable serves s3:// step URIs here, DVC's S3 remotes (the data
+registry) and boto3 alike. AWS_ENDPOINT_URL (all AWS services) and FSSPEC_S3_ENDPOINT_URL (fsspec only) also work
+for step URIs. MLflow's artifact client reads its own MLFLOW_S3_ENDPOINT_URL. A remote input is cached under
+SD_TASKS_CACHE (default: <tmp>/sd_tasks-cache) by its URI, so a run folder's outputs are written once, not replaced.
 """
 from __future__ import annotations
 
@@ -110,6 +117,23 @@ def write_file(uri: str, data: bytes) -> None:
         tmp.write(data)
     os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, path)
+
+
+def list_dir(uri: str) -> list[str]:
+    """Names in a folder; an empty list when it does not exist."""
+    if not is_remote(uri):
+        path = _local(uri)
+        return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    fs, path = fsspec.core.url_to_fs(uri)
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) if fs.exists(path) else []
+
+
+def remove(uri: str) -> None:
+    if not is_remote(uri):
+        shutil.rmtree(_local(uri), ignore_errors=True)
+        return
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.rm(path, recursive=True)
 
 
 def join(uri: str, *parts: str) -> str:

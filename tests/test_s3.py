@@ -1,0 +1,175 @@
+"""S3 for real: a DVC data registry on an S3 remote and s3:// step outputs, against SeaweedFS started by the test.
+
+Endpoint and credentials come the standard way: AWS_ENDPOINT_URL_S3 (honoured by DVC's S3 remotes, s3fs and boto3)
+and dummy AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; or, for a registry, `endpointurl` in its committed DVC config.
+Everything stays on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SAMPLE, tree_snapshot
+from s3server import free_ports, seaweedfs
+from sd_tasks import dataset, storage
+from sd_tasks.errors import StepError
+
+BUCKET = "dreamline"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch, tmp_path):
+    """A boto3 client on the test server, with the environment every S3 user here reads."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "dreamline-test")  # dummies: the server accepts any key
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "dreamline-test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.setenv("SD_TASKS_CACHE", str(tmp_path / "sd_tasks-cache"))
+    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "FSSPEC_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    _clear_fsspec_instances()
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    if BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        try:
+            client.create_bucket(Bucket=BUCKET)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+    yield client
+    _clear_fsspec_instances()
+
+
+def _clear_fsspec_instances():
+    """fsspec caches filesystems by their arguments, not the environment they were made in."""
+    import fsspec
+
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+
+
+def keys(client, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def git(cwd, *args):
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def dvc(cwd, *args):
+    subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def test_registry_on_s3_publish_and_fetch_by_tag_to_local_and_s3(s3, tmp_path):
+    registry = tmp_path / "registry"
+    published = dataset.publish(dataset.PublishConfig(source=str(SAMPLE), repo=str(registry), path="dog",
+                                                      tag="dog-v1", remote=f"s3://{BUCKET}/dvcstore"))
+    assert published["hash"] == dataset.content_hash(SAMPLE)
+    stored = keys(s3, "dvcstore/")
+    assert len([k for k in stored if not k.endswith(".dir")]) == 5  # the five images, content-addressed
+
+    # A consumer has only Git and the remote: a fresh clone, and the publisher's DVC cache gone.
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(registry), str(clone))
+    shutil.rmtree(registry / ".dvc" / "cache")
+    assert not (clone / ".dvc" / "cache").exists()
+
+    local = dataset.run(dataset.DatasetConfig(repo=str(clone), path="dog", rev="dog-v1", output=str(tmp_path / "ds")))
+    assert local["commit"] == published["commit"] and local["hash"] == published["hash"]
+    assert tree_snapshot(tmp_path / "ds" / "images") == tree_snapshot(SAMPLE)
+
+    uri = f"s3://{BUCKET}/runs/manual__1/dataset"
+    remote = dataset.run(dataset.DatasetConfig(repo=str(clone), path="dog", rev="dog-v1", output=uri))
+    assert remote["images"] == f"{uri}/images" and remote["hash"] == published["hash"]
+    assert keys(s3, "runs/manual__1/dataset/") == ["runs/manual__1/dataset/dataset.json"] + [
+        f"runs/manual__1/dataset/images/{p.name}" for p in sorted(SAMPLE.iterdir())]
+    # What landed in the bucket is byte for byte the source, read back through the steps' own storage layer.
+    assert dataset.content_hash(storage.read_dir(remote["images"])) == dataset.content_hash(SAMPLE)
+    assert storage.read_json(f"{uri}/dataset.json")["commit"] == published["commit"]
+
+
+def test_registry_with_endpointurl_in_its_dvc_config(s3, s3_endpoint, tmp_path, monkeypatch):
+    """`dvc remote modify store endpointurl ...` committed to the registry serves consumers without the env var."""
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    git(registry, "init", "-q", "-b", "main")
+    dvc(registry, "init", "-q")
+    dvc(registry, "remote", "add", "-d", "store", f"s3://{BUCKET}/dvcstore-config")
+    dvc(registry, "remote", "modify", "store", "endpointurl", s3_endpoint)
+    git(registry, "add", "-A")
+    git(registry, "commit", "-qm", "registry on S3")
+    # Were the config ignored, requests would go to this closed loopback port and fail, never off the machine.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_ports(1)[0]}")
+
+    published = dataset.publish(dataset.PublishConfig(source=str(SAMPLE), repo=str(registry), path="dog",
+                                                      tag="dog-v1"))
+    assert keys(s3, "dvcstore-config/")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(registry), str(clone))
+    fetched = dataset.run(dataset.DatasetConfig(repo=str(clone), path="dog", rev="dog-v1",
+                                                output=str(tmp_path / "ds")))
+    assert fetched["hash"] == published["hash"] == dataset.content_hash(SAMPLE)
+
+
+def test_storage_round_trip_through_s3(s3, tmp_path):
+    uri = f"s3://{BUCKET}/runs/manual__2/resized"
+    with storage.write_dir(uri) as out:
+        (out / "images").mkdir()
+        for p in sorted(SAMPLE.iterdir()):
+            (out / "images" / p.name).write_bytes(p.read_bytes())
+        storage.write_json(out / "manifest.json", {"records": 5})
+    assert keys(s3, "runs/manual__2/resized/")[0] == "runs/manual__2/resized/images/00.jpg"
+    assert storage.read_json(f"{uri}/manifest.json") == {"records": 5}
+
+    local = storage.read_dir(uri)
+    assert local.is_dir() and str(local).startswith(str(tmp_path / "sd_tasks-cache"))
+    assert sorted(tree_snapshot(local)) == [f"images/{p.name}" for p in sorted(SAMPLE.iterdir())] + ["manifest.json"]
+    assert tree_snapshot(local / "images") == tree_snapshot(SAMPLE)
+
+    # Writing the same URI again replaces the folder: nothing of the old output survives.
+    with storage.write_dir(uri) as out:
+        (out / "only.txt").write_text("new")
+    assert keys(s3, "runs/manual__2/resized/") == ["runs/manual__2/resized/only.txt"]
+
+    # A failed step leaves nothing behind.
+    with pytest.raises(RuntimeError):
+        with storage.write_dir(f"s3://{BUCKET}/runs/manual__2/failed") as out:
+            (out / "half.txt").write_text("half")
+            raise RuntimeError("step failed")
+    assert keys(s3, "runs/manual__2/failed") == []
+
+    with pytest.raises(StepError, match="no such directory"):
+        storage.read_dir(f"s3://{BUCKET}/runs/does-not-exist")
+    with pytest.raises(StepError, match="no such file"):
+        storage.read_json(f"s3://{BUCKET}/runs/does-not-exist/report.json")
+
+
+def test_step_cli_reads_and_writes_s3(s3, tmp_path):
+    """validate and caption as the DAG runs them, subprocesses given only URIs and the environment."""
+    images = f"s3://{BUCKET}/runs/manual__3/dataset/images"
+    with storage.write_dir(images) as out:
+        for p in sorted(SAMPLE.iterdir()):
+            (out / p.name).write_bytes(p.read_bytes())
+    run = f"s3://{BUCKET}/runs/manual__3"
+    for argv in (["validate", "--input", images, "--output", f"{run}/validated"],
+                 ["caption", "--report", f"{run}/validated", "--output", f"{run}/captions",
+                  "--instance-prompt", "a photo of sks dog"]):
+        proc = subprocess.run([sys.executable, "-m", "sd_tasks", *argv], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        json.loads(proc.stdout.splitlines()[-1])
+    manifest = storage.read_json(f"{run}/captions/manifest.json")
+    assert manifest["source"] == images and len(manifest["records"]) == 5
+    assert {r["caption"] for r in manifest["records"]} == {"a photo of sks dog"}
