@@ -3,12 +3,15 @@
 `run` is the whole loop on one screen; everything else in this module is a small function it calls. The UNet is
 frozen and gets peft LoRA adapters on its attention projections; each step samples a latent from the cached VAE
 distribution, noises it at a random timestep and regresses the UNet's prediction on the noise (or velocity),
-conditioned on the cached text embeddings and SDXL's time ids. Every `checkpointing_steps` the LoRA is written in
-diffusers format, with a `dreamline.json` that says what it is.
+conditioned on the cached text embeddings and SDXL's time ids. Every `checkpointing_steps` a checkpoint folder gets
+the LoRA in diffusers and kohya formats, a `dreamline.json` that says what it is, and the training state; a
+restarted run resumes from the newest one and ends with the weights an uninterrupted run would have.
 """
 from __future__ import annotations
 
 import random
+import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,28 +22,40 @@ import torch.nn.functional as F
 from sd_tasks import models, tracking
 from sd_tasks.cli import option
 from sd_tasks.errors import StepError
-from sd_tasks.storage import join, read_dir, read_json, write_dir, write_json
+from sd_tasks.storage import join, list_dir, read_dir, read_json, remove, write_dir, write_json
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers format
+KOHYA_WEIGHTS = "kohya_lora.safetensors"  # A1111 / ComfyUI format
 CHECKPOINT_INFO = "dreamline.json"
+TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, RNG: what resuming needs
 
 
 @dataclass
 class TrainConfig:
-    """Train a DreamBooth-LoRA on an encode cache; write checkpoint-<step>/ folders."""
+    """Train a DreamBooth-LoRA on an encode cache; write checkpoint-<step>/ folders. Started again with the same
+    arguments after a crash or a kill, it resumes from the latest checkpoint."""
 
     cache: str = option("encode's output (URI)")
     output: str = option("URI to write checkpoint-<step>/ folders to")
     base_model: str = option("SDXL pipeline: model id or local diffusers folder")
-    learning_rate: float = option("AdamW learning rate", 1e-4)
+    learning_rate: float = option("learning rate", 1e-4)
     max_steps: int = option("optimisation steps", 500)
     checkpointing_steps: int = option("write a checkpoint every this many steps (and at the end)", 100)
+    checkpoints_total_limit: int | None = option("keep only the newest this many checkpoints", None)
     rank: int = option("LoRA rank", 4)
     lora_alpha: float | None = option("LoRA alpha (default: the rank, so the scale is 1)", None)
-    batch_size: int = option("images per step", 1)
+    lora_dropout: float = option("dropout on the LoRA path", 0.0)
+    target_modules: list[str] = option("UNet modules that get LoRA adapters", ["to_k", "to_q", "to_v", "to_out.0"])
+    dora: bool = option("weight-decomposed LoRA (DoRA)", False)
+    batch_size: int = option("images per micro-batch", 1)
+    gradient_accumulation_steps: int = option("micro-batches per optimisation step", 1)
+    optimizer: str = option("adamw, or adamw8bit (bitsandbytes, CUDA only)", "adamw")
+    weight_decay: float = option("AdamW weight decay", 1e-2)
     lr_scheduler: str = option("constant, linear, cosine, ... (diffusers.optimization)", "constant")
     lr_warmup_steps: int = option("linear warmup steps", 0)
     max_grad_norm: float = option("clip gradients to this norm", 1.0)
+    snr_gamma: float | None = option("min-SNR loss weighting gamma (5.0 is the paper's choice)", None)
+    noise_offset: float = option("offset noise strength (helps very dark and bright images)", 0.0)
     mixed_precision: str = option("no, fp16 or bf16", "no")
     gradient_checkpointing: bool = option("trade compute for memory in the UNet", False)
     seed: int = option("seed for LoRA init, data order, noise and timesteps", 0)
@@ -61,68 +76,103 @@ def run(config: TrainConfig) -> dict:
     unet = models.load_unet(config.base_model)
     add_lora(unet, config)
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
+    optimizer = make_optimizer(params, config)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     noise = torch.Generator().manual_seed(config.seed)
-    batches = data.batches(config.batch_size, seed=config.seed)
-    checkpoints, started = [], time.perf_counter()
+    start = resume(config.output, accelerator.unwrap_model(unet), optimizer, lr_scheduler, noise)
+    batches = data.batches(config.batch_size, seed=config.seed, skip=start * config.gradient_accumulation_steps)
+    started, micro = time.perf_counter(), config.gradient_accumulation_steps
 
     with training_run(config) as mlflow_run:
-        for step in range(1, config.max_steps + 1):
-            batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
-            with accelerator.autocast():
-                loss = diffusion_loss(unet, noise_scheduler, batch, data.scaling_factor, noise)
-            accelerator.backward(loss)
+        for step in range(start + 1, config.max_steps + 1):
+            losses = []
+            for _ in range(micro):
+                batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
+                with accelerator.autocast():
+                    loss = diffusion_loss(unet, noise_scheduler, batch, data.scaling_factor, noise, config)
+                stop_if_not_finite(loss, step)
+                accelerator.backward(loss / micro)
+                losses.append(loss.item())
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            stop_if_not_finite(loss, step)
-            mlflow_run.log_metrics({"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+            mlflow_run.log_metrics({"loss": sum(losses) / micro, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
             if step % config.checkpointing_steps == 0 or step == config.max_steps:
-                checkpoints.append(save_checkpoint(accelerator.unwrap_model(unet), config, step, mlflow_run.id))
+                save_checkpoint(accelerator.unwrap_model(unet), optimizer, lr_scheduler, noise, config, step,
+                                mlflow_run.id)
 
         seconds = time.perf_counter() - started
-        mlflow_run.log_metrics({"images_per_second": config.max_steps * config.batch_size / seconds,
+        done = config.max_steps - start
+        mlflow_run.log_metrics({"images_per_second": done * micro * config.batch_size / max(seconds, 1e-9),
                                 "train_seconds": seconds, **peak_memory()})
-    return {"run_id": mlflow_run.id, "learning_rate": config.learning_rate, "final_loss": loss.item(),
-            "checkpoints": checkpoints}
+    return {"run_id": mlflow_run.id, "learning_rate": config.learning_rate, "resumed_from": start or None,
+            "checkpoints": list_checkpoints(config.output)}
 
 
 def add_lora(unet, config: TrainConfig) -> None:
-    """Freeze the UNet, then add trainable LoRA adapters on its attention projections (the reference script's
-    targets, with its gaussian init)."""
-    from peft import LoraConfig
-
+    """Freeze the UNet, then add trainable LoRA adapters (by default on its attention projections, the reference
+    script's targets, with its gaussian init)."""
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(
-        r=config.rank, lora_alpha=config.lora_alpha or config.rank, init_lora_weights="gaussian",
-        target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-    ))
+    unet.add_adapter(lora_config(config))
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
 
-def diffusion_loss(unet, noise_scheduler, batch: dict, scaling_factor: float, generator: torch.Generator):
+def lora_config(config: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.rank, lora_alpha=config.lora_alpha or config.rank, lora_dropout=config.lora_dropout,
+                      init_lora_weights="gaussian", target_modules=list(config.target_modules), use_dora=config.dora)
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw8bit":
+        if not torch.cuda.is_available():
+            raise StepError("--optimizer adamw8bit needs a CUDA GPU; use --optimizer adamw on this machine")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise StepError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    raise StepError(f"--optimizer {config.optimizer!r}: choose adamw or adamw8bit")
+
+
+def diffusion_loss(unet, noise_scheduler, batch: dict, scaling_factor: float, generator: torch.Generator,
+                   config: TrainConfig):
     """The denoising objective at one random timestep per image."""
     mean, logvar = batch["latent_moments"].chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     latents = (mean + std * randn_like(mean, generator)) * scaling_factor
     noise = randn_like(latents, generator)
+    if config.noise_offset:  # a per-channel shift, so the model learns to move the mean brightness
+        noise = noise + config.noise_offset * randn_like(noise[:, :, :1, :1], generator)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, batch["prompt_embeds"],
                       added_cond_kwargs={"text_embeds": batch["pooled_prompt_embeds"], "time_ids": batch["time_ids"]},
                       ).sample
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    return F.mse_loss(prediction.float(), target.float())
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+    if config.snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float())
+    return min_snr_loss(prediction, target, noise_scheduler, timesteps, config.snr_gamma, v_prediction)
+
+
+def min_snr_loss(prediction, target, noise_scheduler, timesteps, gamma: float, v_prediction: bool):
+    """Min-SNR-gamma weighting (Hang et al. 2023): easy, low-noise timesteps stop dominating the loss."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1 if v_prediction else snr)
+    per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_image * weights).mean()
 
 
 def randn_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -135,20 +185,68 @@ def stop_if_not_finite(loss: torch.Tensor, step: int) -> None:
         raise StepError(f"loss is {loss.item()} at step {step}: training diverged (lower the learning rate)")
 
 
-def save_checkpoint(unet, config: TrainConfig, step: int, run_id: str) -> dict:
-    """Write checkpoint-<step>/ atomically: the diffusers-format LoRA plus what it was trained from."""
+def save_checkpoint(unet, optimizer, lr_scheduler, noise: torch.Generator, config: TrainConfig, step: int,
+                    run_id: str) -> None:
+    """Write checkpoint-<step>/ atomically (a killed run never leaves a half checkpoint that looks whole):
+    the LoRA in diffusers and kohya/ComfyUI formats, what it was trained from, and the state to resume from."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
-    uri = join(config.output, f"checkpoint-{step}")
-    with write_dir(uri) as out:
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionXLPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+    lora = get_peft_model_state_dict(unet)
+    with write_dir(join(config.output, f"checkpoint-{step}")) as out:
+        StableDiffusionXLPipeline.save_lora_weights(
+            out, unet_lora_layers=convert_state_dict_to_diffusers(lora), safe_serialization=True,
+            unet_lora_adapter_metadata=lora_config(config).to_dict())
+        save_file(kohya_state_dict(lora, config.lora_alpha or config.rank), out / KOHYA_WEIGHTS)
         write_json(out / CHECKPOINT_INFO, {"step": step, "learning_rate": config.learning_rate, "run_id": run_id,
                                            "base_model": config.base_model, "cache": config.cache,
                                            "rank": config.rank})
-    return {"step": step, "uri": uri}
+        torch.save({"step": step, "lora": lora, "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": lr_scheduler.state_dict(), "noise": noise.get_state(),
+                    "torch": torch.get_rng_state()}, out / TRAINING_STATE)
+    limit_checkpoints(config.output, config.checkpoints_total_limit)
+
+
+def kohya_state_dict(lora: dict, alpha: float) -> dict:
+    """`lora_unet_*.lora_down/lora_up/alpha` keys, which A1111 and ComfyUI load."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora.items()})
+    # diffusers writes alpha = rank (scale 1); the scale we trained with is alpha / rank
+    return {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
+
+
+def list_checkpoints(output: str) -> list[dict]:
+    """Whole checkpoints under `output`, oldest first (staging folders are hidden and never match)."""
+    steps = sorted(int(name.removeprefix("checkpoint-")) for name in list_dir(output)
+                   if re.fullmatch(r"checkpoint-\d+", name))
+    return [{"step": step, "uri": join(output, f"checkpoint-{step}")} for step in steps]
+
+
+def limit_checkpoints(output: str, limit: int | None) -> None:
+    if limit:
+        for old in list_checkpoints(output)[:-limit]:
+            remove(old["uri"])
+
+
+def resume(output: str, unet, optimizer, lr_scheduler, noise: torch.Generator) -> int:
+    """Load the latest checkpoint's state, if any; return the step it was taken at (0 for a fresh start)."""
+    from peft.utils import set_peft_model_state_dict
+
+    checkpoints = list_checkpoints(output)
+    if not checkpoints:
+        return 0
+    latest = checkpoints[-1]
+    state = torch.load(read_dir(latest["uri"]) / TRAINING_STATE, weights_only=False)
+    set_peft_model_state_dict(unet, state["lora"])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    noise.set_state(state["noise"])
+    torch.set_rng_state(state["torch"])
+    print(f"resuming from {latest['uri']}", file=sys.stderr)
+    return state["step"]
 
 
 class training_run:
@@ -211,8 +309,9 @@ class LatentCache:
         if not self.items:
             raise StepError(f"{uri}: the encode cache holds no images")
 
-    def batches(self, batch_size: int, seed: int):
-        """Endless shuffled epochs; a batch only mixes images of one bucket (one latent shape)."""
+    def batches(self, batch_size: int, seed: int, skip: int = 0):
+        """Endless shuffled epochs; a batch only mixes images of one bucket (one latent shape). The order depends on
+        the seed alone, so a resumed run skips the batches it already saw and continues exactly where it was."""
         rng = random.Random(seed)
         while True:
             order = list(range(len(self.items)))
@@ -223,4 +322,7 @@ class LatentCache:
             chunks = [ids[j:j + batch_size] for ids in by_shape.values() for j in range(0, len(ids), batch_size)]
             rng.shuffle(chunks)
             for chunk in chunks:
+                if skip:
+                    skip -= 1
+                    continue
                 yield {k: torch.stack([self.items[i][k] for i in chunk]) for k in self.items[0]}
