@@ -10,6 +10,7 @@ Every night at 02:00 (or on **Trigger** with the form below) this DAG:
    caches VAE latents and both text encoders' embeddings, in shards of *encode shard size* images (one pod each),
    content-addressed so an unchanged dataset is not encoded again;
 4. **train**: one DreamBooth-LoRA run per learning rate, in parallel, a checkpoint every *checkpoint interval*;
+   with *prior preservation*, also on class images the base model generates once (cached);
 5. **evaluate**: every checkpoint, on the same prompts and seeds (DINO, CLIP-I, CLIP-T);
 6. **select** the best checkpoint by the weighted score, **register** it in the MLflow Model Registry as a new
    version of `<subject>-sdxl-lora`, alias `champion` when there is none yet;
@@ -95,20 +96,41 @@ def sdxl_dreambooth_lora():
 
     encoded = StepOperator(task_id="merge_cache", step="merge-cache", options=cache_to_merge(encoded_shards.output))
 
-    @task
-    def training_runs(parent: dict, data: dict, cache: dict) -> list[dict]:
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    def prior_preservation_on() -> bool:
+        return _params_and_run_dir()[0]["prior_preservation"]
+
+    class_images = StepOperator(task_id="class_images", step="class-images", profile="gpu", options={
+        "base_model": "{{ params.base_model }}", "class_prompt": "{{ params.class_prompt }}",
+        "output": DEPLOYMENT.cache_dir("class-images"), "count": "{{ params.num_class_images }}",
+        "resolution": "{{ params.resolution }}", "seed": "{{ params.seed }}",
+    })
+    class_cache = StepOperator(task_id="encode_class_images", step="encode", profile="gpu", options={
+        "images": "{{ ti.xcom_pull(task_ids='class_images')['images'] }}", "output": DEPLOYMENT.cache_dir("encode"),
+        "base_model": "{{ params.base_model }}",
+    })
+
+    @task(trigger_rule="none_failed")  # runs whether prior preservation was on or skipped
+    def training_runs(data: dict, cache: dict) -> list[dict]:
         """One `train` options dict per learning rate."""
         params, run = _params_and_run_dir()
+        ti = get_current_context()["ti"]
+        # Pulled rather than passed: a task right after the setup task mlflow_run must keep all_success.
+        parent = ti.xcom_pull(task_ids="mlflow_run")
+        prior = ti.xcom_pull(task_ids="encode_class_images")  # None when prior preservation was skipped
         return [{
-            "cache": cache["cache"], "output": f"{run}/train/lr-{lr:g}", "base_model": params["base_model"],
+            "cache": cache["cache"], "class_cache": prior and prior["cache"],
+            "prior_loss_weight": params["prior_loss_weight"],
+            "output": f"{run}/train/lr-{lr:g}", "base_model": params["base_model"],
             "learning_rate": lr, "max_steps": params["max_steps"], "checkpointing_steps": params["checkpointing_steps"],
             "rank": params["rank"], "seed": params["seed"], "experiment": params["subject"],
             "parent_run_id": parent["run_id"], "tags": [f"dataset.{k}={data[k]}" for k in ("rev", "commit", "hash")],
         } for lr in params["learning_rates"]]
 
+    sweep = training_runs(dataset.output, encoded.output)
     trained = StepOperator.partial(
         task_id="train", step="train", profile="gpu", map_index_template="lr={{ task.options['learning_rate'] }}",
-    ).expand(options=training_runs(mlflow_run.output, dataset.output, encoded.output))
+    ).expand(options=sweep)
 
     @task
     def checkpoint_evaluations(training_results: list[dict]) -> list[dict]:
@@ -142,6 +164,7 @@ def sdxl_dreambooth_lora():
     closed = StepOperator(task_id="close_mlflow_run", step="end-run", options={"run_id": PARENT_RUN_ID})
 
     chain(dataset, mlflow_run, validated, captioned, resized)
+    chain(prior_preservation_on(), class_images, class_cache, sweep)
     chain(evaluated, selected, registered, closed.as_teardown(setups=mlflow_run))
 
 

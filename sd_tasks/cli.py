@@ -36,6 +36,7 @@ STEPS: dict[str, tuple[str, str]] = {
     "resize": ("sd_tasks.resize", "resize and crop to the training resolution, record SDXL micro-conditioning"),
     "encode": ("sd_tasks.encode", "encode VAE latents and both SDXL text encoders into a cache (or one shard)"),
     "merge-cache": ("sd_tasks.encode:merge", "join the shards of an encode cache into one manifest"),
+    "class-images": ("sd_tasks.class_images", "generate (or find cached) class images for prior preservation"),
     "start-run": ("sd_tasks.tracking", "open (or reopen) the MLflow parent run of a pipeline run"),
     "end-run": ("sd_tasks.tracking:end", "close an MLflow parent run left RUNNING by a failed pipeline run"),
     "train": ("sd_tasks.train", "train DreamBooth-LoRA on the encode cache, checkpoint every N steps"),

@@ -87,7 +87,7 @@ def cache_key(folder: Path, manifest: dict, config: EncodeConfig) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def model_fingerprint(base_model: str) -> str:
+def model_fingerprint(base_model: str, with_unet: bool = False) -> str:
     """A hub id names its weights. A local folder may be rewritten in place, so fingerprint the parts encode uses by
     content: every file's path, size and the sha256 of its first and last MiB (hashing SDXL's gigabytes of weights
     would cost more than the encode). Path-independent, so two clones agree on the key."""
@@ -95,7 +95,8 @@ def model_fingerprint(base_model: str) -> str:
     if not path.is_dir():
         return base_model
     digest = hashlib.sha256()
-    for sub in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+    parts = ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] + ["unet", "scheduler"] * with_unet
+    for sub in parts:
         for f in sorted((path / sub).rglob("*")):
             if f.is_file():
                 size = f.stat().st_size

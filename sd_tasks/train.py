@@ -38,6 +38,8 @@ class TrainConfig:
     cache: str = option("encode's output (URI)")
     output: str = option("URI to write checkpoint-<step>/ folders to")
     base_model: str = option("SDXL pipeline: model id or local diffusers folder")
+    class_cache: str | None = option("encode cache of class images: turns on prior preservation", None)
+    prior_loss_weight: float = option("weight of the class images' loss (prior preservation)", 1.0)
     learning_rate: float = option("learning rate", 1e-4)
     max_steps: int = option("optimisation steps", 500)
     checkpointing_steps: int = option("write a checkpoint every this many steps (and at the end)", 100)
@@ -72,6 +74,7 @@ def run(config: TrainConfig) -> dict:
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     torch.manual_seed(config.seed)
     data = LatentCache(config.cache)
+    prior = LatentCache(config.class_cache) if config.class_cache else None
     noise_scheduler = DDPMScheduler.from_pretrained(config.base_model, subfolder="scheduler")
     unet = models.load_unet(config.base_model)
     add_lora(unet, config)
@@ -82,16 +85,19 @@ def run(config: TrainConfig) -> dict:
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     noise = torch.Generator().manual_seed(config.seed)
     start = resume(config.output, accelerator.unwrap_model(unet), optimizer, lr_scheduler, noise)
-    batches = data.batches(config.batch_size, seed=config.seed, skip=start * config.gradient_accumulation_steps)
-    started, micro = time.perf_counter(), config.gradient_accumulation_steps
+    micro = config.gradient_accumulation_steps
+    batches = data.batches(config.batch_size, seed=config.seed, skip=start * micro)
+    class_batches = prior.batches(config.batch_size, seed=config.seed + 1, skip=start * micro) if prior else None
+    started = time.perf_counter()
 
     with training_run(config) as mlflow_run:
         for step in range(start + 1, config.max_steps + 1):
             losses = []
             for _ in range(micro):
                 batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
+                class_batch = {k: v.to(accelerator.device) for k, v in next(class_batches).items()} if prior else None
                 with accelerator.autocast():
-                    loss = diffusion_loss(unet, noise_scheduler, batch, data.scaling_factor, noise, config)
+                    loss = dreambooth_loss(unet, noise_scheduler, batch, class_batch, data.scaling_factor, noise, config)
                 stop_if_not_finite(loss, step)
                 accelerator.backward(loss / micro)
                 losses.append(loss.item())
@@ -143,9 +149,25 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     raise StepError(f"--optimizer {config.optimizer!r}: choose adamw or adamw8bit")
 
 
+def dreambooth_loss(unet, noise_scheduler, batch: dict, class_batch: dict | None, scaling_factor: float,
+                    generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
+    """The instance images' loss, plus `prior_loss_weight` times the class images' loss with prior preservation
+    (in one UNet call when both batches have one shape, as in the reference script)."""
+    def loss(b):
+        return diffusion_loss(unet, noise_scheduler, b, scaling_factor, generator, config)
+
+    if class_batch is None:
+        return loss(batch).mean()
+    n = len(batch["latent_moments"])
+    if batch["latent_moments"].shape[1:] == class_batch["latent_moments"].shape[1:]:
+        per_image = loss({k: torch.cat([batch[k], class_batch[k]]) for k in batch})
+        return per_image[:n].mean() + config.prior_loss_weight * per_image[n:].mean()
+    return loss(batch).mean() + config.prior_loss_weight * loss(class_batch).mean()
+
+
 def diffusion_loss(unet, noise_scheduler, batch: dict, scaling_factor: float, generator: torch.Generator,
-                   config: TrainConfig):
-    """The denoising objective at one random timestep per image."""
+                   config: TrainConfig) -> torch.Tensor:
+    """The denoising objective at one random timestep per image; one loss per image."""
     mean, logvar = batch["latent_moments"].chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     latents = (mean + std * randn_like(mean, generator)) * scaling_factor
@@ -160,19 +182,18 @@ def diffusion_loss(unet, noise_scheduler, batch: dict, scaling_factor: float, ge
                       ).sample
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
     target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+    per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if config.snr_gamma is None:
-        return F.mse_loss(prediction.float(), target.float())
-    return min_snr_loss(prediction, target, noise_scheduler, timesteps, config.snr_gamma, v_prediction)
+        return per_image
+    return per_image * min_snr_weights(noise_scheduler, timesteps, config.snr_gamma, v_prediction)
 
 
-def min_snr_loss(prediction, target, noise_scheduler, timesteps, gamma: float, v_prediction: bool):
+def min_snr_weights(noise_scheduler, timesteps, gamma: float, v_prediction: bool) -> torch.Tensor:
     """Min-SNR-gamma weighting (Hang et al. 2023): easy, low-noise timesteps stop dominating the loss."""
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1 if v_prediction else snr)
-    per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_image * weights).mean()
+    return torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1 if v_prediction else snr)
 
 
 def randn_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -259,7 +280,8 @@ class training_run:
         import mlflow
 
         tracking.client()  # points mlflow at the tracking URI
-        key = f"{self.config.parent_run_id or 'standalone'}/lr={self.config.learning_rate:g}"
+        # Keyed by where the checkpoints go: a retried or resumed training continues its own MLflow run.
+        key = f"{self.config.parent_run_id or 'standalone'}:{self.config.output}"
         self.id = tracking.find_or_create_run(
             self.config.experiment, key, f"lr={self.config.learning_rate:g}",
             tags={"dreamline.learning_rate": f"{self.config.learning_rate:g}", **tracking.parse_tags(self.config.tags)},

@@ -13,7 +13,8 @@ from conftest import REPO
 CONF = {"subject": "dog", "dataset_version": "dog-v1", "learning_rates": [1e-3, 1e-4], "max_steps": 4,
         "checkpointing_steps": 2, "resolution": 64, "images_per_prompt": 1, "inference_steps": 2,
         "evaluation_prompts": ["a {instance} in the snow", "a red {instance}"],
-        "encode_shard_size": 2}  # 5 images: the encode is split over 3 mapped tasks and merged
+        "encode_shard_size": 2,  # 5 images: the encode is split over 3 mapped tasks and merged
+        "prior_preservation": True, "num_class_images": 2}
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +50,12 @@ def test_dag_run_succeeds(dag_run):
     assert [r["state"] for r in dag_run["runs"]] == ["success"], (dag_run["home"] / "dags-test.log").read_text()[-5000:]
 
 
-def test_encode_was_sharded_and_merged(dag_run):
-    [cache] = (dag_run["home"] / "cache" / "encode").iterdir()
-    manifest = json.loads((cache / "manifest.json").read_text())
-    assert manifest["shards"] == [f"shard-0000{i}-of-00003" for i in range(3)] and len(manifest["records"]) == 5
+def test_encode_was_sharded_and_merged_and_class_images_were_encoded(dag_run):
+    manifests = [json.loads((c / "manifest.json").read_text()) for c in (dag_run["home"] / "cache" / "encode").iterdir()]
+    instance = next(m for m in manifests if len(m["shards"]) == 3)
+    assert instance["shards"] == [f"shard-0000{i}-of-00003" for i in range(3)] and len(instance["records"]) == 5
+    [prior] = [m for m in manifests if m is not instance]
+    assert [r["caption"] for r in prior["records"]] == ["a photo of dog"] * 2
 
 
 def test_champion_version_carries_its_lineage(dag_run, client, registry):

@@ -89,7 +89,7 @@ def test_lora_changes_the_images_of_the_base_model(trained, models):
 
 
 def test_a_diverging_loss_stops_training_and_fails_the_run(prepared, cache, models, monkeypatch):
-    monkeypatch.setattr(train.F, "mse_loss", lambda a, b: (a - b).pow(2).mean() * float("nan"))
+    monkeypatch.setattr(train.F, "mse_loss", lambda a, b, **kw: (a - b).pow(2) * float("nan"))
     config = train.TrainConfig(cache=cache, output=str(prepared / "train" / "nan"),
                                base_model=models["sdxl"], learning_rate=1e-3, max_steps=3, experiment="dog-nan")
     with pytest.raises(StepError, match="loss is nan at step 1"):
@@ -152,3 +152,22 @@ def test_metric_math_on_known_embeddings():
     assert mean_pairwise_cosine(a[:1], a[:1]) == pytest.approx(1.0)
     assert mean_matched_cosine(a, a) == pytest.approx(1.0)
     assert mean_matched_cosine(a, a[[1, 2, 3, 0]]) < 1.0
+
+
+def test_prior_preservation_trains_on_cached_class_images(prepared, cache, models, tmp_path):
+    from sd_tasks import class_images
+
+    config = class_images.ClassImagesConfig(base_model=models["sdxl"], class_prompt="a photo of dog",
+                                            output=str(tmp_path / "class"), count=3, resolution=64,
+                                            num_inference_steps=2)
+    made = class_images.run(config)
+    assert not made["cached"] and len(list(Path(made["images"], "images").iterdir())) == 3
+    assert class_images.run(config)["cached"]  # same model, prompt, count, seed, resolution: generated once
+    class_cache = encode.run(encode.EncodeConfig(images=made["images"], output=str(tmp_path / "cache"),
+                                                 base_model=models["sdxl"]))["cache"]
+    common = dict(cache=cache, base_model=models["sdxl"], max_steps=2, checkpointing_steps=2, experiment="prior")
+    with_prior = train.run(train.TrainConfig(output=str(tmp_path / "with"), class_cache=class_cache, **common))
+    without = train.run(train.TrainConfig(output=str(tmp_path / "without"), **common))
+    a = load_file(f"{with_prior['checkpoints'][-1]['uri']}/{train.LORA_WEIGHTS}")
+    b = load_file(f"{without['checkpoints'][-1]['uri']}/{train.LORA_WEIGHTS}")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the class images' loss moved the weights

@@ -1,0 +1,65 @@
+"""Class images for DreamBooth's prior preservation: what the base model draws for the class prompt ("a photo of a
+dog"), trained on beside the subject so the LoRA does not turn every dog into *this* dog.
+
+Generated once and cached by everything that decides them (model, prompt, count, seed, resolution, sampler
+settings): `<output>/<key>/` holds images/ and a manifest in resize's format, so `encode` takes it as it is.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from sd_tasks.cli import option
+from sd_tasks.encode import model_fingerprint
+from sd_tasks.storage import exists, join, write_dir, write_json
+
+
+@dataclass
+class ClassImagesConfig:
+    """Generate (or find cached) class images for prior preservation."""
+
+    base_model: str = option("SDXL pipeline: model id or local diffusers folder")
+    class_prompt: str = option("prompt for the class, e.g. 'a photo of a dog'")
+    output: str = option("cache root (URI); the images go to <output>/<key>/")
+    count: int = option("number of class images (the reference script's default is 100)", 100)
+    resolution: int = option("image side in pixels", 1024)
+    seed: int = option("image k uses seed + k", 0)
+    num_inference_steps: int = option("denoising steps", 25)
+    guidance_scale: float = option("classifier-free guidance scale", 5.0)
+    batch_size: int = option("images per pipeline call", 4)
+
+
+def run(config: ClassImagesConfig) -> dict:
+    settings = {k: v for k, v in asdict(config).items() if k not in ("output", "batch_size", "base_model")}
+    key = hashlib.sha256(json.dumps({**settings, "model": model_fingerprint(config.base_model, with_unet=True)},
+                                    sort_keys=True).encode()).hexdigest()[:20]
+    uri = join(config.output, key)
+    cached = exists(join(uri, "manifest.json"))
+    if not cached:
+        with write_dir(uri) as out:
+            generate(config, out)
+    return {"images": uri, "key": key, "count": config.count, "cached": cached}
+
+
+def generate(config: ClassImagesConfig, out) -> None:
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from sd_tasks.models import device
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(config.base_model).to(device())
+    pipe.set_progress_bar_config(disable=True)
+    (out / "images").mkdir()
+    size, records = config.resolution, []
+    for start in range(0, config.count, config.batch_size):
+        seeds = list(range(config.seed + start, config.seed + min(start + config.batch_size, config.count)))
+        images = pipe([config.class_prompt] * len(seeds), height=size, width=size,
+                      generator=[torch.Generator().manual_seed(s) for s in seeds],
+                      num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale).images
+        for seed, image in zip(seeds, images):
+            name = f"images/{seed - config.seed:05d}.png"
+            image.save(out / name)
+            records.append({"file": name, "source": f"seed-{seed}", "caption": config.class_prompt,
+                            "original_size": [size, size], "crop_top_left": [0, 0], "target_size": [size, size]})
+    write_json(out / "manifest.json", {"resolution": size, "records": records})
