@@ -49,6 +49,8 @@ class TrainConfig:
     lora_dropout: float = option("dropout on the LoRA path", 0.0)
     target_modules: list[str] = option("UNet modules that get LoRA adapters", ["to_k", "to_q", "to_v", "to_out.0"])
     dora: bool = option("weight-decomposed LoRA (DoRA)", False)
+    train_text_encoder: bool = option("LoRA on both text encoders too (embeddings then computed every step)", False)
+    text_encoder_lr: float | None = option("learning rate of the text encoders' LoRA (default: learning_rate)", None)
     batch_size: int = option("images per micro-batch", 1)
     gradient_accumulation_steps: int = option("micro-batches per optimisation step", 1)
     optimizer: str = option("adamw, or adamw8bit (bitsandbytes, CUDA only)", "adamw")
@@ -61,6 +63,7 @@ class TrainConfig:
     mixed_precision: str = option("no, fp16 or bf16", "no")
     gradient_checkpointing: bool = option("trade compute for memory in the UNet", False)
     seed: int = option("seed for LoRA init, data order, noise and timesteps", 0)
+    gpu_hour_price: float = option("price of one GPU-hour, for the estimated cost logged to MLflow", 2.5)
     experiment: str = option("MLflow experiment", "dreamline")
     parent_run_id: str | None = option("MLflow parent run to nest this training run under", None)
     tags: list[str] = option("extra MLflow tags as key=value (e.g. the dataset's lineage)", [])
@@ -73,18 +76,22 @@ def run(config: TrainConfig) -> dict:
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     torch.manual_seed(config.seed)
-    data = LatentCache(config.cache)
-    prior = LatentCache(config.class_cache) if config.class_cache else None
+    text = TextEncoderLora(config) if config.train_text_encoder else None
+    data = LatentCache(config.cache, text)
+    prior = LatentCache(config.class_cache, text) if config.class_cache else None
     noise_scheduler = DDPMScheduler.from_pretrained(config.base_model, subfolder="scheduler")
     unet = models.load_unet(config.base_model)
     add_lora(unet, config)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config)
+    optimizer = make_optimizer(param_groups(unet, text, config), config)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if text:
+        text.encoders = tuple(accelerator.prepare(e) for e in text.encoders)
     noise = torch.Generator().manual_seed(config.seed)
-    start = resume(config.output, accelerator.unwrap_model(unet), optimizer, lr_scheduler, noise)
+    loras = lora_modules(accelerator.unwrap_model(unet), text, accelerator)
+    start = resume(config.output, loras, optimizer, lr_scheduler, noise)
     micro = config.gradient_accumulation_steps
     batches = data.batches(config.batch_size, seed=config.seed, skip=start * micro)
     class_batches = prior.batches(config.batch_size, seed=config.seed + 1, skip=start * micro) if prior else None
@@ -97,7 +104,8 @@ def run(config: TrainConfig) -> dict:
                 batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
                 class_batch = {k: v.to(accelerator.device) for k, v in next(class_batches).items()} if prior else None
                 with accelerator.autocast():
-                    loss = dreambooth_loss(unet, noise_scheduler, batch, class_batch, data.scaling_factor, noise, config)
+                    loss = dreambooth_loss(unet, text, noise_scheduler, batch, class_batch, data.scaling_factor,
+                                           noise, config)
                 stop_if_not_finite(loss, step)
                 accelerator.backward(loss / micro)
                 losses.append(loss.item())
@@ -108,13 +116,12 @@ def run(config: TrainConfig) -> dict:
 
             mlflow_run.log_metrics({"loss": sum(losses) / micro, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
             if step % config.checkpointing_steps == 0 or step == config.max_steps:
-                save_checkpoint(accelerator.unwrap_model(unet), optimizer, lr_scheduler, noise, config, step,
-                                mlflow_run.id)
+                save_checkpoint(loras, optimizer, lr_scheduler, noise, config, step, mlflow_run.id)
 
         seconds = time.perf_counter() - started
         done = config.max_steps - start
         mlflow_run.log_metrics({"images_per_second": done * micro * config.batch_size / max(seconds, 1e-9),
-                                "train_seconds": seconds, **peak_memory()})
+                                **cost(seconds, accelerator.num_processes, config.gpu_hour_price), **peak_memory()})
     return {"run_id": mlflow_run.id, "learning_rate": config.learning_rate, "resumed_from": start or None,
             "checkpoints": list_checkpoints(config.output)}
 
@@ -128,14 +135,59 @@ def add_lora(unet, config: TrainConfig) -> None:
         unet.enable_gradient_checkpointing()
 
 
-def lora_config(config: TrainConfig):
+def lora_config(config: TrainConfig, target_modules: list[str] | None = None):
     from peft import LoraConfig
 
     return LoraConfig(r=config.rank, lora_alpha=config.lora_alpha or config.rank, lora_dropout=config.lora_dropout,
-                      init_lora_weights="gaussian", target_modules=list(config.target_modules), use_dora=config.dora)
+                      init_lora_weights="gaussian", target_modules=list(target_modules or config.target_modules),
+                      use_dora=config.dora)
 
 
-def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+class TextEncoderLora:
+    """LoRA on both text encoders (the reference script's q/k/v/out projections). The cache's embeddings are then
+    stale by definition, so each step encodes the captions' token ids again, with gradients."""
+
+    TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+    def __init__(self, config: TrainConfig):
+        self.tokenizers, self.encoders = models.load_text_encoders(config.base_model)
+        for encoder in self.encoders:
+            encoder.add_adapter(lora_config(config, self.TARGETS))
+            encoder.train()
+
+    def token_ids(self, caption: str) -> dict[str, torch.Tensor]:
+        return {f"input_ids_{i}": t(caption, padding="max_length", max_length=t.model_max_length, truncation=True,
+                                    return_tensors="pt").input_ids[0] for i, t in enumerate(self.tokenizers)}
+
+    def __call__(self, batch: dict) -> dict:
+        hidden, pooled = [], None
+        for i, encoder in enumerate(self.encoders):
+            out = encoder(batch[f"input_ids_{i}"], output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]
+        return {**batch, "prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
+
+    def parameters(self) -> list:
+        return [p for e in self.encoders for p in e.parameters() if p.requires_grad]
+
+
+def param_groups(unet, text: TextEncoderLora | None, config: TrainConfig) -> list[dict]:
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.learning_rate}]
+    if text:
+        groups.append({"params": text.parameters(), "lr": config.text_encoder_lr or config.learning_rate})
+    return groups
+
+
+def lora_modules(unet, text: TextEncoderLora | None, accelerator) -> dict:
+    """The models with adapters, by their name in diffusers' LoRA files."""
+    modules = {"unet": unet}
+    if text:
+        modules |= {"text_encoder": accelerator.unwrap_model(text.encoders[0]),
+                    "text_encoder_2": accelerator.unwrap_model(text.encoders[1])}
+    return modules
+
+
+def make_optimizer(params: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     if config.optimizer == "adamw8bit":
@@ -149,12 +201,12 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     raise StepError(f"--optimizer {config.optimizer!r}: choose adamw or adamw8bit")
 
 
-def dreambooth_loss(unet, noise_scheduler, batch: dict, class_batch: dict | None, scaling_factor: float,
-                    generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
+def dreambooth_loss(unet, text: TextEncoderLora | None, noise_scheduler, batch: dict, class_batch: dict | None,
+                    scaling_factor: float, generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
     """The instance images' loss, plus `prior_loss_weight` times the class images' loss with prior preservation
     (in one UNet call when both batches have one shape, as in the reference script)."""
     def loss(b):
-        return diffusion_loss(unet, noise_scheduler, b, scaling_factor, generator, config)
+        return diffusion_loss(unet, noise_scheduler, text(b) if text else b, scaling_factor, generator, config)
 
     if class_batch is None:
         return loss(batch).mean()
@@ -206,7 +258,7 @@ def stop_if_not_finite(loss: torch.Tensor, step: int) -> None:
         raise StepError(f"loss is {loss.item()} at step {step}: training diverged (lower the learning rate)")
 
 
-def save_checkpoint(unet, optimizer, lr_scheduler, noise: torch.Generator, config: TrainConfig, step: int,
+def save_checkpoint(loras: dict, optimizer, lr_scheduler, noise: torch.Generator, config: TrainConfig, step: int,
                     run_id: str) -> None:
     """Write checkpoint-<step>/ atomically (a killed run never leaves a half checkpoint that looks whole):
     the LoRA in diffusers and kohya/ComfyUI formats, what it was trained from, and the state to resume from."""
@@ -215,26 +267,31 @@ def save_checkpoint(unet, optimizer, lr_scheduler, noise: torch.Generator, confi
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    lora = get_peft_model_state_dict(unet)
+    states = {name: get_peft_model_state_dict(module) for name, module in loras.items()}
+    metadata = {"unet": lora_config(config).to_dict(),
+                "text_encoder": lora_config(config, TextEncoderLora.TARGETS).to_dict()}
     with write_dir(join(config.output, f"checkpoint-{step}")) as out:
         StableDiffusionXLPipeline.save_lora_weights(
-            out, unet_lora_layers=convert_state_dict_to_diffusers(lora), safe_serialization=True,
-            unet_lora_adapter_metadata=lora_config(config).to_dict())
-        save_file(kohya_state_dict(lora, config.lora_alpha or config.rank), out / KOHYA_WEIGHTS)
+            out, safe_serialization=True,
+            **{f"{name}_lora_layers": convert_state_dict_to_diffusers(state) for name, state in states.items()},
+            **{f"{name}_lora_adapter_metadata": metadata["unet" if name == "unet" else "text_encoder"]
+               for name in states})
+        save_file(kohya_state_dict(states, config.lora_alpha or config.rank), out / KOHYA_WEIGHTS)
         write_json(out / CHECKPOINT_INFO, {"step": step, "learning_rate": config.learning_rate, "run_id": run_id,
                                            "base_model": config.base_model, "cache": config.cache,
-                                           "rank": config.rank})
-        torch.save({"step": step, "lora": lora, "optimizer": optimizer.state_dict(),
+                                           "rank": config.rank, "text_encoder": config.train_text_encoder})
+        torch.save({"step": step, "lora": states, "optimizer": optimizer.state_dict(),
                     "lr_scheduler": lr_scheduler.state_dict(), "noise": noise.get_state(),
                     "torch": torch.get_rng_state()}, out / TRAINING_STATE)
     limit_checkpoints(config.output, config.checkpoints_total_limit)
 
 
-def kohya_state_dict(lora: dict, alpha: float) -> dict:
-    """`lora_unet_*.lora_down/lora_up/alpha` keys, which A1111 and ComfyUI load."""
+def kohya_state_dict(states: dict, alpha: float) -> dict:
+    """`lora_unet_*`, `lora_te1_*`, `lora_te2_*` keys with `.lora_down/.lora_up/.alpha`, which A1111 and ComfyUI
+    load."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora.items()})
+    kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, state in states.items() for k, v in state.items()})
     # diffusers writes alpha = rank (scale 1); the scale we trained with is alpha / rank
     return {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
 
@@ -252,7 +309,7 @@ def limit_checkpoints(output: str, limit: int | None) -> None:
             remove(old["uri"])
 
 
-def resume(output: str, unet, optimizer, lr_scheduler, noise: torch.Generator) -> int:
+def resume(output: str, loras: dict, optimizer, lr_scheduler, noise: torch.Generator) -> int:
     """Load the latest checkpoint's state, if any; return the step it was taken at (0 for a fresh start)."""
     from peft.utils import set_peft_model_state_dict
 
@@ -261,7 +318,8 @@ def resume(output: str, unet, optimizer, lr_scheduler, noise: torch.Generator) -
         return 0
     latest = checkpoints[-1]
     state = torch.load(read_dir(latest["uri"]) / TRAINING_STATE, weights_only=False)
-    set_peft_model_state_dict(unet, state["lora"])
+    for name, module in loras.items():
+        set_peft_model_state_dict(module, state["lora"][name])
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     noise.set_state(state["noise"])
@@ -302,6 +360,12 @@ class training_run:
         return False
 
 
+def cost(seconds: float, processes: int, gpu_hour_price: float) -> dict:
+    gpu_seconds = seconds * processes if torch.cuda.is_available() else 0.0
+    return {"train_seconds": seconds, "gpu_seconds": gpu_seconds,
+            "estimated_cost": gpu_seconds / 3600 * gpu_hour_price}
+
+
 def peak_memory() -> dict:
     if torch.cuda.is_available():
         return {"peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
@@ -313,7 +377,7 @@ def peak_memory() -> dict:
 class LatentCache:
     """The encode cache in memory: per image its latent moments, text embeddings and SDXL time ids."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, text: TextEncoderLora | None = None):
         from safetensors.torch import load_file
 
         folder = read_dir(uri)
@@ -325,6 +389,7 @@ class LatentCache:
                 **{t: shards[r["shard"]][f"{r['key']}.{t}"].float()
                    for t in ("latent_moments", "prompt_embeds", "pooled_prompt_embeds")},
                 "time_ids": models.sdxl_time_ids(r["original_size"], r["crop_top_left"], r["target_size"]),
+                **(text.token_ids(r["caption"]) if text else {}),
             }
             for r in manifest["records"]
         ]

@@ -63,6 +63,9 @@ def test_train_writes_checkpoints_and_a_nested_mlflow_run(trained):
     assert run.data.tags["mlflow.parentRunId"] == parent and run.info.status == "FINISHED"
     assert run.data.params["learning_rate"] == "0.001"
     assert [m.step for m in client.get_metric_history(result["run_id"], "loss")] == [1, 2, 3, 4]
+    metrics = run.data.metrics
+    assert metrics["images_per_second"] > 0 and metrics["peak_rss_gb"] > 0
+    assert metrics["gpu_seconds"] == metrics["estimated_cost"] == 0  # on a CPU
 
 
 def test_training_is_deterministic_for_a_seed(trained, tmp_path):

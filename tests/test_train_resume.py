@@ -80,3 +80,27 @@ def test_diffusers_and_kohya_files_load_in_stock_diffusers_and_give_the_same_ima
     from_kohya = image()
     assert abs(from_diffusers - base).max() > 1e-4
     assert abs(from_kohya - from_diffusers).max() < 1e-5
+
+
+def test_text_encoder_lora_is_saved_in_both_formats_and_loads_the_same(cache, models, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    result = train.run(train.TrainConfig(cache=cache, output=str(tmp_path / "te"), base_model=models["sdxl"],
+                                         learning_rate=1e-2, text_encoder_lr=5e-3, train_text_encoder=True,
+                                         max_steps=2, checkpointing_steps=2, experiment="te"))
+    checkpoint = result["checkpoints"][-1]["uri"]
+    prefixes = {k.split(".")[0] for k in load_file(f"{checkpoint}/{train.LORA_WEIGHTS}")}
+    assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
+    kohya_prefixes = {k.split("_")[1] for k in load_file(f"{checkpoint}/{train.KOHYA_WEIGHTS}")}
+    assert kohya_prefixes == {"unet", "te1", "te2"}
+    pipe = StableDiffusionXLPipeline.from_pretrained(models["sdxl"])
+
+    def image():
+        return pipe("a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+    pipe.load_lora_weights(checkpoint, weight_name=train.LORA_WEIGHTS, adapter_name="diffusers")
+    from_diffusers = image()
+    pipe.delete_adapters("diffusers")
+    pipe.load_lora_weights(checkpoint, weight_name=train.KOHYA_WEIGHTS, adapter_name="kohya")
+    assert abs(image() - from_diffusers).max() < 1e-5
