@@ -93,11 +93,12 @@ def run(config: TrainConfig) -> dict:
     loras = lora_modules(accelerator.unwrap_model(unet), text, accelerator)
     start = resume(config.output, loras, optimizer, lr_scheduler, noise)
     micro = config.gradient_accumulation_steps
-    batches = data.batches(config.batch_size, seed=config.seed, skip=start * micro)
-    class_batches = prior.batches(config.batch_size, seed=config.seed + 1, skip=start * micro) if prior else None
+    seed = config.seed + 1000 * accelerator.process_index  # each GPU of `accelerate launch` sees its own order
+    batches = data.batches(config.batch_size, seed=seed, skip=start * micro)
+    class_batches = prior.batches(config.batch_size, seed=seed + 1, skip=start * micro) if prior else None
     started = time.perf_counter()
 
-    with training_run(config) as mlflow_run:
+    with training_run(config, enabled=accelerator.is_main_process) as mlflow_run:
         for step in range(start + 1, config.max_steps + 1):
             losses = []
             for _ in range(micro):
@@ -115,8 +116,9 @@ def run(config: TrainConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
 
             mlflow_run.log_metrics({"loss": sum(losses) / micro, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
-            if step % config.checkpointing_steps == 0 or step == config.max_steps:
+            if (step % config.checkpointing_steps == 0 or step == config.max_steps) and accelerator.is_main_process:
                 save_checkpoint(loras, optimizer, lr_scheduler, noise, config, step, mlflow_run.id)
+            accelerator.wait_for_everyone()
 
         seconds = time.perf_counter() - started
         done = config.max_steps - start
@@ -329,13 +331,17 @@ def resume(output: str, loras: dict, optimizer, lr_scheduler, noise: torch.Gener
 
 
 class training_run:
-    """The MLflow run of one learning rate, nested under the pipeline's parent run; FAILED if training raises."""
+    """The MLflow run of one learning rate, nested under the pipeline's parent run; FAILED if training raises.
+    Only the main process of a multi-GPU run logs."""
 
-    def __init__(self, config: TrainConfig):
-        self.config = config
+    def __init__(self, config: TrainConfig, enabled: bool = True):
+        self.config, self.enabled, self.id = config, enabled, None
 
     def __enter__(self):
         import mlflow
+
+        if not self.enabled:
+            return self
 
         tracking.client()  # points mlflow at the tracking URI
         # Keyed by where the checkpoints go: a retried or resumed training continues its own MLflow run.
@@ -351,12 +357,14 @@ class training_run:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         import mlflow
 
-        mlflow.log_metrics(metrics, step=step)
+        if self.enabled:
+            mlflow.log_metrics(metrics, step=step)
 
     def __exit__(self, exc_type, exc, tb):
         import mlflow
 
-        mlflow.end_run("FAILED" if exc_type else "FINISHED")
+        if self.enabled:
+            mlflow.end_run("FAILED" if exc_type else "FINISHED")
         return False
 
 

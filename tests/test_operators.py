@@ -76,3 +76,12 @@ def test_result_file_is_written_for_the_xcom_sidecar(tmp_path, monkeypatch):
     Image.new("RGB", (80, 80)).save(images / "a.png")
     assert cli.main(["validate", "--input", str(images), "--output", str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "xcom" / "return.json").read_text())["accepted"] == 1
+
+
+def test_multi_gpu_profile_runs_the_step_under_accelerate_launch():
+    op = step_operator_class("kubernetes")(task_id="train", step="train", profile="gpu-x4", options=TRAIN_OPTIONS,
+                                           namespace="dreamline")
+    container = op.build_pod_request_obj(dry_run=True).spec.containers[0]
+    assert container.command == ["accelerate", "launch", "--multi_gpu", "--num_processes=4", "-m", "sd_tasks"]
+    assert container.args == step_argv("train", TRAIN_OPTIONS)
+    assert container.resources.limits["nvidia.com/gpu"] == "4"

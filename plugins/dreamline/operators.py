@@ -103,8 +103,10 @@ def _kubernetes_operator():
             kwargs.setdefault("name", f"sd-{step}")
             kwargs.setdefault("namespace", DEPLOYMENT.namespace)
             kwargs.setdefault("image", DEPLOYMENT.image)
+            # Several GPUs: the same step under `accelerate launch`, one process per GPU.
+            launcher = ["accelerate", "launch", "--multi_gpu", f"--num_processes={p.gpus}"] if p.gpus > 1 else ["python"]
             super().__init__(
-                cmds=["python", "-m", "sd_tasks"],
+                cmds=[*launcher, "-m", "sd_tasks"],
                 arguments=[],  # filled from the rendered options in build_pod_request_obj
                 env_vars={**DEPLOYMENT.step_env, "SD_TASKS_RESULT_FILE": "/airflow/xcom/return.json"},
                 container_resources=k8s.V1ResourceRequirements(requests={"cpu": p.cpu, "memory": p.memory},

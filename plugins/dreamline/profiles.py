@@ -23,4 +23,7 @@ PROFILES = {
     # encode, train, evaluate: one GPU, enough host memory to load SDXL
     "gpu": Profile(cpu="8", memory="48Gi", gpus=1, node_selector={"dreamline.io/pool": "gpu"},
                    startup_timeout_seconds=1800),
+    # data-parallel training over a node's GPUs (run under `accelerate launch`)
+    "gpu-x4": Profile(cpu="32", memory="192Gi", gpus=4, node_selector={"dreamline.io/pool": "gpu"},
+                      startup_timeout_seconds=1800),
 }
