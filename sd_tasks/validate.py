@@ -1,21 +1,50 @@
 """Decode every file of a dataset folder and sort it into accepted and rejected, each rejection with its reason.
 
-The input folder is only read, never modified. The report lists accepted images with their size, format and sha256,
-so later steps and the MLflow run can name exactly which files were trained on.
+The input folder is only read, never modified. The report lists accepted images with their size (after EXIF
+orientation), format and sha256, so later steps and the MLflow run can name exactly which files were trained on.
+
+Each file goes through one check after another and stops at the first that fails:
+
+    link       symbolic links (to files or folders) and anything whose real path leaves the dataset folder
+    file       not a regular file (FIFO, socket, device), or empty
+    identify   not an image, whatever its extension (content decides, so a JPEG named .png is a JPEG)
+    pixels     the header announces more than `max_pixels`: rejected before any pixel is allocated
+    animation  more than one frame: rejected, or frame 0 used and noted (`animated`)
+    decode     every byte decoded at full scale (an animation: frame 0): truncated or corrupt data fails here
+    size       shorter side below `min_side`, or longer / shorter side above `max_aspect_ratio`
+    duplicate  same bytes as, or a perceptual hash within `near_duplicate_distance` bits of, an earlier file
+
+What is merely unusual is accepted and normalised the way `resize` will read it (sd_tasks.images): EXIF
+orientation, CMYK, 16-bit, palette, alpha (onto neutral grey), grayscale, WebP, TIFF, HEIC/HEIF, AVIF, lying
+extensions, non-ASCII and spaced names. Files are checked in a process pool; duplicates are decided afterwards in
+sorted path order, so the first of a group is the one kept and the result never depends on the pool.
+
+Hidden files and folders (a leading dot: .DS_Store, .git) are skipped.
 """
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sd_tasks.cli import option
 from sd_tasks.errors import StepError
-from sd_tasks.images import open_rgb
+from sd_tasks.images import (ALPHA_MODES, DEFAULT_MAX_PIXELS, TooManyPixels, normalise, open_image, orientation,
+                             parallel_map, perceptual_hash)
 from sd_tasks.storage import read_dir, write_dir, write_json
+
+ANIMATION_POLICIES = ("first-frame", "reject")
+
+# Leading bytes of image formats PIL reads: a file starting like one of these that PIL cannot identify is a
+# damaged image, not "not an image".
+MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"BM")
+ISOBMFF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis")
 
 
 @dataclass
@@ -26,55 +55,213 @@ class ValidateConfig:
     output: str = option("URI to write report.json to")
     min_side: int = option("reject images whose shorter side is below this many pixels", 64)
     max_aspect_ratio: float = option("reject images more elongated than this (long side / short side)", 4.0)
+    max_pixels: int = option("reject images whose header announces more pixels (decompression bombs), checked "
+                             "before decoding", DEFAULT_MAX_PIXELS)
+    animated: str = option(f"animated images (GIF, WebP, APNG, multi-frame): {' or '.join(ANIMATION_POLICIES)}",
+                           "first-frame")
+    near_duplicate_distance: int = option("reject an image whose 64-bit perceptual hash is within this many bits "
+                                          "of an accepted one; -1 turns the check off", 8)
     min_images: int = option("fail unless at least this many images are accepted", 1)
+    workers: int = option("processes that decode in parallel; 0: one per available CPU", 0)
+
+    def __post_init__(self):
+        if self.animated not in ANIMATION_POLICIES:
+            raise StepError(f"--animated {self.animated!r}: choose one of {', '.join(ANIMATION_POLICIES)}")
+
+
+class Rejected(Exception):
+    """A file fails a check: `check` is the short category counted in the summary, `reason` the report's text."""
+
+    def __init__(self, check: str, reason: str):
+        super().__init__(reason)
+        self.check, self.reason = check, reason
 
 
 def run(config: ValidateConfig) -> dict:
     folder = read_dir(config.input)
-    accepted, rejected, seen = [], [], {}
-    for path in sorted(p for p in folder.rglob("*") if not p.name.startswith(".")):
-        if path.is_dir() and not path.is_symlink():
-            continue
-        rel = path.relative_to(folder).as_posix()
-        record, reason = check_image(path, folder, config)
-        if reason is None and record["sha256"] in seen:
-            reason = f"exact duplicate of {seen[record['sha256']]}"
-        if reason:
-            rejected.append({"path": rel, "reason": reason})
-        else:
-            seen[record["sha256"]] = rel
-            accepted.append({"path": rel, **record})
-    report = {"source": config.input, "accepted": accepted, "rejected": rejected}
+    paths, rejected = list_files(folder)
+    results = check_all(paths, folder, config)
+    rejected += [r for r in results if "reason" in r]
+    accepted, duplicates = find_duplicates([r for r in results if "reason" not in r], config.near_duplicate_distance)
+    rejected = sorted(rejected + duplicates, key=lambda r: r["path"])
+    report = {
+        "source": config.input,
+        "settings": {k: v for k, v in asdict(config).items() if k not in ("input", "output", "workers")},
+        "accepted": accepted,
+        "rejected": [{"path": r["path"], "reason": r["reason"]} for r in rejected],
+    }
     if len(accepted) < config.min_images:
-        reasons = Counter(r["reason"].split(" (")[0] for r in rejected)
-        summary = "; ".join(f"{n} {why}" for why, n in reasons.most_common()) or "no files"
+        reasons = Counter(r["check"] for r in rejected)
+        summary = "; ".join(f"{n} {why}" for why, n in reasons.most_common()) or \
+            ("nothing rejected" if accepted else "no files")
         raise StepError(f"{config.input}: {len(accepted)} usable images, need {config.min_images} ({summary})")
     with write_dir(config.output) as out:
         write_json(out / "report.json", report)
     return {"report": f"{config.output}/report.json", "accepted": len(accepted), "rejected": len(rejected)}
 
 
-def check_image(path: Path, root: Path, config: ValidateConfig) -> tuple[dict, str | None]:
-    if path.is_symlink():
-        return {}, "symbolic link (only regular files are read)"
-    if not path.resolve().is_relative_to(root.resolve()):
-        return {}, "path leaves the dataset folder"
-    data = path.read_bytes()
-    if not data:
-        return {}, "empty file"
+def list_files(folder: Path) -> tuple[list[Path], list[dict]]:
+    """Every non-hidden entry under `folder`, without following symbolic links; linked folders are rejected here."""
+    paths, rejected = [], []
+    for top, dirs, files in os.walk(folder, followlinks=False):
+        top = Path(top)
+        for name in list(dirs):
+            if name.startswith("."):
+                dirs.remove(name)
+            elif (top / name).is_symlink():
+                dirs.remove(name)
+                rejected.append({"path": (top / name).relative_to(folder).as_posix(), "check": "symbolic link",
+                                 "reason": "symbolic link to a folder (not followed)"})
+        paths += [top / name for name in files if not name.startswith(".")]
+    return sorted(paths), rejected
+
+
+def check_all(paths: list[Path], folder: Path, config: ValidateConfig) -> list[dict]:
+    """check_file over `paths`, in order, in a process pool of `config.workers`."""
+    return parallel_map(check_file, [(path, folder, config) for path in paths], config.workers)
+
+
+def check_file(path: Path, root: Path, config: ValidateConfig) -> dict:
+    """One file through every per-file check: its accepted record (with `phash`), or `check` and `reason`."""
+    rel = path.relative_to(root).as_posix()
     try:
-        with Image.open(path) as im:
+        data = read_regular_file(path, root)
+        im = identify(data, config.max_pixels)
+        with im:  # closes the file pointer only; the decoded image stays usable
+            frame_note = select_frame(im, config.animated)
+            image = decode(im)
+            notes = [note for note in (frame_note, extension_note(path, im.format), orientation_note(im),
+                                       mode_note(im)) if note]
             fmt = im.format
-        image = open_rgb(path)
-    except Image.DecompressionBombError:
-        return {}, f"more than {Image.MAX_IMAGE_PIXELS} pixels"
+        check_size(image.size, config)
+    except Rejected as rejection:
+        return {"path": rel, "check": rejection.check, "reason": rejection.reason}
+    record = {"path": rel, "width": image.width, "height": image.height, "format": fmt,
+              "sha256": hashlib.sha256(data).hexdigest(), "phash": perceptual_hash(image)}
+    if notes:
+        record["notes"] = notes
+    return record
+
+
+def read_regular_file(path: Path, root: Path) -> bytes:
+    """The bytes of a regular file inside `root`; links, special files and empty files are rejected."""
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        target = path.resolve()
+        where = "points outside the dataset folder" if not target.is_relative_to(root.resolve()) else \
+            "only regular files are read"
+        raise Rejected("symbolic link", f"symbolic link ({where})")
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise Rejected("outside the dataset folder", "path leaves the dataset folder")
+    if not stat.S_ISREG(info.st_mode):
+        raise Rejected("not a regular file", "not a regular file (FIFO, socket or device)")
+    # O_NOFOLLOW: a file swapped for a link after the checks above is still not followed; O_NONBLOCK: nor does a
+    # file swapped for a FIFO block the step.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise Rejected("not a regular file", "not a regular file (FIFO, socket or device)")
+        data = f.read()
+    if not data:
+        raise Rejected("empty file", "empty file")
+    return data
+
+
+def identify(data: bytes, max_pixels: int) -> Image.Image:
+    """Open the bytes as an image (content decides, not the extension) and check the header's pixel count."""
+    try:
+        return open_image(data, max_pixels)
+    except TooManyPixels as exc:
+        raise Rejected("too many pixels", f"too many pixels ({exc}): possible decompression bomb") from None
     except UnidentifiedImageError:
-        return {}, "not an image"
-    except (OSError, SyntaxError, ValueError) as exc:
-        return {}, f"corrupt or truncated image data ({exc})"
-    width, height = image.size
+        if data.startswith(MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP") or \
+                (data[4:8] == b"ftyp" and data[8:12] in ISOBMFF_BRANDS):
+            raise Rejected("corrupt or truncated", "corrupt or truncated image data (unreadable header)") from None
+        raise Rejected("not an image", "not an image") from None
+    except Exception as exc:  # a plugin choking on a damaged header
+        raise Rejected("corrupt or truncated", f"corrupt or truncated image data ({_first_line(exc)})") from None
+
+
+def select_frame(im: Image.Image, policy: str) -> str | None:
+    """Reject an animation, or keep frame 0 (the current frame after open) and say so."""
+    frames = getattr(im, "n_frames", 1)
+    if im.format == "MPO":  # a phone JPEG with extra pictures (depth map, preview): frame 0 is the photo
+        return None
+    if frames <= 1 or not getattr(im, "is_animated", frames > 1):
+        return None
+    if policy == "reject":
+        raise Rejected("animated", f"animated ({frames} frames), a still image is needed")
+    return f"animated ({frames} frames): frame 0 used"
+
+
+def orientation_note(im: Image.Image) -> str | None:
+    turn = orientation(im)
+    return f"EXIF orientation {turn} applied" if turn != 1 else None
+
+
+def mode_note(im: Image.Image) -> str | None:
+    if im.mode == "RGB":
+        return None
+    alpha = im.mode in ALPHA_MODES or (im.mode == "P" and "transparency" in im.info)
+    return f"{im.mode} converted to RGB" + (", alpha composited on grey" if alpha else "")
+
+
+def extension_note(path: Path, fmt: str | None) -> str | None:
+    """A note when the extension names another format than the content (accepted: the content decides)."""
+    claimed = Image.registered_extensions().get(path.suffix.lower())
+    if claimed and fmt and claimed != fmt and {claimed, fmt} != {"JPEG", "MPO"}:
+        return f"content is {fmt}, extension {path.suffix} says {claimed}"
+    return None
+
+
+def decode(im: Image.Image) -> Image.Image:
+    """Decode every pixel at full scale (truncation and corruption fail here), upright and in RGB."""
+    try:
+        return normalise(im)
+    except Exception as exc:  # every decoder failure means the same thing: the file cannot be trained on
+        raise Rejected("corrupt or truncated", f"corrupt or truncated image data ({_first_line(exc)})") from None
+
+
+def check_size(size: tuple[int, int], config: ValidateConfig) -> None:
+    width, height = size
     if min(width, height) < config.min_side:
-        return {}, f"too small ({width}x{height}, shorter side below {config.min_side})"
+        raise Rejected("too small", f"too small ({width}x{height}, shorter side below {config.min_side})")
     if max(width, height) / min(width, height) > config.max_aspect_ratio:
-        return {}, f"extreme aspect ratio ({width}x{height})"
-    return {"width": width, "height": height, "format": fmt, "sha256": hashlib.sha256(data).hexdigest()}, None
+        raise Rejected("extreme aspect ratio", f"extreme aspect ratio ({width}x{height}, more than "
+                                               f"{config.max_aspect_ratio:g}:1)")
+
+
+def find_duplicates(candidates: list[dict], max_distance: int) -> tuple[list[dict], list[dict]]:
+    """Walk `candidates` in path order; return the records kept (without `phash`) and the duplicates' rejections.
+
+    An exact duplicate has the sha256 of an accepted file; a near duplicate a perceptual hash within
+    `max_distance` bits of one (re-encoded, rescaled, lightly cropped or retouched copies). Flat images have no
+    perceptual hash and are only compared byte for byte.
+    """
+    accepted, rejected, by_sha = [], [], {}
+    hashes, owners = np.zeros(len(candidates), dtype=np.uint64), []
+    for record in sorted(candidates, key=lambda r: r["path"]):
+        record = dict(record)
+        phash = record.pop("phash")
+        if record["sha256"] in by_sha:
+            rejected.append({"path": record["path"], "check": "exact duplicate",
+                             "reason": f"exact duplicate of {by_sha[record['sha256']]}"})
+            continue
+        if phash is not None and max_distance >= 0 and owners:
+            distances = np.bitwise_count(hashes[:len(owners)] ^ np.uint64(phash))
+            nearest = int(distances.argmin())
+            if distances[nearest] <= max_distance:
+                rejected.append({"path": record["path"], "check": "near duplicate",
+                                 "reason": f"near duplicate of {owners[nearest]} (perceptual hash "
+                                           f"{int(distances[nearest])} of 64 bits apart)"})
+                continue
+        by_sha[record["sha256"]] = record["path"]
+        if phash is not None:
+            hashes[len(owners)] = phash
+            owners.append(record["path"])
+        accepted.append(record)
+    return accepted, rejected
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__

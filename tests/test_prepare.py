@@ -37,31 +37,6 @@ def messy(tmp_path):
     return folder
 
 
-def test_validate_accepts_unusual_rejects_broken_and_leaves_input_untouched(messy, tmp_path):
-    before = tree_snapshot(messy)
-    result = validate.run(validate.ValidateConfig(input=str(messy), output=str(tmp_path / "out"), min_side=64))
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    accepted = {r["path"] for r in report["accepted"]}
-    rejected = {r["path"]: r["reason"] for r in report["rejected"]}
-    assert accepted == {"alpha.png", "good.jpg", "grey.png", "lying extension ü.png"}
-    assert rejected["later copy.jpg"] == "exact duplicate of good.jpg"
-    assert rejected["empty.jpg"] == "empty file"
-    assert rejected["notes.jpg"] == "not an image"
-    assert rejected["truncated.jpg"].startswith("corrupt or truncated")
-    assert rejected["tiny.png"].startswith("too small")
-    assert rejected["wide.png"].startswith("extreme aspect ratio")
-    assert rejected["link.jpg"].startswith("symbolic link")
-    assert result == {"report": f"{tmp_path / 'out'}/report.json", "accepted": 4, "rejected": 7}
-    assert next(r for r in report["accepted"] if r["path"] == "lying extension ü.png")["format"] == "JPEG"
-    assert tree_snapshot(messy) == before
-
-
-def test_validate_fails_with_a_summary_when_too_few_images(messy, tmp_path):
-    with pytest.raises(StepError, match=r"4 usable images, need 10 \(.*1 empty file.*\)"):
-        validate.run(validate.ValidateConfig(input=str(messy), output=str(tmp_path / "out"), min_images=10))
-    assert not (tmp_path / "out").exists()
-
-
 def test_caption_instance_and_sidecar(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
