@@ -11,9 +11,11 @@ Every night at 02:00 (or on **Trigger** with the form below) this DAG:
    content-addressed so an unchanged dataset is not encoded again;
 4. **train**: one DreamBooth-LoRA run per learning rate, in parallel, a checkpoint every *checkpoint interval*;
    with *prior preservation*, also on class images the base model generates once (cached);
-5. **evaluate**: every checkpoint, on the same prompts and seeds (DINO, CLIP-I, CLIP-T);
-6. **select** the best checkpoint by the weighted score, **register** it in the MLflow Model Registry as a new
-   version of `<subject>-sdxl-lora`, alias `champion` when there is none yet;
+5. **evaluate**: every checkpoint, and the current champion, on the same prompts and seeds (DINO, CLIP-I, CLIP-T,
+   preservation of the base model's class images);
+6. **select** the best checkpoint by the weighted score (the parent run gets image grids and metric plots),
+   **register** it in the MLflow Model Registry as a new version of `<subject>-sdxl-lora` with alias
+   `challenger`, and move `champion` to it only if it beats the current champion;
 7. closes the MLflow parent run (FAILED if the DAG run failed before registering).
 
 Each task runs one `python -m sd_tasks <step>` command: a local process here, a Kubernetes pod on a GPU node in
@@ -132,28 +134,37 @@ def sdxl_dreambooth_lora():
         task_id="train", step="train", profile="gpu", map_index_template="lr={{ task.options['learning_rate'] }}",
     ).expand(options=sweep)
 
+    champion = StepOperator(task_id="champion", step="champion", options={
+        "model_name": "{{ params.subject }}-sdxl-lora", "output": f"{RUN}/champion",
+    })
+
     @task
-    def checkpoint_evaluations(training_results: list[dict]) -> list[dict]:
-        """One `evaluate` options dict per checkpoint of every training run."""
+    def checkpoint_evaluations(training_results: list[dict], current: dict) -> list[dict]:
+        """One `evaluate` options dict per checkpoint of every training run, and one for the current champion, so
+        the new model is compared with it on today's evaluation suite."""
         params, run = _params_and_run_dir()
         instance = f"{params['instance_token']} {params['class_noun']}"
         prompts = [p.format(instance=instance, class_noun=params["class_noun"]) for p in params["evaluation_prompts"]]
-        return [{
-            "checkpoint": c["uri"], "output": f"{run}/eval/lr-{r['learning_rate']:g}/step-{c['step']}",
-            "instance_images": f"{run}/resized", "prompts": prompts, "clip_model": params["clip_model"],
-            "dino_model": params["dino_model"], "images_per_prompt": params["images_per_prompt"],
-            "num_inference_steps": params["inference_steps"], "resolution": params["resolution"],
-            "seed": params["seed"],
-        } for r in training_results for c in r["checkpoints"]]
+        suite = {"instance_images": f"{run}/resized", "prompts": prompts, "class_prompts": [params["class_prompt"]],
+                 "clip_model": params["clip_model"], "dino_model": params["dino_model"],
+                 "base_model": params["base_model"], "images_per_prompt": params["images_per_prompt"],
+                 "num_inference_steps": params["inference_steps"], "resolution": params["resolution"],
+                 "seed": params["seed"]}
+        candidates = [(c["uri"], f"lr-{r['learning_rate']:g}/step-{c['step']}")
+                      for r in training_results for c in r["checkpoints"]]
+        if current["checkpoint"]:
+            candidates.append((current["checkpoint"], f"champion-v{current['version']}"))
+        return [{"checkpoint": uri, "output": f"{run}/eval/{name}", **suite} for uri, name in candidates]
 
     evaluated = StepOperator.partial(
         task_id="evaluate", step="evaluate", profile="gpu",
         map_index_template="{{ task.options['output'].split('/eval/')[-1] }}",
-    ).expand(options=checkpoint_evaluations(trained.output))
+    ).expand(options=checkpoint_evaluations(trained.output, champion.output))
 
     selected = StepOperator(task_id="select", step="select", options={
         "evaluations": f"{RUN}/eval", "output": f"{RUN}/select",
         "weight_accuracy": "{{ params.weight_accuracy }}", "weight_flexibility": "{{ params.weight_flexibility }}",
+        "weight_preservation": "{{ params.weight_preservation }}", "parent_run_id": PARENT_RUN_ID,
     })
     registered = StepOperator(task_id="register", step="register", options={
         "selection": f"{RUN}/select", "dataset": f"{RUN}/dataset", "output": f"{RUN}/register",

@@ -85,7 +85,8 @@ def summarize(home: Path, seconds: float) -> None:
     print(format_table(selection))
     print(f"\nSelected: learning rate {best['learning_rate']:g}, step {best['step']}, score {best['score']:.4f}")
     print(f"Registered: model '{registration['model_name']}' version {registration['version']}"
-          f" (aliases: {', '.join(registration['aliases']) or 'none'})")
+          f" (aliases: {', '.join(registration['aliases']) or 'none'}); "
+          f"{'promoted' if registration['promoted'] else 'not promoted'}: {registration['reason']}")
     print("\nLook at it: `make ui` starts the Airflow UI (http://localhost:8080) and the MLflow UI "
           "(http://localhost:5000) and prints the Airflow login.")
 

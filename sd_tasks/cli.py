@@ -42,7 +42,8 @@ STEPS: dict[str, tuple[str, str]] = {
     "train": ("sd_tasks.train", "train DreamBooth-LoRA on the encode cache, checkpoint every N steps"),
     "evaluate": ("sd_tasks.evaluate", "generate fixed-seed images for a checkpoint and score them"),
     "select": ("sd_tasks.select", "score every evaluated checkpoint and pick the best"),
-    "register": ("sd_tasks.register", "register the selected LoRA in the MLflow Model Registry"),
+    "champion": ("sd_tasks.register:champion", "fetch the current champion's LoRA for re-evaluation"),
+    "register": ("sd_tasks.register", "register the selected LoRA; promote it to champion only if it is better"),
 }
 
 RESULT_FILE_ENV = "SD_TASKS_RESULT_FILE"  # also write the result here (a pod's /airflow/xcom/return.json)

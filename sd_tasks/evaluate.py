@@ -1,15 +1,24 @@
 """Evaluate one LoRA checkpoint: generate fixed-seed images for a prompt set and score them.
 
-The seeds depend only on the prompt index and image index, so every checkpoint of every learning rate is judged on
-the same starting noise and their images compare side by side. Scores and images go to the checkpoint's training
-run in MLflow, stepped by the checkpoint's step, so the UI plots them against step for every learning rate.
+Scores (the DreamBooth paper's, plus one for what the user fears losing):
+- dino, clip_i: subject fidelity, generated vs the real instance images (mean pairwise cosine);
+- clip_t: prompt fidelity, each image vs its prompt;
+- preservation: the base model kept: images for the class prompt with the LoRA vs without it, same seeds
+  (mean matched DINO cosine; 1 means the class looks exactly as before).
+
+The seeds depend only on the prompt and image index, so every checkpoint of every learning rate (and the base
+model, and the champion being defended) is judged on the same starting noise. The suite, everything that decides
+the images and the scorers, has a fingerprint: scores compare only within one suite. A checkpoint whose images come
+out non-finite (a diverged LoRA) is marked broken and gets the lowest possible scores.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -21,18 +30,24 @@ from sd_tasks.models import device
 from sd_tasks.storage import read_dir, read_json, write_dir, write_json
 from sd_tasks.train import CHECKPOINT_INFO
 
+WORST = {"clip_t": -1.0, "clip_i": -1.0, "dino": -1.0, "preservation": -1.0}
+
 
 @dataclass
 class EvaluateConfig:
-    """Generate images with a LoRA checkpoint for fixed prompts and seeds; score CLIP-T, CLIP-I and DINO."""
+    """Generate images with a LoRA checkpoint for fixed prompts and seeds; score DINO, CLIP-I, CLIP-T and
+    preservation."""
 
     checkpoint: str = option("a checkpoint-<step> folder written by train (URI)")
     output: str = option("URI to write images/ and metrics.json to")
     instance_images: str = option("resize's output: the real subject images to compare with (URI)")
     prompts: list[str] = option("evaluation prompts, literal")
+    class_prompts: list[str] = option("prompts without the subject, for preservation (e.g. 'a photo of dog')", [])
     clip_model: str = option("CLIP model id or folder", "openai/clip-vit-large-patch14")
     dino_model: str = option("DINO ViT model id or folder", "facebook/dino-vits16")
     base_model: str | None = option("SDXL pipeline (default: the one the checkpoint was trained on)", None)
+    refiner_model: str | None = option("SDXL refiner to pass every image through (e.g. ...-refiner-1.0)", None)
+    scheduler: str | None = option("diffusers scheduler class, e.g. DPMSolverMultistepScheduler", None)
     images_per_prompt: int = option("images per prompt", 2)
     num_inference_steps: int = option("denoising steps", 25)
     guidance_scale: float = option("classifier-free guidance scale", 5.0)
@@ -44,37 +59,90 @@ def run(config: EvaluateConfig) -> dict:
     checkpoint = read_dir(config.checkpoint)
     info = read_json(f"{config.checkpoint}/{CHECKPOINT_INFO}")
     base_model = config.base_model or info["base_model"]
-    generated = generate(base_model, checkpoint, config)
-    real = load_instance_images(config.instance_images)
-    scores = score(generated, config.prompts, real, config)
-    result = {"step": info["step"], "learning_rate": info["learning_rate"], "run_id": info["run_id"],
-              "checkpoint": config.checkpoint, **scores}
+    images = Generator(base_model, config)
+    generated = images.for_prompts(config.prompts, checkpoint)
+    preserved = images.for_prompts(config.class_prompts, checkpoint)
+    base = images.for_prompts(config.class_prompts, None)
+    broken = any(image is None for row in generated + preserved for image in row)
+    scores = WORST if broken else score(generated, preserved, base, load_instance_images(config.instance_images),
+                                        config)
+    result = {"step": info["step"], "learning_rate": info["learning_rate"], "run_id": info.get("run_id"),
+              "champion_version": info.get("champion_version"),
+              "checkpoint": config.checkpoint, "suite": suite_fingerprint(config, base_model), "broken": broken,
+              **scores}
     with write_dir(config.output) as out:
         (out / "images").mkdir()
-        for j, images in enumerate(generated):
-            for k, image in enumerate(images):
-                image.save(out / "images" / f"p{j:02d}-{k}.png")
-        write_json(out / "metrics.json", {**result, "prompts": config.prompts})
-    log_to_mlflow(info["run_id"], info["step"], scores, generated, config.prompts)
+        for kind, rows in (("p", generated), ("class", preserved), ("base", base)):
+            for j, row in enumerate(rows):
+                for k, image in enumerate(row):
+                    if image is not None:
+                        image.save(out / "images" / f"{kind}{j:02d}-{k}.png")
+        write_json(out / "metrics.json", {**result, "prompts": config.prompts, "class_prompts": config.class_prompts})
+    if info.get("run_id"):
+        log_to_mlflow(info["run_id"], info["step"], scores, generated, config.prompts)
     return result
 
 
-def generate(base_model: str, checkpoint: Path, config: EvaluateConfig) -> list[list[Image.Image]]:
-    from diffusers import StableDiffusionXLPipeline
+def suite_fingerprint(config: EvaluateConfig, base_model: str) -> str:
+    """Everything that decides the images and how they are scored (not which LoRA is scored)."""
+    suite = {k: v for k, v in asdict(config).items() if k not in ("checkpoint", "output", "base_model")}
+    return hashlib.sha256(json.dumps({**suite, "base_model": base_model}, sort_keys=True).encode()).hexdigest()[:16]
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(base_model).to(device())
-    pipe.load_lora_weights(str(checkpoint))
-    pipe.set_progress_bar_config(disable=True)
-    size = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images = []
-    for j, prompt in enumerate(config.prompts):
-        seeds = [config.seed + 1000 * j + k for k in range(config.images_per_prompt)]
-        images.append(pipe(
-            [prompt] * len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds],
-            num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-            height=size, width=size,
-        ).images)
-    return images
+
+class Generator:
+    """The base pipeline, with the checkpoint's LoRA switched on or off, and the optional refiner."""
+
+    def __init__(self, base_model: str, config: EvaluateConfig):
+        from diffusers import StableDiffusionXLPipeline
+
+        self.config = config
+        self.pipe = StableDiffusionXLPipeline.from_pretrained(base_model).to(device())
+        self.pipe.set_progress_bar_config(disable=True)
+        if config.scheduler:
+            self.pipe.scheduler = scheduler_class(config.scheduler).from_config(self.pipe.scheduler.config)
+        self.refiner = None
+        if config.refiner_model:
+            from diffusers import StableDiffusionXLImg2ImgPipeline
+
+            self.refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(config.refiner_model).to(device())
+            self.refiner.set_progress_bar_config(disable=True)
+        self.size = config.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.loaded = None
+
+    def for_prompts(self, prompts: list[str], lora: Path | None) -> list[list[Image.Image | None]]:
+        """Images per prompt; None where the output was not finite."""
+        if lora is not None and self.loaded != lora:
+            self.pipe.load_lora_weights(str(lora))
+            self.loaded = lora
+        if self.loaded is not None:
+            (self.pipe.enable_lora if lora is not None else self.pipe.disable_lora)()
+        rows = []
+        for j, prompt in enumerate(prompts):
+            seeds = [self.config.seed + 1000 * j + k for k in range(self.config.images_per_prompt)]
+            common = dict(num_inference_steps=self.config.num_inference_steps,
+                          guidance_scale=self.config.guidance_scale)
+            arrays = self.pipe([prompt] * len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds],
+                               height=self.size, width=self.size, output_type="np", **common).images
+            if self.refiner is not None:
+                arrays = self.refiner([prompt] * len(seeds), image=arrays, output_type="np",
+                                      generator=[torch.Generator().manual_seed(s) for s in seeds], **common).images
+            rows.append([to_image(a) for a in arrays])
+        return rows
+
+
+def scheduler_class(name: str):
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        raise StepError(f"--scheduler {name!r}: not a diffusers scheduler class")
+    return cls
+
+
+def to_image(array: np.ndarray) -> Image.Image | None:
+    if not np.isfinite(array).all():
+        return None
+    return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
 
 
 def load_instance_images(uri: str) -> list[Image.Image]:
@@ -86,17 +154,21 @@ def load_instance_images(uri: str) -> list[Image.Image]:
     return images
 
 
-def score(generated: list[list[Image.Image]], prompts: list[str], real: list[Image.Image],
-          config: EvaluateConfig) -> dict:
-    flat = [image for images in generated for image in images]
-    flat_prompts = [p for p, images in zip(prompts, generated) for _ in images]
+def score(generated, preserved, base, real: list[Image.Image], config: EvaluateConfig) -> dict:
+    flat = [image for row in generated for image in row]
+    flat_prompts = [p for p, row in zip(config.prompts, generated) for _ in row]
     clip, dino = ClipEmbedder(config.clip_model), DinoEmbedder(config.dino_model)
     clip_generated = clip.images(flat)
-    return {
+    scores = {
         "clip_t": mean_matched_cosine(clip_generated, clip.texts(flat_prompts)),
         "clip_i": mean_pairwise_cosine(clip_generated, clip.images(real)),
         "dino": mean_pairwise_cosine(dino.images(flat), dino.images(real)),
     }
+    if config.class_prompts:
+        with_lora = [image for row in preserved for image in row]
+        without = [image for row in base for image in row]
+        scores["preservation"] = mean_matched_cosine(dino.images(with_lora), dino.images(without))
+    return scores
 
 
 def log_to_mlflow(run_id: str, step: int, scores: dict, generated, prompts: list[str]) -> None:
@@ -106,7 +178,8 @@ def log_to_mlflow(run_id: str, step: int, scores: dict, generated, prompts: list
     for name, value in scores.items():
         client.log_metric(run_id, f"eval/{name}", value, step=step)
     for j, images in enumerate(generated):
-        client.log_image(run_id, image_row(images), key=f"eval/prompt-{j:02d}", step=step)
+        if all(image is not None for image in images):
+            client.log_image(run_id, image_row(images), key=f"eval/prompt-{j:02d}", step=step)
     client.log_text(run_id, json.dumps(prompts, indent=1), "eval/prompts.json")
 
 

@@ -1,26 +1,34 @@
-"""Register the selected LoRA as a new version of the subject's model in the MLflow Model Registry.
+"""Register the selected LoRA in the MLflow Model Registry, and promote it only when it is better.
 
 The version is logged with MLflow's diffusers flavor (the LoRA plus a reference to its base model, so
-`mlflow.pyfunc.load_model("models:/<name>@champion")` rebuilds the pipeline), tagged with its lineage: dataset rev,
-commit and content hash, base model, learning rate, step and scores. `champion` is set when the model has none.
+`mlflow.pyfunc.load_model("models:/<name>@champion")` rebuilds the pipeline), tagged with its lineage (dataset rev,
+commit and hash, code version, base model, learning rate, step) and every score, and described by a model card.
+It always gets the alias `challenger`; `champion` moves to it only when there is no champion yet, or when it beats
+the champion on the same evaluation suite (the DAG re-evaluates the champion beside the new checkpoints). A champion
+that cannot be compared is kept: a nightly run never replaces a better model with a worse one.
 Registering the same pipeline run twice returns the version made the first time.
+
+`champion` (step `champion`) fetches the current champion's LoRA as a checkpoint folder that `evaluate` can score.
 """
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from sd_tasks import tracking
 from sd_tasks.cli import option
 from sd_tasks.select import format_table
 from sd_tasks.storage import read_dir, read_json, write_dir, write_json
-from sd_tasks.train import CHECKPOINT_INFO
+from sd_tasks.train import CHECKPOINT_INFO, LORA_WEIGHTS
 
-CHAMPION = "champion"
+CHAMPION, CHALLENGER = "champion", "challenger"
+SCORES = ("score", "dino", "clip_i", "clip_t", "preservation")
 
 
 @dataclass
 class RegisterConfig:
-    """Log the selected checkpoint as a registered model version with its lineage."""
+    """Log the selected checkpoint as a registered model version with its lineage; promote it if it is better."""
 
     selection: str = option("select's output (URI of the folder holding selection.json)")
     dataset: str = option("dataset's output (URI of the folder holding dataset.json)")
@@ -40,28 +48,47 @@ def run(config: RegisterConfig) -> dict:
     tags = {
         "dreamline.run_key": run_key,
         "dataset.repo": dataset["repo"], "dataset.path": dataset["path"], "dataset.rev": dataset["rev"],
-        "dataset.commit": dataset["commit"], "dataset.hash": dataset["hash"],
+        "dataset.commit": dataset["commit"], "dataset.hash": dataset["hash"], "code_version": code_version(),
         "base_model": info["base_model"], "learning_rate": f"{best['learning_rate']:g}", "step": str(best["step"]),
-        "training_run_id": best["run_id"],
-        **{f"score.{k}": f"{best[k]:.6f}" for k in ("score", "dino", "clip_i", "clip_t")},
+        "training_run_id": str(best["run_id"]), "eval.suite": str(best.get("suite")),
+        **{f"score.{k}": f"{best[k]:.6f}" for k in SCORES if best.get(k) is not None},
     }
-    version = existing_version(client, config.model_name, run_key)
-    if version is None:
-        version = log_version(config, best, info, tags)
-    aliases = client.get_registered_model(config.model_name).aliases
-    if CHAMPION not in aliases:
+    version = existing_version(client, config.model_name, run_key) or log_version(config, best, info, tags)
+    promote, reason = decide(client, config.model_name, version, best, selection.get("champion"))
+    client.set_registered_model_alias(config.model_name, CHALLENGER, version)
+    if promote:
         client.set_registered_model_alias(config.model_name, CHAMPION, version)
-        aliases = client.get_registered_model(config.model_name).aliases
+    aliases = client.get_registered_model(config.model_name).aliases
+    result = {"model_name": config.model_name, "version": int(version), "promoted": promote, "reason": reason,
+              "aliases": sorted(a for a, v in aliases.items() if str(v) == str(version)),
+              "champion": int(aliases[CHAMPION]) if CHAMPION in aliases else None,
+              "learning_rate": best["learning_rate"], "step": best["step"], "score": best["score"]}
     if config.parent_run_id:
         client.log_dict(config.parent_run_id, selection, "selection.json")
-        client.log_text(config.parent_run_id, format_table(selection), "selection.txt")
+        client.log_text(config.parent_run_id, report(config.model_name, selection, result), "report.md")
         client.set_terminated(config.parent_run_id, "FINISHED")
-    result = {"model_name": config.model_name, "version": int(version),
-              "aliases": sorted(a for a, v in aliases.items() if str(v) == str(version)),
-              "learning_rate": best["learning_rate"], "step": best["step"], "score": best["score"]}
     with write_dir(config.output) as out:
         write_json(out / "registration.json", result)
     return result
+
+
+def decide(client, name: str, version: str, best: dict, champion_eval: dict | None) -> tuple[bool, str]:
+    """Whether `version` becomes champion, and why."""
+    aliases = client.get_registered_model(name).aliases
+    current = aliases.get(CHAMPION)
+    if best.get("broken"):
+        return False, "its images were not finite (a diverged LoRA)"
+    if current is None:
+        return True, "first version: there was no champion"
+    if str(current) == str(version):
+        return True, "already the champion"
+    if champion_eval is None or str(champion_eval["champion_version"]) != str(current):
+        return False, f"champion v{current} was not evaluated on this suite; kept"
+    if champion_eval.get("suite") != best.get("suite"):
+        return False, f"champion v{current} was evaluated on another suite; kept"
+    if best["score"] > champion_eval["score"]:
+        return True, f"score {best['score']:.4f} beats champion v{current}'s {champion_eval['score']:.4f}"
+    return False, f"score {best['score']:.4f} does not beat champion v{current}'s {champion_eval['score']:.4f}"
 
 
 def existing_version(client, name: str, run_key: str) -> str | None:
@@ -69,7 +96,7 @@ def existing_version(client, name: str, run_key: str) -> str | None:
         found = client.search_model_versions(f"name = '{name}' and tags.`dreamline.run_key` = '{run_key}'")
     except Exception:  # the registered model does not exist yet
         return None
-    return found[0].version if found else None
+    return str(found[0].version) if found else None
 
 
 def log_version(config: RegisterConfig, best: dict, info: dict, tags: dict) -> str:
@@ -80,8 +107,8 @@ def log_version(config: RegisterConfig, best: dict, info: dict, tags: dict) -> s
                                                                  "register")
     with mlflow.start_run(run_id=run_id):  # leaving it marks the parent run FINISHED: registering is the last step
         model = mlflow.diffusers.log_model(
-            str(checkpoint / "pytorch_lora_weights.safetensors"), base_model=info["base_model"],
-            adapter_type="lora", name="lora", registered_model_name=config.model_name,
+            str(checkpoint / LORA_WEIGHTS), base_model=info["base_model"], adapter_type="lora", name="lora",
+            registered_model_name=config.model_name,
             pip_requirements=_requirements(),  # skip MLflow's slow requirement inference
         )
     version = str(model.registered_model_version)
@@ -93,19 +120,81 @@ def log_version(config: RegisterConfig, best: dict, info: dict, tags: dict) -> s
 
 
 def model_card(name: str, tags: dict) -> str:
+    scores = ", ".join(f"{k} {tags[f'score.{k}']}" for k in SCORES if f"score.{k}" in tags)
     return (
         f"SDXL DreamBooth-LoRA `{name}`.\n\n"
         f"- Base model: `{tags['base_model']}`\n"
         f"- Dataset: `{tags['dataset.path']}` at `{tags['dataset.rev']}` (commit {tags['dataset.commit'][:12]}, "
         f"{tags['dataset.hash']}) from `{tags['dataset.repo']}`\n"
-        f"- Learning rate {tags['learning_rate']}, step {tags['step']} (training run {tags['training_run_id']})\n"
-        f"- Scores: overall {tags['score.score']}, DINO {tags['score.dino']}, CLIP-I {tags['score.clip_i']}, "
-        f"CLIP-T {tags['score.clip_t']}\n\n"
-        f"Load: `mlflow.pyfunc.load_model('models:/{name}@champion')`."
+        f"- Learning rate {tags['learning_rate']}, step {tags['step']} (training run {tags['training_run_id']}), "
+        f"code {tags['code_version']}\n"
+        f"- Scores (evaluation suite {tags['eval.suite']}): {scores}\n\n"
+        f"Load: `mlflow.pyfunc.load_model('models:/{name}@champion')`; the LoRA file also loads with diffusers' "
+        f"`load_lora_weights`."
     )
+
+
+def report(name: str, selection: dict, result: dict) -> str:
+    """The page a reviewer opens first."""
+    best = selection["selected"]
+    lines = [
+        f"# {name}: learning rate {best['learning_rate']:g}, step {best['step']}",
+        "",
+        f"Registered as version {result['version']} ({', '.join(result['aliases'])}). "
+        f"{'Promoted to champion' if result['promoted'] else 'Not promoted'}: {result['reason']}.",
+        "",
+        f"Score weights: {', '.join(f'{k} {v:g}' for k, v in selection['weights'].items())}.",
+        "",
+        "```",
+        format_table(selection),
+        "```",
+        "",
+        "Runners-up: " + ("; ".join(f"lr {r['learning_rate']:g} step {r['step']} ({r['score']:.4f})"
+                                    for r in selection["runners_up"]) or "none") + ".",
+        "",
+        "Image grids (rows: learning rate, columns: step) and metric plots are under `review/`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def code_version() -> str:
+    """The git commit of the code that ran (DREAMLINE_CODE_VERSION in images built without .git)."""
+    import os
+
+    if os.environ.get("DREAMLINE_CODE_VERSION"):
+        return os.environ["DREAMLINE_CODE_VERSION"]
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
 
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{p}=={version(p)}" for p in ("mlflow", "diffusers", "transformers", "peft", "accelerate", "torch")]
+
+
+@dataclass
+class ChampionConfig:
+    """Fetch the current champion's LoRA as a checkpoint folder, so `evaluate` can score it on today's suite."""
+
+    model_name: str = option("registered model name")
+    output: str = option("URI to write the checkpoint folder to")
+
+
+def champion(config: ChampionConfig) -> dict:
+    import mlflow
+
+    client = tracking.client()
+    try:
+        current = client.get_model_version_by_alias(config.model_name, CHAMPION)
+    except Exception:  # no such model or no champion yet
+        return {"checkpoint": None, "version": None}
+    downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{config.model_name}/{current.version}"))
+    weights = next(downloaded.rglob("*.safetensors"))
+    with write_dir(config.output) as out:
+        (out / LORA_WEIGHTS).write_bytes(weights.read_bytes())
+        write_json(out / CHECKPOINT_INFO, {"step": int(current.tags.get("step", 0)),
+                                           "learning_rate": float(current.tags.get("learning_rate", 0)),
+                                           "base_model": current.tags["base_model"],
+                                           "champion_version": int(current.version), "run_id": None})
+    return {"checkpoint": config.output, "version": int(current.version)}

@@ -62,7 +62,7 @@ def test_trigger_form_params_are_typed_titled_and_sectioned(dag):
 def test_training_is_mapped_over_learning_rates_and_evaluation_over_checkpoints(dag):
     tasks = dag.task_dict
     assert {"mlflow_run", "dataset", "validate", "caption", "resize", "encode_shards", "encode", "cache_to_merge",
-            "merge_cache", "prior_preservation_on", "class_images", "encode_class_images", "training_runs", "train",
+            "merge_cache", "prior_preservation_on", "class_images", "encode_class_images", "training_runs", "train", "champion",
             "checkpoint_evaluations", "evaluate", "select", "register", "close_mlflow_run"} == set(tasks)
     assert tasks["close_mlflow_run"].is_teardown and "register" in tasks["close_mlflow_run"].upstream_task_ids
     assert tasks["train"].__class__.__name__ == "MappedOperator"

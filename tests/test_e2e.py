@@ -60,7 +60,8 @@ def test_encode_was_sharded_and_merged_and_class_images_were_encoded(dag_run):
 
 def test_champion_version_carries_its_lineage(dag_run, client, registry):
     version = client.get_model_version_by_alias("dog-sdxl-lora", "champion")
-    assert str(version.version) == "1"
+    assert str(version.version) == "1" and sorted(version.aliases) == ["challenger", "champion"]
+    assert float(version.tags["score.preservation"]) <= 1 and len(version.tags["code_version"]) == 40
     tags = version.tags
     assert tags["dataset.rev"] == "dog-v1" and tags["dataset.hash"].startswith("sha256:")
     assert tags["dataset.repo"] == str(registry) and len(tags["dataset.commit"]) == 40
@@ -87,7 +88,13 @@ def test_parent_run_has_one_nested_run_per_learning_rate_with_curves_metrics_and
             assert sorted(m.step for m in client.get_metric_history(run_id, metric)) == [2, 4]
         images = [a.path for a in client.list_artifacts(run_id, "images")]
         assert len(images) >= 4, images  # 2 prompts x 2 checkpoints
-    assert "selection.json" in [a.path for a in client.list_artifacts(parents[0].info.run_id)]
+    parent_artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id)]
+    assert {"selection.json", "report.md", "review"} <= set(parent_artifacts)
+    review = {a.path.split("/")[-1] for a in client.list_artifacts(parents[0].info.run_id, "review")}
+    assert {"grid-prompt-00.png", "grid-prompt-01.png", "dino-vs-step.png", "clip_t-vs-step.png",
+            "preservation-vs-step.png", "score-vs-step.png"} <= review
+    report = client.download_artifacts(parents[0].info.run_id, "report.md")
+    assert "Promoted to champion: first version" in open(report).read()
 
 
 def test_registered_lora_loads_back_and_generates_offline(dag_run, client):

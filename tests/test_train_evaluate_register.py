@@ -121,7 +121,7 @@ def test_evaluate_select_register(trained, prepared, models):
                                      model_name="dog-sdxl-lora", output=str(prepared / "register"),
                                      parent_run_id=trained["parent"])
     first = register.run(config)
-    assert first["version"] == 1 and first["aliases"] == ["champion"]
+    assert first["version"] == 1 and first["aliases"] == ["challenger", "champion"] and first["promoted"]
     version = client.get_model_version("dog-sdxl-lora", "1")
     dataset = json.loads((prepared / "dataset" / "dataset.json").read_text())
     assert version.tags["dataset.rev"] == "dog-v1" and version.tags["dataset.hash"] == dataset["hash"]
@@ -174,3 +174,58 @@ def test_prior_preservation_trains_on_cached_class_images(prepared, cache, model
     a = load_file(f"{with_prior['checkpoints'][-1]['uri']}/{train.LORA_WEIGHTS}")
     b = load_file(f"{without['checkpoints'][-1]['uri']}/{train.LORA_WEIGHTS}")
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the class images' loss moved the weights
+
+
+def test_a_diverged_model_is_registered_as_challenger_and_not_promoted(trained, prepared, cache, models, tmp_path):
+    suite = dict(instance_images=str(prepared / "resized"), prompts=["a sks dog in the snow"],
+                 class_prompts=["a photo of dog"], clip_model=models["clip"], dino_model=models["dino"],
+                 images_per_prompt=1, num_inference_steps=2)
+
+    def evaluate_select_register(checkpoints: list[str], name: str, parent: str) -> dict:
+        for i, checkpoint in enumerate(checkpoints):
+            evaluate.run(evaluate.EvaluateConfig(checkpoint=checkpoint, output=str(tmp_path / name / "eval" / str(i)),
+                                                 **suite))
+        select.run(select.SelectConfig(evaluations=str(tmp_path / name / "eval"), output=str(tmp_path / name / "s")))
+        return register.run(register.RegisterConfig(
+            selection=str(tmp_path / name / "s"), dataset=str(prepared / "dataset"), model_name="dog-guarded",
+            output=str(tmp_path / name / "r"), parent_run_id=parent))
+
+    good = evaluate_select_register([c["uri"] for c in trained["result"]["checkpoints"]], "good",
+                                    tracking.run(tracking.StartRunConfig(experiment="dog", run_key="good"))["run_id"])
+    assert good["promoted"] and good["champion"] == good["version"]
+
+    # A learning rate so high that the loss turns NaN at step 3. The checkpoint of step 2 exists and already draws
+    # non-finite images. (Step 1's still draws finite noise, which tiny random evaluators cannot tell from a dog.)
+    diverging = train.TrainConfig(cache=cache, output=str(tmp_path / "diverged"), base_model=models["sdxl"],
+                                  learning_rate=1000.0, max_steps=4, checkpointing_steps=1, max_grad_norm=1e9,
+                                  experiment="dog-diverged")
+    with pytest.raises(StepError, match="loss is nan"):
+        train.run(diverging)
+    checkpoints = [c["uri"] for c in train.list_checkpoints(diverging.output)][-1:]
+    champion = register.champion(register.ChampionConfig(model_name="dog-guarded", output=str(tmp_path / "champ")))
+    assert champion["version"] == good["version"]
+    bad = evaluate_select_register([*checkpoints, champion["checkpoint"]], "bad",
+                                   tracking.run(tracking.StartRunConfig(experiment="dog", run_key="bad"))["run_id"])
+    assert bad["version"] == good["version"] + 1
+    assert bad["aliases"] == ["challenger"] and not bad["promoted"] and bad["champion"] == good["version"], bad
+    assert "not finite" in bad["reason"]
+    client = tracking.client()
+    assert str(client.get_model_version_by_alias("dog-guarded", "champion").version) == str(good["version"])
+
+
+def test_a_better_model_on_the_same_suite_takes_the_champion_alias(tmp_path):
+    """The promotion rule itself, on known scores."""
+    class Registry:
+        def __init__(self, champion):
+            self.aliases = {"champion": champion} if champion else {}
+
+        def get_registered_model(self, name):
+            return self
+
+    best = {"score": 0.6, "suite": "s1", "broken": False}
+    assert register.decide(Registry(None), "m", "1", best, None) == (True, "first version: there was no champion")
+    champion = {"champion_version": 1, "suite": "s1", "score": 0.5}
+    assert register.decide(Registry("1"), "m", "2", best, champion)[0]
+    assert not register.decide(Registry("1"), "m", "2", {**best, "score": 0.5}, champion)[0]  # a tie keeps it
+    assert not register.decide(Registry("1"), "m", "2", best, {**champion, "suite": "s0"})[0]
+    assert not register.decide(Registry("1"), "m", "2", best, None)[0]  # not compared: kept

@@ -100,4 +100,7 @@ def evaluation_params() -> dict[str, Param]:
                                  description="How much DINO and CLIP-I count in the score.", section=EVALUATION),
         "weight_flexibility": Param(1.0, type="number", minimum=0, title="Weight: prompt fidelity",
                                     description="How much CLIP-T counts in the score.", section=EVALUATION),
+        "weight_preservation": Param(0.5, type="number", minimum=0, title="Weight: preservation",
+                                     description="How much keeping the base model's class images counts.",
+                                     section=EVALUATION),
     }
