@@ -32,7 +32,7 @@ from airflow.sdk import chain, dag, get_current_context, task
 
 from dreamline.deployment import DEPLOYMENT
 from dreamline.operators import StepOperator
-from dreamline.params import evaluation_params, subject_params, training_params
+from dreamline.params import evaluation_params, evaluation_prompts, subject_params, training_params
 
 RUN = "{{ run_dir(dag.dag_id, run_id) }}"  # this DAG run's folder
 PARENT_RUN_ID = "{{ ti.xcom_pull(task_ids='mlflow_run')['run_id'] }}"
@@ -53,6 +53,7 @@ DATASET_TAGS = [
     doc_md=__doc__,
     params={**subject_params(), **training_params(), **evaluation_params()},
     user_defined_macros={"run_dir": DEPLOYMENT.run_dir},
+    render_template_as_native_obj=True,  # "{{ params.flip }}" renders as a bool, not the string "False"
     tags=["dreamline", "sdxl", "lora"],
 )
 def sdxl_dreambooth_lora():
@@ -74,6 +75,7 @@ def sdxl_dreambooth_lora():
     })
     resized = StepOperator(task_id="resize", step="resize", options={
         "captions": f"{RUN}/captions", "output": f"{RUN}/resized", "resolution": "{{ params.resolution }}",
+        "crop": "{{ params.crop }}", "no_upscale": "{{ params.no_upscale }}", "seed": "{{ params.seed }}",
     })
 
     @task
@@ -143,9 +145,7 @@ def sdxl_dreambooth_lora():
         """One `evaluate` options dict per checkpoint of every training run, and one for the current champion, so
         the new model is compared with it on today's evaluation suite."""
         params, run = _params_and_run_dir()
-        instance = f"{params['instance_token']} {params['class_noun']}"
-        prompts = [p.format(instance=instance, class_noun=params["class_noun"]) for p in params["evaluation_prompts"]]
-        suite = {"instance_images": f"{run}/resized", "prompts": prompts, "class_prompts": [params["class_prompt"]],
+        suite = {"instance_images": f"{run}/resized", "prompts": evaluation_prompts(params), "class_prompts": [params["class_prompt"]],
                  "clip_model": params["clip_model"], "dino_model": params["dino_model"],
                  "base_model": params["base_model"], "images_per_prompt": params["images_per_prompt"],
                  "num_inference_steps": params["inference_steps"], "resolution": params["resolution"],

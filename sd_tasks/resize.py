@@ -1,8 +1,10 @@
 """Resize every captioned image into an SDXL aspect-ratio bucket and record SDXL's micro-conditioning.
 
 A bucket is a (width, height) of about `resolution`² pixels with sides that are multiples of `bucket_step`; each
-image goes to the bucket closest to its aspect ratio, is scaled to cover it and center-cropped. SDXL is conditioned
-on the original size and the crop's top-left corner, so both are written to the manifest for `encode` and `train`.
+image goes to the bucket closest to its aspect ratio, is scaled to cover it and cropped (center, or random with a
+per-file seed). With `no_upscale`, an image smaller than the buckets goes to a smaller bucket instead of being
+enlarged (kohya's bucket_no_upscale). SDXL is conditioned on the original size and the crop's top-left corner, so
+both are written to the manifest for `encode` and `train`, with the scaled size (for mirrored copies' crops).
 
 Speed (bench/prep.py, docs/benchmarks.md): images are resized in a process pool (one worker per available CPU, or
 $SD_TASKS_WORKERS); a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers its scaled size
@@ -13,6 +15,7 @@ pixel values differ by well under one grey level on average from resizing the fu
 from __future__ import annotations
 
 import math
+import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +41,14 @@ class ResizeConfig:
     resolution: int = option("side of the square bucket; other buckets keep about this many pixels", 1024)
     bucket_step: int = option("bucket sides are multiples of this", 64)
     max_aspect_ratio: float = option("widest bucket (long side / short side)", 2.0)
+    no_upscale: bool = option("never enlarge: small images go to smaller buckets", False)
+    crop: str = option("center or random", "center")
+    seed: int = option("seed of random crops (each file gets its own, stable across runs)", 0)
 
 
 def run(config: ResizeConfig) -> dict:
+    if config.crop not in ("center", "random"):
+        raise StepError(f"--crop {config.crop!r}: choose center or random")
     manifest = read_json(f"{config.captions}/manifest.json")
     source = read_dir(manifest["source"])
     buckets = aspect_buckets(config.resolution, config.bucket_step, config.max_aspect_ratio)
@@ -48,14 +56,16 @@ def run(config: ResizeConfig) -> dict:
             enumerate(manifest["records"])]
     with write_dir(config.output) as out:
         (out / "images").mkdir()
-        results = parallel_map(resize_one, [(src, out / name, buckets, limit) for src, name, limit in jobs],
+        cropping = {"no_upscale": config.no_upscale, "crop": config.crop, "seed": config.seed,
+                    "bucket_step": config.bucket_step, "max_aspect_ratio": config.max_aspect_ratio}
+        results = parallel_map(resize_one, [(src, out / name, buckets, limit, cropping) for src, name, limit in jobs],
                                getattr(config, "workers", 0))
         records = [{
             "file": name, "source": item["path"], "caption": item["caption"],
             "original_size": [original[1], original[0]], "crop_top_left": crop_top_left,
-            "target_size": [height, width],
-        } for item, (_, name, _), (original, (width, height), crop_top_left) in zip(manifest["records"], jobs,
-                                                                                       results)]
+            "target_size": [height, width], "scaled_size": [scaled[1], scaled[0]],
+        } for item, (_, name, _), (original, (width, height), crop_top_left, scaled) in zip(manifest["records"], jobs,
+                                                                                               results)]
         write_json(out / "manifest.json", {"resolution": config.resolution, "records": records})
     return {"manifest": f"{config.output}/manifest.json", "images": len(records),
             "buckets": sorted({f"{r['target_size'][1]}x{r['target_size'][0]}" for r in records})}
@@ -66,19 +76,38 @@ def pixel_limit(item: dict) -> int:
     return max(DEFAULT_MAX_PIXELS, int(item.get("width") or 0) * int(item.get("height") or 0))
 
 
-def resize_one(source: Path, target: Path, buckets: list[tuple[int, int]], max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Write `source` resized into its bucket as the PNG `target`; return (original (w, h), bucket (w, h), crop)."""
+def resize_one(source: Path, target: Path, buckets: list[tuple[int, int]], max_pixels: int = DEFAULT_MAX_PIXELS,
+               cropping: dict | None = None):
+    """Write `source` resized into its bucket as the PNG `target`; return (original (w, h), bucket (w, h), crop,
+    scaled (w, h))."""
+    cropping = cropping or {}
     try:
         with open_image(source, max_pixels) as im:
             original = upright_size(im)
-            width, height = nearest_bucket(original, buckets)
+            width, height = bucket_for(original, buckets, cropping)
             draft_for(im, cover_size(original, width, height))
             image = normalise(im)
     except (OSError, ValueError, SyntaxError) as exc:  # validated, so changed since: name the file, no traceback
         raise StepError(f"{source}: cannot read image ({exc})") from None
-    resized, crop_top_left = cover_and_crop(image, width, height, original)
+    rng = random.Random(f"{cropping.get('seed', 0)}:{source.name}") if cropping.get("crop") == "random" else None
+    resized, crop_top_left = cover_and_crop(image, width, height, original, rng)
     resized.save(target, **PNG_OPTIONS)
-    return original, (width, height), crop_top_left
+    return original, (width, height), crop_top_left, cover_size(original, width, height)
+
+
+def bucket_for(size: tuple[int, int], buckets: list[tuple[int, int]], cropping: dict) -> tuple[int, int]:
+    """The nearest bucket; with no_upscale, the nearest among smaller buckets that the image covers unscaled."""
+    bucket = nearest_bucket(size, buckets)
+    step = cropping.get("bucket_step", 64)
+    resolution = int(math.sqrt(bucket[0] * bucket[1]))
+    while cropping.get("no_upscale") and cover_scale(size, *bucket) > 1 and resolution > step:
+        resolution -= step
+        bucket = nearest_bucket(size, aspect_buckets(resolution, step, cropping.get("max_aspect_ratio", 2.0)))
+    return bucket
+
+
+def cover_scale(size: tuple[int, int], width: int, height: int) -> float:
+    return max(width / size[0], height / size[1])
 
 
 def aspect_buckets(resolution: int, step: int, max_ratio: float) -> list[tuple[int, int]]:
@@ -105,9 +134,10 @@ def cover_size(size: tuple[int, int], width: int, height: int) -> tuple[int, int
     return max(width, round(size[0] * scale)), max(height, round(size[1] * scale))
 
 
-def cover_and_crop(image: Image.Image, width: int, height: int,
-                   original_size: tuple[int, int] | None = None) -> tuple[Image.Image, list[int]]:
-    """Scale to cover width x height, center-crop; return the image and the crop's (top, left).
+def cover_and_crop(image: Image.Image, width: int, height: int, original_size: tuple[int, int] | None = None,
+                   rng: random.Random | None = None) -> tuple[Image.Image, list[int]]:
+    """Scale to cover width x height, crop (centered, or where `rng` says); return the image and the crop's
+    (top, left).
 
     `original_size` is the true size when `image` was decoded smaller (JPEG draft): the scaled size, and so the
     crop, are computed from it, exactly as for a full-size decode.
@@ -115,4 +145,6 @@ def cover_and_crop(image: Image.Image, width: int, height: int,
     scaled = cover_size(original_size or image.size, width, height)
     image = image.resize(scaled, Image.LANCZOS, reducing_gap=3.0)
     top, left = (scaled[1] - height) // 2, (scaled[0] - width) // 2
+    if rng is not None:
+        top, left = rng.randint(0, scaled[1] - height), rng.randint(0, scaled[0] - width)
     return image.crop((left, top, left + width, top + height)), [top, left]

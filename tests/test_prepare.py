@@ -118,3 +118,27 @@ def test_caption_with_a_captioning_model(tmp_path, home):
         assert r["caption"].startswith("a photo of sks dog")
         assert set(r["caption"].removeprefix("a photo of sks dog").strip(", ").split()) <= set(
             "a an the photo picture of dog cat toy on in with sitting lying grass sofa floor red blue white black".split())
+
+
+def test_resize_without_upscaling_and_with_random_crops(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    photo(folder / "small.jpg", size=(150, 100))
+    photo(folder / "big.jpg", size=(900, 300), color=(9, 9, 9))
+    validate.run(validate.ValidateConfig(input=str(folder), output=str(tmp_path / "v")))
+    caption.run(caption.CaptionConfig(report=str(tmp_path / "v"), output=str(tmp_path / "c"), instance_prompt="x"))
+
+    def records(**options):
+        resize.run(resize.ResizeConfig(captions=str(tmp_path / "c"), output=str(tmp_path / "r"), resolution=256,
+                                       bucket_step=32, **options))
+        return {r["source"]: r for r in json.loads((tmp_path / "r" / "manifest.json").read_text())["records"]}
+
+    small = records(no_upscale=True)["small.jpg"]
+    height, width = small["target_size"]
+    assert width <= 150 and height <= 100  # a smaller bucket, not an enlarged photo
+    assert records()["small.jpg"]["target_size"][0] > 100  # without the option it is enlarged
+    crops = [records(crop="random", seed=seed)["big.jpg"]["crop_top_left"] for seed in range(4)]
+    assert len({tuple(c) for c in crops}) > 1  # the crop moves with the seed...
+    assert records(crop="random", seed=1)["big.jpg"]["crop_top_left"] == crops[1]  # ...and is stable for one seed
+    big = records()["big.jpg"]
+    assert big["crop_top_left"][1] == (big["scaled_size"][1] - big["target_size"][1]) // 2

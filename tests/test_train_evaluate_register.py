@@ -229,3 +229,15 @@ def test_a_better_model_on_the_same_suite_takes_the_champion_alias(tmp_path):
     assert not register.decide(Registry("1"), "m", "2", {**best, "score": 0.5}, champion)[0]  # a tie keeps it
     assert not register.decide(Registry("1"), "m", "2", best, {**champion, "suite": "s0"})[0]
     assert not register.decide(Registry("1"), "m", "2", best, None)[0]  # not compared: kept
+
+
+def test_identical_images_score_one_with_the_real_embedders(models):
+    from PIL import Image
+
+    from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, mean_matched_cosine, mean_pairwise_cosine
+
+    images = [Image.new("RGB", (64, 64), (200, 40, 40)), Image.new("RGB", (64, 64), (40, 200, 40))]
+    clip, dino = ClipEmbedder(models["clip"]), DinoEmbedder(models["dino"])
+    assert mean_matched_cosine(clip.images(images), clip.images(images)) == pytest.approx(1.0, abs=1e-5)
+    assert mean_matched_cosine(dino.images(images), dino.images(images)) == pytest.approx(1.0, abs=1e-5)
+    assert mean_pairwise_cosine(clip.images(images[:1]), clip.images(images[1:])) < 1.0

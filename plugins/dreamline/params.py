@@ -9,15 +9,36 @@ from airflow.sdk import Param
 
 from dreamline.deployment import DEPLOYMENT
 
-# DreamBench's prompt templates (Ruiz et al. 2023), a subset; {instance} is "<token> <class>", e.g. "sks dog".
-DEFAULT_EVALUATION_PROMPTS = [
-    "a photo of {instance}",
-    "a {instance} in the jungle",
-    "a {instance} in the snow",
-    "a {instance} on the beach",
-    "a {instance} with a city in the background",
-    "a red {instance}",
-]
+# DreamBench's prompt templates (Ruiz et al. 2023); {instance} becomes "<token> <class>", e.g. "sks dog".
+_COMMON = ["a {instance} in the jungle", "a {instance} in the snow", "a {instance} on the beach",
+           "a {instance} on a cobblestone street", "a {instance} on top of pink fabric",
+           "a {instance} on top of a wooden floor", "a {instance} with a city in the background",
+           "a {instance} with a mountain in the background", "a {instance} with a blue house in the background",
+           "a {instance} on top of a purple rug in a forest"]
+_STYLES = ["a red {instance}", "a purple {instance}", "a shiny {instance}", "a wet {instance}",
+           "a cube shaped {instance}"]
+DREAMBENCH_PROMPTS = {
+    "object": _COMMON + [
+        "a {instance} with a wheat field in the background",
+        "a {instance} with a tree and autumn leaves in the background",
+        "a {instance} with the Eiffel Tower in the background", "a {instance} floating on top of water",
+        "a {instance} floating in an ocean of milk", "a {instance} on top of green grass with sunflowers around it",
+        "a {instance} on top of a mirror", "a {instance} on top of the sidewalk in a crowded street",
+        "a {instance} on top of a dirt road", "a {instance} on top of a white rug"] + _STYLES,
+    "live": _COMMON + [
+        "a {instance} wearing a red hat", "a {instance} wearing a santa hat", "a {instance} wearing a rainbow scarf",
+        "a {instance} wearing a black top hat and a monocle", "a {instance} in a chef outfit",
+        "a {instance} in a firefighter outfit", "a {instance} in a police outfit", "a {instance} wearing pink glasses",
+        "a {instance} wearing a yellow shirt", "a {instance} in a purple wizard outfit"] + _STYLES,
+}
+
+
+def evaluation_prompts(params: dict) -> list[str]:
+    """The run's evaluation prompts, filled in: the form's list, or DreamBench's 25 for the subject kind."""
+    instance = f"{params['instance_token']} {params['class_noun']}"
+    templates = params["evaluation_prompts"] or DREAMBENCH_PROMPTS[params["subject_kind"]]
+    return [t.format(instance=instance, class_noun=params["class_noun"]) for t in templates]
+
 
 SUBJECT = "Subject and data"
 PREPARATION = "Data preparation"
@@ -51,6 +72,11 @@ def subject_params() -> dict[str, Param]:
                                   "captions are appended to the instance prompt.", section=PREPARATION),
         "caption_model": Param(DEPLOYMENT.caption_model, type="string", title="Captioning model",
                                description="Used when captions come from a model.", section=PREPARATION),
+        "crop": Param("center", type="string", enum=["center", "random"], title="Crop",
+                      description="Where images are cropped to their bucket.", section=PREPARATION),
+        "no_upscale": Param(False, type="boolean", title="Never upscale",
+                            description="Small photos go to smaller buckets instead of being enlarged.",
+                            section=PREPARATION),
         "flip": Param(False, type="boolean", title="Flip augmentation",
                       description="Also train on mirrored copies (not for asymmetric subjects such as text).",
                       section=PREPARATION),
@@ -88,10 +114,12 @@ def training_params() -> dict[str, Param]:
 
 def evaluation_params() -> dict[str, Param]:
     return {
-        "evaluation_prompts": Param(DEFAULT_EVALUATION_PROMPTS, type="array", items={"type": "string"}, minItems=1,
-                                    title="Evaluation prompts",
-                                    description="`{instance}` becomes '<token> <class>', `{class_noun}` the class.",
-                                    section=EVALUATION),
+        "subject_kind": Param("live", type="string", enum=["object", "live"],
+                              values_display={"object": "Object (backpack, toy, ...)", "live": "Live subject (pet, ...)"},
+                              title="Subject kind", description="Picks DreamBench's prompt set.", section=EVALUATION),
+        "evaluation_prompts": Param([], type="array", items={"type": "string"}, title="Evaluation prompts",
+                                    description="Empty: DreamBench's 25 prompts for the subject kind. `{instance}` "
+                                    "becomes '<token> <class>', `{class_noun}` the class.", section=EVALUATION),
         "images_per_prompt": Param(4, type="integer", minimum=1, title="Images per prompt", section=EVALUATION),
         "inference_steps": Param(25, type="integer", minimum=1, title="Inference steps", section=EVALUATION),
         "clip_model": Param(DEPLOYMENT.clip_model, type="string", title="CLIP model", section=EVALUATION),
