@@ -145,8 +145,8 @@ def sdxl_dreambooth_lora():
         """One `evaluate` options dict per checkpoint of every training run, and one for the current champion, so
         the new model is compared with it on today's evaluation suite."""
         params, run = _params_and_run_dir()
-        suite = {"instance_images": f"{run}/resized", "prompts": evaluation_prompts(params), "class_prompts": [params["class_prompt"]],
-                 "clip_model": params["clip_model"], "dino_model": params["dino_model"],
+        suite = {"instance_images": f"{run}/resized", "prompts": evaluation_prompts(params),
+                 "class_prompts": [params["class_prompt"]], "clip_model": params["clip_model"], "dino_model": params["dino_model"],
                  "base_model": params["base_model"], "images_per_prompt": params["images_per_prompt"],
                  "num_inference_steps": params["inference_steps"], "resolution": params["resolution"],
                  "seed": params["seed"]}

@@ -42,8 +42,8 @@ def registry(home) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared(home, models, registry) -> Path:
-    """A run folder taken through dataset, validate, caption, resize (64 px) and encode."""
-    from sd_tasks import caption, dataset, encode, resize, validate
+    """A run folder taken through dataset, validate, caption and resize (64 px); `cache` encodes it."""
+    from sd_tasks import caption, dataset, resize, validate
 
     run = home / "runs" / "prepared"
     dataset.run(dataset.DatasetConfig(repo=str(registry), path="dog", rev="dog-v1", output=str(run / "dataset")))

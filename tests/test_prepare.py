@@ -1,8 +1,7 @@
-"""dataset, validate, caption and resize on real files made in the test."""
+"""dataset, caption and resize on real files made in the test (validate has tests/test_validate.py)."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from PIL import Image
@@ -15,26 +14,6 @@ from sd_tasks.errors import StepError
 def photo(path, size=(96, 80), color=(200, 30, 30), mode="RGB", **save):
     Image.new(mode, size, color if mode == "RGB" else None).save(path, **save)
     return path
-
-
-@pytest.fixture
-def messy(tmp_path):
-    folder = tmp_path / "messy"
-    folder.mkdir()
-    photo(folder / "good.jpg")
-    photo(folder / "later copy.jpg")  # byte-identical to good.jpg
-    photo(folder / "wide.png", size=(400, 64), color=(0, 0, 255))
-    photo(folder / "tiny.png", size=(32, 32), color=(0, 255, 0))
-    (folder / "empty.jpg").write_bytes(b"")
-    (folder / "notes.jpg").write_text("this is not an image")
-    data = (folder / "good.jpg").read_bytes()
-    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    rgba = Image.new("RGBA", (90, 90), (255, 0, 0, 0))
-    rgba.save(folder / "alpha.png")
-    photo(folder / "grey.png", size=(100, 70), color=None, mode="L")
-    os.symlink(folder / "good.jpg", folder / "link.jpg")
-    photo(folder / "lying extension ü.png", size=(70, 90), color=(9, 9, 9), format="JPEG")
-    return folder
 
 
 def test_caption_instance_and_sidecar(tmp_path):
