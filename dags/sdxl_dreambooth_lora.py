@@ -87,7 +87,7 @@ def sdxl_dreambooth_lora():
                  "base_model": params["base_model"], "shard_index": i, "num_shards": count} for i in range(count)]
 
     encoded_shards = StepOperator.partial(
-        task_id="encode", step="encode", profile="gpu", map_index_template="{{ task.options['shard_index'] }}",
+        task_id="encode", step="encode", profile="gpu", map_index_template="shard {{ task.options['shard_index'] }}",
     ).expand(options=encode_shards(resized.output))
 
     @task

@@ -168,6 +168,7 @@ CAPTION_WORDS = "a an the photo picture of dog cat toy on in with sitting lying 
 
 def save_blip(out: Path, image_size: int = 32) -> None:
     """A BLIP captioner (Salesforce/blip-image-captioning-* architecture) over a small word-piece vocabulary."""
+    import torch
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CAPTION_WORDS.split()]
@@ -179,6 +180,7 @@ def save_blip(out: Path, image_size: int = 32) -> None:
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id)
     vision = dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=37, num_attention_heads=4,
                   num_hidden_layers=2)
+    torch.manual_seed(0)  # the same random captioner every time
     BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32)).save_pretrained(out)
     images = BlipImageProcessor(size={"height": image_size, "width": image_size})
     BlipProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(out)
