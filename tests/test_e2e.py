@@ -39,10 +39,17 @@ def dag_run(tmp_path_factory, models, registry):
 
 @pytest.fixture(scope="module")
 def client(dag_run):
+    """A client of the DAG run's MLflow store. mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in the
+    environment, so both are put back afterwards: later tests must not write into this store."""
     import mlflow
 
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(f"sqlite:///{dag_run['home'] / 'mlflow' / 'mlflow.db'}")
-    return mlflow.MlflowClient()
+    yield mlflow.MlflowClient()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    mlflow.set_tracking_uri(before or f"sqlite:///{os.environ['DREAMLINE_HOME']}/mlflow/mlflow.db")
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def test_dag_run_succeeds(dag_run):
