@@ -19,7 +19,9 @@ def main() -> int:
     (home / "mlflow").mkdir(parents=True, exist_ok=True)
     logs = home / "ui-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "AIRFLOW__API__PORT": str(AIRFLOW_PORT)}
+    # standalone starts its components as `airflow ...` commands: the venv's bin must be on PATH
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "AIRFLOW__API__PORT": str(AIRFLOW_PORT), "PATH": path}
     procs = [
         subprocess.Popen([sys.executable, "-m", "airflow", "standalone"], env=env,
                          stdout=open(logs / "airflow.log", "w"), stderr=subprocess.STDOUT),
