@@ -12,6 +12,7 @@ Registering the same pipeline run twice returns the version made the first time.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,8 +160,6 @@ def report(name: str, selection: dict, result: dict) -> str:
 
 def code_version() -> str:
     """The git commit of the code that ran (DREAMLINE_CODE_VERSION in images built without .git)."""
-    import os
-
     if os.environ.get("DREAMLINE_CODE_VERSION"):
         return os.environ["DREAMLINE_CODE_VERSION"]
     proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)

@@ -58,8 +58,7 @@ def run(config: ResizeConfig) -> dict:
         (out / "images").mkdir()
         cropping = {"no_upscale": config.no_upscale, "crop": config.crop, "seed": config.seed,
                     "bucket_step": config.bucket_step, "max_aspect_ratio": config.max_aspect_ratio}
-        results = parallel_map(resize_one, [(src, out / name, buckets, limit, cropping) for src, name, limit in jobs],
-                               getattr(config, "workers", 0))
+        results = parallel_map(resize_one, [(src, out / name, buckets, limit, cropping) for src, name, limit in jobs])
         records = [{
             "file": name, "source": item["path"], "caption": item["caption"],
             "original_size": [original[1], original[0]], "crop_top_left": crop_top_left,

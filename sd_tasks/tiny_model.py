@@ -97,8 +97,7 @@ def build_sdxl(dims: dict):
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, **dims["vae"],
     )
     tokenizer = byte_level_tokenizer()
-    text = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, max_position_embeddings=77)
+    text = token_ids(tokenizer)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text, **dims["text_encoder"]))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text, **dims["text_encoder_2"]))
     # SDXL base's scheduler configuration.
@@ -127,6 +126,12 @@ def byte_level_tokenizer():
         return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
 
 
+def token_ids(tokenizer) -> dict:
+    """A CLIP text config's vocabulary settings matching `tokenizer`."""
+    return dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, max_position_embeddings=tokenizer.model_max_length)
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's (and GPT-2's) reversible map from bytes to printable characters."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -144,9 +149,8 @@ def save_clip(out: Path, image_size: int = 32) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tokenizer = byte_level_tokenizer()
-    text = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                num_hidden_layers=2, max_position_embeddings=77)
+    text = dict(**token_ids(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                num_hidden_layers=2)
     vision = dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=37, num_attention_heads=4,
                   num_hidden_layers=2)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)).save_pretrained(out)
