@@ -198,7 +198,9 @@ def lora_modules(unet, text: TextEncoderLora | None, accelerator) -> dict:
 
 def make_optimizer(params: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        # fused: one kernel for all LoRA tensors instead of a Python loop over a few hundred small ones (on the CPU
+        # that loop was a tenth of a tiny model's step)
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     if config.optimizer == "adamw8bit":
         if not torch.cuda.is_available():
             raise StepError("--optimizer adamw8bit needs a CUDA GPU; use --optimizer adamw on this machine")
