@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"error: {step}: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         return 1
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # one of several processes under `accelerate launch`/torchrun: the main process reports
     line = json.dumps(result, sort_keys=True, default=str)
     if os.environ.get(RESULT_FILE_ENV):
         Path(os.environ[RESULT_FILE_ENV]).parent.mkdir(parents=True, exist_ok=True)

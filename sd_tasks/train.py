@@ -27,7 +27,7 @@ from sd_tasks.storage import join, list_dir, read_dir, read_json, remove, write_
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers format
 KOHYA_WEIGHTS = "kohya_lora.safetensors"  # A1111 / ComfyUI format
 CHECKPOINT_INFO = "dreamline.json"
-TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, RNG: what resuming needs
+TRAINING_STATE = "training_state.pt"  # LoRA, optimizer, scheduler: what resuming needs (see step_randomness)
 
 
 @dataclass
@@ -89,16 +89,16 @@ def run(config: TrainConfig) -> dict:
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if text:
         text.encoders = tuple(accelerator.prepare(e) for e in text.encoders)
-    noise = torch.Generator().manual_seed(config.seed)
     loras = lora_modules(accelerator.unwrap_model(unet), text, accelerator)
-    start = resume(config.output, loras, optimizer, lr_scheduler, noise)
+    start = resume(config.output, loras, optimizer, lr_scheduler)
     micro = config.gradient_accumulation_steps
-    seed = config.seed + 1000 * accelerator.process_index  # each GPU of `accelerate launch` sees its own order
+    seed = config.seed + 1000 * accelerator.process_index  # each GPU of `accelerate launch` sees its own data
     batches = data.batches(config.batch_size, seed=seed, skip=start * micro)
     class_batches = prior.batches(config.batch_size, seed=seed + 1, skip=start * micro) if prior else None
     with training_run(config, enabled=accelerator.is_main_process) as mlflow_run:
         started = time.perf_counter()
         for step in range(start + 1, config.max_steps + 1):
+            noise = step_randomness(seed, step)
             losses = []
             for _ in range(micro):
                 batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
@@ -116,7 +116,8 @@ def run(config: TrainConfig) -> dict:
 
             mlflow_run.log_metrics({"loss": sum(losses) / micro, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
             if (step % config.checkpointing_steps == 0 or step == config.max_steps) and accelerator.is_main_process:
-                save_checkpoint(loras, optimizer, lr_scheduler, noise, config, step, mlflow_run.id)
+                save_checkpoint(loras, optimizer, lr_scheduler, config, step, mlflow_run.id)
+                mlflow_run.flush()
             accelerator.wait_for_everyone()
 
         seconds = time.perf_counter() - started
@@ -259,6 +260,15 @@ def min_snr_weights(noise_scheduler, timesteps, gamma: float, v_prediction: bool
     return torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1 if v_prediction else snr)
 
 
+def step_randomness(seed: int, step: int) -> torch.Generator:
+    """A step's noise, timesteps and latent samples come from this generator, its LoRA dropout from torch's global
+    one, both seeded from (seed, step) alone: a resumed run needs no saved random state to draw what the
+    uninterrupted run drew, and each process of a multi-GPU run (its own seed) draws its own."""
+    derived = hash((seed, step)) & 0x7FFF_FFFF_FFFF_FFFF  # hash() of ints does not vary between interpreters
+    torch.manual_seed(derived)
+    return torch.Generator().manual_seed(derived)
+
+
 def randn_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     # Drawn on the CPU so a seed gives the same noise on every device.
     return torch.randn(tensor.shape, generator=generator).to(tensor.device, tensor.dtype)
@@ -269,8 +279,7 @@ def stop_if_not_finite(loss: torch.Tensor, step: int) -> None:
         raise StepError(f"loss is {loss.item()} at step {step}: training diverged (lower the learning rate)")
 
 
-def save_checkpoint(loras: dict, optimizer, lr_scheduler, noise: torch.Generator, config: TrainConfig, step: int,
-                    run_id: str) -> None:
+def save_checkpoint(loras: dict, optimizer, lr_scheduler, config: TrainConfig, step: int, run_id: str) -> None:
     """Write checkpoint-<step>/ atomically (a killed run never leaves a half checkpoint that looks whole):
     the LoRA in diffusers and kohya/ComfyUI formats, what it was trained from, and the state to resume from."""
     from diffusers import StableDiffusionXLPipeline
@@ -292,8 +301,7 @@ def save_checkpoint(loras: dict, optimizer, lr_scheduler, noise: torch.Generator
                                            "base_model": config.base_model, "cache": config.cache,
                                            "rank": config.rank, "text_encoder": config.train_text_encoder})
         torch.save({"step": step, "lora": states, "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict(), "noise": noise.get_state(),
-                    "torch": torch.get_rng_state()}, out / TRAINING_STATE)
+                    "lr_scheduler": lr_scheduler.state_dict()}, out / TRAINING_STATE)
     limit_checkpoints(config.output, config.checkpoints_total_limit)
 
 
@@ -320,7 +328,7 @@ def limit_checkpoints(output: str, limit: int | None) -> None:
             remove(old["uri"])
 
 
-def resume(output: str, loras: dict, optimizer, lr_scheduler, noise: torch.Generator) -> int:
+def resume(output: str, loras: dict, optimizer, lr_scheduler) -> int:
     """Load the latest checkpoint's state, if any; return the step it was taken at (0 for a fresh start)."""
     from peft.utils import set_peft_model_state_dict
 
@@ -333,8 +341,6 @@ def resume(output: str, loras: dict, optimizer, lr_scheduler, noise: torch.Gener
         set_peft_model_state_dict(module, state["lora"][name])
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
-    noise.set_state(state["noise"])
-    torch.set_rng_state(state["torch"])
     print(f"resuming from {latest['uri']}", file=sys.stderr)
     return state["step"]
 
@@ -343,8 +349,11 @@ class training_run:
     """The MLflow run of one learning rate, nested under the pipeline's parent run; FAILED if training raises.
     Only the main process of a multi-GPU run logs."""
 
+    FLUSH_SECONDS = 10.0
+
     def __init__(self, config: TrainConfig, enabled: bool = True):
         self.config, self.enabled, self.id = config, enabled, None
+        self._pending, self._flushed = [], time.monotonic()
 
     def __enter__(self):
         import mlflow
@@ -352,7 +361,7 @@ class training_run:
         if not self.enabled:
             return self
 
-        tracking.client()  # points mlflow at the tracking URI
+        self._client = tracking.client()  # also points mlflow at the tracking URI
         # Keyed by where the checkpoints go: a retried or resumed training continues its own MLflow run.
         key = f"{self.config.parent_run_id or 'standalone'}:{self.config.output}"
         self.id = tracking.find_or_create_run(
@@ -360,19 +369,42 @@ class training_run:
             tags={"dreamline.learning_rate": f"{self.config.learning_rate:g}", **tracking.parse_tags(self.config.tags)},
             parent_run_id=self.config.parent_run_id)
         self._active = mlflow.start_run(run_id=self.id)
-        mlflow.log_params({k: v for k, v in asdict(self.config).items() if k not in ("parent_run_id", "tags")})
+        self._log_params({k: str(v) for k, v in asdict(self.config).items() if k not in ("parent_run_id", "tags")})
         return self
 
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+    def _log_params(self, params: dict[str, str]) -> None:
+        """A resumed run logs its params once; MLflow forbids changing one, so a value changed on resuming (say, a
+        larger max_steps to train on) is recorded as a `dreamline.resumed_with.<param>` tag instead."""
         import mlflow
 
-        if self.enabled:  # asynchronous: a synchronous write per step costs 10 ms, as much as a tiny step
-            mlflow.log_metrics(metrics, step=step, synchronous=False)
+        logged = self._client.get_run(self.id).data.params
+        mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+        changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
+        if changed:
+            mlflow.set_tags({f"dreamline.resumed_with.{k}": v for k, v in changed.items()})
+
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        """Buffered, with each value's own timestamp, and written in one batch every FLUSH_SECONDS. A write per step
+        costs about 10 ms against sqlite, as much as a small model's step, and an asynchronous one competes with the
+        training thread for the interpreter and slowed every sixth step or so by half."""
+        from mlflow.entities import Metric
+
+        if self.enabled:
+            now = int(time.time() * 1000)
+            self._pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+            if time.monotonic() - self._flushed > self.FLUSH_SECONDS:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.enabled and self._pending:
+            self._client.log_batch(self.id, metrics=self._pending)
+            self._pending, self._flushed = [], time.monotonic()
 
     def __exit__(self, exc_type, exc, tb):
         import mlflow
 
         if self.enabled:
+            self.flush()  # also when failing: the loss up to the step that diverged is what one wants to see
             mlflow.end_run("FAILED" if exc_type else "FINISHED")
         return False
 

@@ -1,0 +1,69 @@
+"""Data-parallel training: the train step under torchrun with two CPU processes (gloo), the way `accelerate launch
+--multi_gpu` runs it on a multi-GPU node. Only the main process logs, writes checkpoints and reports."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from dreamline.operators import step_argv
+from sd_tasks import tracking, train
+
+
+def torchrun(options: dict, processes: int = 2) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, "-m", "sd_tasks", *step_argv("train", options)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def options(cache, models, tmp_path_factory) -> dict:
+    return {"cache": cache, "output": str(tmp_path_factory.mktemp("ddp") / "lora"), "base_model": models["sdxl"],
+            "learning_rate": 1e-3, "max_steps": 4, "checkpointing_steps": 2, "experiment": "ddp"}
+
+
+@pytest.fixture(scope="module")
+def two_processes(options) -> subprocess.CompletedProcess:
+    return torchrun(options)
+
+
+def test_two_processes_train_and_the_main_one_reports(two_processes, options):
+    assert two_processes.returncode == 0, two_processes.stderr[-3000:]
+    lines = two_processes.stdout.strip().splitlines()
+    assert len(lines) == 1, "one result line, from the main process"
+    result = json.loads(lines[0])
+    assert [c["step"] for c in result["checkpoints"]] == [2, 4]
+    assert all(Path(c["uri"], train.LORA_WEIGHTS).exists() for c in result["checkpoints"])
+
+    client = tracking.client()
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert [r.info.run_id for r in runs] == [result["run_id"]], "one MLflow run: only the main process logs"
+    assert [m.step for m in client.get_metric_history(result["run_id"], "loss")] == [1, 2, 3, 4]
+
+
+def test_the_second_process_contributes_gradients(two_processes, options, tmp_path):
+    # With its own data order and noise, the second process changes the averaged gradient: the weights are not the
+    # ones one process alone would reach.
+    alone = train.run(train.TrainConfig(**{**options, "output": str(tmp_path / "alone"), "experiment": "ddp-alone"}))
+    parallel = load_file(f"{options['output']}/checkpoint-4/{train.LORA_WEIGHTS}")
+    single = load_file(f"{alone['checkpoints'][-1]['uri']}/{train.LORA_WEIGHTS}")
+    assert parallel.keys() == single.keys()
+    assert not all(torch.equal(parallel[k], single[k]) for k in parallel)
+
+
+def test_two_processes_resume_from_the_main_process_checkpoint(two_processes, options):
+    more = torchrun({**options, "max_steps": 6})
+    assert more.returncode == 0, more.stderr[-3000:]
+    result = json.loads(more.stdout.strip().splitlines()[-1])
+    assert result["resumed_from"] == 4 and [c["step"] for c in result["checkpoints"]] == [2, 4, 6]
+    assert more.stderr.count(f"resuming from {options['output']}/checkpoint-4") == 2  # both processes resume
+    run = tracking.client().get_run(result["run_id"])  # the same MLflow run goes on, its changed param as a tag
+    assert run.data.params["max_steps"] == "4" and run.data.tags["dreamline.resumed_with.max_steps"] == "6"
