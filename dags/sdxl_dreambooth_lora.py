@@ -10,9 +10,10 @@ Every night at 02:00 (or on **Trigger** with the form below) this DAG:
    caches VAE latents and both text encoders' embeddings, in shards of *encode shard size* images (one pod each),
    content-addressed so an unchanged dataset is not encoded again;
 4. **train**: one DreamBooth-LoRA run per learning rate, in parallel, a checkpoint every *checkpoint interval*;
-   with *prior preservation*, also on class images the base model generates once (cached);
-5. **evaluate**: every checkpoint, and the current champion, on the same prompts and seeds (DINO, CLIP-I, CLIP-T,
-   preservation of the base model's class images);
+   with *prior preservation*, also on class images the base model generates once (cached). A preempted GPU pod is
+   retried and resumes from its latest checkpoint; a learning rate that diverges fails its own task only;
+5. **evaluate**: every checkpoint of the learning rates that finished, and the current champion, on the same prompts
+   and seeds (DINO, CLIP-I, CLIP-T, preservation of the base model's class images);
 6. **select** the best checkpoint by the weighted score (the parent run gets image grids and metric plots),
    **register** it in the MLflow Model Registry as a new version of `<subject>-sdxl-lora` with alias
    `challenger`, and move `champion` to it only if it beats the current champion;
@@ -26,9 +27,10 @@ rate.
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from airflow.sdk import chain, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 from dreamline.deployment import DEPLOYMENT
 from dreamline.operators import StepOperator
@@ -42,6 +44,9 @@ DATASET_TAGS = [
     "dataset.commit={{ ti.xcom_pull(task_ids='dataset')['commit'] }}",
     "dataset.hash={{ ti.xcom_pull(task_ids='dataset')['hash'] }}",
 ]
+# GPU pods get preempted. Their steps are safe to run again: train resumes from its latest checkpoint, encode and
+# class images are content-addressed, evaluate rewrites its folder. A step that refuses its input fails at once.
+RETRIED = {"retries": 2, "retry_delay": timedelta(minutes=1)}
 
 
 @dag(
@@ -88,6 +93,7 @@ def sdxl_dreambooth_lora():
 
     encoded_shards = StepOperator.partial(
         task_id="encode", step="encode", profile="gpu", map_index_template="shard {{ task.options['shard_index'] }}",
+        **RETRIED,
     ).expand(options=encode_shards(resized.output))
 
     @task
@@ -104,12 +110,12 @@ def sdxl_dreambooth_lora():
     def prior_preservation_on() -> bool:
         return _params_and_run_dir()[0]["prior_preservation"]
 
-    class_images = StepOperator(task_id="class_images", step="class-images", profile="gpu", options={
+    class_images = StepOperator(task_id="class_images", step="class-images", profile="gpu", **RETRIED, options={
         "base_model": "{{ params.base_model }}", "class_prompt": "{{ params.class_prompt }}",
         "output": DEPLOYMENT.cache_dir("class-images"), "count": "{{ params.num_class_images }}",
         "resolution": "{{ params.resolution }}", "seed": "{{ params.seed }}",
     })
-    class_cache = StepOperator(task_id="encode_class_images", step="encode", profile="gpu", options={
+    class_cache = StepOperator(task_id="encode_class_images", step="encode", profile="gpu", **RETRIED, options={
         "images": "{{ ti.xcom_pull(task_ids='class_images')['images'] }}", "output": DEPLOYMENT.cache_dir("encode"),
         "base_model": "{{ params.base_model }}",
     })
@@ -134,17 +140,23 @@ def sdxl_dreambooth_lora():
     sweep = training_runs(dataset.output, encoded.output)
     trained = StepOperator.partial(
         task_id="train", step="train", profile="gpu", map_index_template="lr={{ task.options['learning_rate'] }}",
+        **RETRIED,
     ).expand(options=sweep)
 
     champion = StepOperator(task_id="champion", step="champion", options={
         "model_name": "{{ params.subject }}-sdxl-lora", "output": f"{RUN}/champion",
     })
 
-    @task
+    @task(trigger_rule="all_done_min_one_success")  # a learning rate that diverged must not sink the sweep
     def checkpoint_evaluations(training_results: list[dict], current: dict) -> list[dict]:
-        """One `evaluate` options dict per checkpoint of every training run, and one for the current champion, so
-        the new model is compared with it on today's evaluation suite."""
+        """One `evaluate` options dict per checkpoint of every training run that finished, and one for the current
+        champion, so the new model is compared with it on today's evaluation suite."""
         params, run = _params_and_run_dir()
+        finished = {r["learning_rate"] for r in training_results}  # a failed train task leaves no result
+        if not finished:
+            raise AirflowFailException("no learning rate finished training: see the train tasks' logs")
+        if failed := [lr for lr in params["learning_rates"] if lr not in finished]:
+            print(f"not evaluated, their training failed: {', '.join(f'lr={lr:g}' for lr in failed)}")
         suite = {"instance_images": f"{run}/resized", "prompts": evaluation_prompts(params),
                  "class_prompts": [params["class_prompt"]], "clip_model": params["clip_model"], "dino_model": params["dino_model"],
                  "base_model": params["base_model"], "images_per_prompt": params["images_per_prompt"],
@@ -158,7 +170,7 @@ def sdxl_dreambooth_lora():
 
     evaluated = StepOperator.partial(
         task_id="evaluate", step="evaluate", profile="gpu",
-        map_index_template="{{ task.options['output'].split('/eval/')[-1] }}",
+        map_index_template="{{ task.options['output'].split('/eval/')[-1] }}", **RETRIED,
     ).expand(options=checkpoint_evaluations(trained.output, champion.output))
 
     selected = StepOperator(task_id="select", step="select", options={

@@ -6,8 +6,10 @@ annotation and `field(metadata={"help": ...})`), merges an optional JSON/YAML co
 step and prints its result as one JSON line, last on stdout. That line is the whole contract with Airflow: the same
 argv runs as a local subprocess or as a Kubernetes pod.
 
-Failures end with exit code 1 and one line on stderr, `error: <step>: <reason>`. A `StepError` is bad input and
-gets only that line; anything else is a bug, so its traceback goes first.
+Failures end with one line on stderr, `error: <step>: <reason>`, and an exit code that says whether running the
+step again could help: 1 for a `StepError` (bad input, or a run that cannot succeed as asked, like a diverging
+learning rate: final), 2 for bad arguments (final), 3 for anything else (a bug or the environment: its traceback goes
+first, and a retry may succeed), 130 when interrupted.
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ STEPS: dict[str, tuple[str, str]] = {
     "register": ("sd_tasks.register", "register the selected LoRA; promote it to champion only if it is better"),
 }
 
+EXIT_REFUSED, EXIT_USAGE, EXIT_CRASHED, EXIT_INTERRUPTED = 1, 2, 3, 130
+FINAL_EXIT_CODES = frozenset({EXIT_REFUSED, EXIT_USAGE})  # running the step again would fail the same way
 RESULT_FILE_ENV = "SD_TASKS_RESULT_FILE"  # also write the result here (a pod's /airflow/xcom/return.json)
 
 
@@ -53,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
-        return 0 if argv else 2
+        return 0 if argv else EXIT_USAGE
     step = argv.pop(0)
     if step not in STEPS:
         print(f"error: unknown step {step!r}; steps: {', '.join(STEPS)}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     module_name, _, func_name = STEPS[step][0].partition(":")
     func = getattr(importlib.import_module(module_name), func_name or "run")
     config_type = _config_type(func)
@@ -71,14 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         result = func(config)
     except StepError as exc:
         print(f"error: {step}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         print(f"error: {step}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a bug, not bad input: keep the traceback for the log, then the one line
         traceback.print_exc()
         print(f"error: {step}: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
-        return 1
+        return EXIT_CRASHED
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # one of several processes under `accelerate launch`/torchrun: the main process reports
     line = json.dumps(result, sort_keys=True, default=str)

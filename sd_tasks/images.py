@@ -3,7 +3,8 @@
 Everything that reads a dataset image goes through here, so validate and resize agree on what an image is:
 
 - `open_image` identifies the file and checks its pixel count from the header, before any pixel is allocated;
-- `normalise` decodes it, applies the EXIF orientation and turns any colour mode into 8-bit RGB;
+- `normalise` decodes it, applies the EXIF orientation, converts pixels tagged with another colour profile (Display
+  P3 from phones, Adobe RGB, a CMYK press profile) to sRGB and turns any colour mode into 8-bit RGB;
 - `open_rgb` is both, with optional JPEG draft decoding for callers that only need a smaller image.
 
 HEIC/HEIF straight from phones decode through pillow-heif (registered below, once per process); pillow 13 reads
@@ -22,7 +23,7 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 import pillow_heif
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 pillow_heif.register_heif_opener()  # module import runs once per process; worker processes inherit it
 
@@ -93,11 +94,51 @@ def draft_for(im: Image.Image, upright_min: tuple[int, int]) -> None:
 
 
 def normalise(im: Image.Image) -> Image.Image:
-    """Decode `im` (only its current frame), apply EXIF orientation and return 8-bit RGB."""
+    """Decode `im` (only its current frame), apply EXIF orientation and return 8-bit sRGB."""
     im.load()
     if orientation(im) != 1:
         im = ImageOps.exif_transpose(im)
-    return to_rgb(im)
+    return to_rgb(to_srgb(im))
+
+
+def colour_profile(im: Image.Image) -> str | None:
+    """The name of the embedded colour profile when it is not sRGB (None: untagged, sRGB or unreadable)."""
+    profile = _embedded_profile(im)
+    return ImageCms.getProfileDescription(profile).strip() or "unnamed" if profile else None
+
+
+def to_srgb(im: Image.Image) -> Image.Image:
+    """Convert the pixels of an image tagged with a non-sRGB colour profile to sRGB, what SDXL was trained on and
+    what an untagged PNG means (read as sRGB, a Display P3 photo's numbers come out washed out). Untagged images are
+    taken to be sRGB already. The result carries no profile, so the PNG that `resize` writes is read as sRGB too."""
+    profile = _embedded_profile(im)
+    if profile is None:
+        return im
+    alpha = im.getchannel("A") if im.mode in ("RGBA", "LA") else None
+    colour = im.convert({"RGBA": "RGB", "LA": "L"}.get(im.mode, im.mode))
+    try:
+        out = ImageCms.profileToProfile(colour, profile, _SRGB, outputMode="RGB")
+    except ImageCms.PyCMSError:  # the profile does not fit the pixels (say, an RGB profile on a grey image)
+        return im
+    if alpha is not None:
+        out.putalpha(alpha)
+    out.info = {k: v for k, v in im.info.items() if k != "icc_profile"}
+    return out
+
+
+_SRGB = ImageCms.createProfile("sRGB")
+
+
+def _embedded_profile(im: Image.Image) -> ImageCms.ImageCmsProfile | None:
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "L", "LA", "CMYK"):
+        return None
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        name = ImageCms.getProfileDescription(profile)
+    except (OSError, ImageCms.PyCMSError):  # a broken profile: the pixels are still usable as they are
+        return None
+    return None if "srgb" in name.lower() else profile
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

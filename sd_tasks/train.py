@@ -70,11 +70,10 @@ class TrainConfig:
 
 
 def run(config: TrainConfig) -> dict:
-    from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = fresh_accelerator(config.mixed_precision)
     torch.manual_seed(config.seed)
     text = TextEncoderLora(config) if config.train_text_encoder else None
     data = LatentCache(config.cache, text)
@@ -126,6 +125,17 @@ def run(config: TrainConfig) -> dict:
                                 **cost(seconds, accelerator.num_processes, config.gpu_hour_price), **peak_memory()})
     return {"run_id": mlflow_run.id, "learning_rate": config.learning_rate, "resumed_from": start or None,
             "checkpoints": list_checkpoints(config.output)}
+
+
+def fresh_accelerator(mixed_precision: str):
+    """accelerate keeps one state per process and refuses a second Accelerator with another precision; start from a
+    clean one so that `run` can be called again in one process (a notebook, the tests). The distributed part of the
+    state (the process group of `accelerate launch`) is kept."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
 
 
 def add_lora(unet, config: TrainConfig) -> None:
@@ -405,6 +415,8 @@ class training_run:
 
         if self.enabled:
             self.flush()  # also when failing: the loss up to the step that diverged is what one wants to see
+            if exc_type:  # why, where the sweep is reviewed
+                mlflow.set_tag("dreamline.error", (str(exc) or exc_type.__name__)[:5000])
             mlflow.end_run("FAILED" if exc_type else "FINISHED")
         return False
 

@@ -15,9 +15,10 @@ Each file goes through one check after another and stops at the first that fails
     duplicate  same bytes as, or a perceptual hash within `near_duplicate_distance` bits of, an earlier file
 
 What is merely unusual is accepted and normalised the way `resize` will read it (sd_tasks.images): EXIF
-orientation, CMYK, 16-bit, palette, alpha (onto neutral grey), grayscale, WebP, TIFF, HEIC/HEIF, AVIF, lying
-extensions, non-ASCII and spaced names. Files are checked in a process pool; duplicates are decided afterwards in
-sorted path order, so the first of a group is the one kept and the result never depends on the pool.
+orientation, colour profiles other than sRGB (converted), CMYK, 16-bit, palette, alpha (onto neutral grey),
+grayscale, WebP, TIFF, HEIC/HEIF, AVIF, lying extensions, non-ASCII and spaced names. Files are checked in a process
+pool; duplicates are decided afterwards in sorted path order, so the first of a group is the one kept and the result
+never depends on the pool.
 
 Hidden files and folders (a leading dot: .DS_Store, .git) are skipped.
 """
@@ -35,8 +36,8 @@ from PIL import Image, UnidentifiedImageError
 
 from sd_tasks.cli import option
 from sd_tasks.errors import StepError
-from sd_tasks.images import (ALPHA_MODES, DEFAULT_MAX_PIXELS, TooManyPixels, normalise, open_image, orientation,
-                             parallel_map, perceptual_hash)
+from sd_tasks.images import (ALPHA_MODES, DEFAULT_MAX_PIXELS, TooManyPixels, colour_profile, normalise, open_image,
+                             orientation, parallel_map, perceptual_hash)
 from sd_tasks.storage import read_dir, write_dir, write_json
 
 ANIMATION_POLICIES = ("first-frame", "reject")
@@ -131,7 +132,7 @@ def check_file(path: Path, root: Path, config: ValidateConfig) -> dict:
             frame_note = select_frame(im, config.animated)
             image = decode(im)
             notes = [note for note in (frame_note, extension_note(path, im.format), orientation_note(im),
-                                       mode_note(im)) if note]
+                                       mode_note(im), profile_note(im)) if note]
             fmt = im.format
         check_size(image.size, config)
     except Rejected as rejection:
@@ -204,6 +205,11 @@ def mode_note(im: Image.Image) -> str | None:
         return None
     alpha = im.mode in ALPHA_MODES or (im.mode == "P" and "transparency" in im.info)
     return f"{im.mode} converted to RGB" + (", alpha composited on grey" if alpha else "")
+
+
+def profile_note(im: Image.Image) -> str | None:
+    name = colour_profile(im)
+    return f"colour profile {name!r} converted to sRGB" if name else None
 
 
 def extension_note(path: Path, fmt: str | None) -> str | None:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from sd_tasks import cli
+from sd_tasks import cli, validate
 
 
 def sd_tasks(*argv, **kwargs):
@@ -38,6 +38,17 @@ def test_config_file_with_flags_overriding(tmp_path, capsys):
     assert "0 usable images, need 5" in capsys.readouterr().err
     assert cli.main(["validate", "--config", str(config), "--min-images", "0"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accepted"] == 0
+
+
+def test_a_crash_keeps_its_traceback_and_exits_retryable(tmp_path, monkeypatch, capsys):
+    def crash(config: validate.ValidateConfig) -> dict:
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(validate, "run", crash)
+    assert cli.main(["validate", "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == cli.EXIT_CRASHED
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1] == "error: validate: RuntimeError: disk on fire"
+    assert cli.EXIT_CRASHED not in cli.FINAL_EXIT_CODES and cli.EXIT_REFUSED in cli.FINAL_EXIT_CODES
 
 
 def test_failure_is_one_line_naming_the_cause(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import REPO
 
-CONF = {"subject": "dog", "dataset_version": "dog-v1", "learning_rates": [1e-3, 1e-4], "max_steps": 4,
+# lr 1e6 diverges: its train task fails and the sweep goes on with the other two.
+CONF = {"subject": "dog", "dataset_version": "dog-v1", "learning_rates": [1e-3, 1e-4, 1e6], "max_steps": 4,
         "checkpointing_steps": 2, "resolution": 64, "images_per_prompt": 1, "inference_steps": 2,
         "evaluation_prompts": ["a {instance} in the snow", "a red {instance}"],
         "encode_shard_size": 2,  # 5 images: the encode is split over 3 mapped tasks and merged
@@ -34,7 +35,11 @@ def dag_run(tmp_path_factory, models, registry):
     runs = subprocess.run([*airflow, "dags", "list-runs", "sdxl_dreambooth_lora", "-o", "json"], env=env,
                           capture_output=True, text=True, check=True, cwd=REPO)
     listing = next(line for line in reversed(runs.stdout.splitlines()) if line.startswith("["))  # after log lines
-    return {"home": home, "proc": proc, "runs": json.loads(listing)}
+    run_id = json.loads(listing)[0]["run_id"]
+    tasks = subprocess.run([*airflow, "tasks", "states-for-dag-run", "sdxl_dreambooth_lora", run_id, "-o", "json"],
+                           env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    states = json.loads(next(line for line in reversed(tasks.stdout.splitlines()) if line.startswith("[")))
+    return {"home": home, "proc": proc, "runs": json.loads(listing), "tasks": states}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +60,15 @@ def client(dag_run):
 def test_dag_run_succeeds(dag_run):
     assert dag_run["proc"].returncode == 0, dag_run["proc"].stdout[-3000:]
     assert [r["state"] for r in dag_run["runs"]] == ["success"], (dag_run["home"] / "dags-test.log").read_text()[-5000:]
+
+
+def test_a_diverging_learning_rate_fails_its_own_task_and_the_sweep_goes_on(dag_run):
+    train = {t["map_index"]: t["state"] for t in dag_run["tasks"] if t["task_id"] == "train"}
+    assert sorted(train.values()) == ["failed", "success", "success"], train
+    log = (dag_run["home"] / "dags-test.log").read_text()
+    assert "training diverged" in log and "not evaluated, their training failed: lr=1e+06" in log
+    evaluated = sorted(p.name for p in (dag_run["home"] / "runs").glob("*/*/eval/*/*"))
+    assert evaluated == ["step-2", "step-2", "step-4", "step-4"]  # lr 1e-3 and 1e-4; lr 1e6 left no result
 
 
 def test_encode_was_sharded_and_merged_and_class_images_were_encoded(dag_run):
@@ -87,8 +101,11 @@ def test_parent_run_has_one_nested_run_per_learning_rate_with_curves_metrics_and
     for run in [*parents, *children]:  # the dataset's lineage is on every run
         assert run.data.tags["dataset.rev"] == "dog-v1"
         assert run.data.tags["dataset.hash"] == version.tags["dataset.hash"]
-    assert sorted(r.data.params["learning_rate"] for r in children) == ["0.0001", "0.001"]
-    for child in children:
+    statuses = {r.data.params["learning_rate"]: r.info.status for r in children}
+    assert statuses == {"0.0001": "FINISHED", "0.001": "FINISHED", "1000000.0": "FAILED"}
+    [diverged] = [r for r in children if r.info.status == "FAILED"]
+    assert "training diverged" in diverged.data.tags["dreamline.error"]
+    for child in (r for r in children if r.info.status == "FINISHED"):
         run_id = child.info.run_id
         assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
         for metric in ("eval/dino", "eval/clip_i", "eval/clip_t"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from PIL import Image
 
 from dreamline.operators import LocalStepOperator, parse_result, step_argv, step_operator_class
@@ -35,13 +36,55 @@ def test_local_operator_runs_the_step_and_returns_its_result(tmp_path, home):
     assert op.execute({}) == {"report": f"{tmp_path / 'out'}/report.json", "accepted": 1, "rejected": 0}
 
 
-def test_local_operator_fails_with_the_steps_one_line_error(tmp_path, home):
-    from airflow.sdk.exceptions import AirflowException
-
+def test_local_operator_fails_with_the_steps_one_line_error_and_no_retry_for_bad_input(tmp_path, home):
     op = LocalStepOperator(task_id="validate", step="validate",
                            options={"input": str(tmp_path / "missing"), "output": str(tmp_path / "out")})
-    with pytest.raises(AirflowException, match=r"^error: validate: .*missing: no such directory$"):
+    with pytest.raises(AirflowFailException, match=r"^error: validate: .*missing: no such directory$"):
         op.execute({})
+
+
+def test_local_operator_leaves_other_failures_to_retries(tmp_path, home):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.new("RGB", (80, 80)).save(images / "a.png")
+    op = LocalStepOperator(task_id="validate", step="validate",  # the output's parent is a file: an OSError
+                           options={"input": str(images), "output": "/dev/null/out", "min_images": 1})
+    with pytest.raises(AirflowException, match=r"^error: validate: FileExistsError") as failure:
+        op.execute({})
+    assert type(failure.value) is AirflowException  # not AirflowFailException: the retries apply
+
+
+class FakeKubernetesApi:
+    """The part of CoreV1Api that KubernetesPodOperator.cleanup calls: the cluster is the one thing not run here."""
+
+    def __init__(self, pod):
+        self.pod = pod
+
+    def read_namespaced_pod(self, name, namespace, **kwargs):
+        return self.pod
+
+    def patch_namespaced_pod(self, name, namespace, body, **kwargs):
+        return self.pod
+
+    def delete_namespaced_pod(self, name, namespace, **kwargs):
+        return None
+
+
+@pytest.mark.parametrize(("exit_code", "final"), [(1, True), (2, True), (3, False), (137, False), (None, False)])
+def test_a_failed_pod_is_final_only_when_the_step_refused(exit_code, final):
+    from kubernetes.client import models as k8s
+
+    op = step_operator_class("kubernetes")(task_id="train", step="train", options=TRAIN_OPTIONS, namespace="d")
+    pod = op.build_pod_request_obj(dry_run=True)
+    terminated = k8s.V1ContainerStateTerminated(exit_code=exit_code) if exit_code is not None else None
+    base = k8s.V1ContainerStatus(name="base", image="i", image_id="", ready=False, restart_count=0,
+                                 state=k8s.V1ContainerState(terminated=terminated))
+    remote = k8s.V1Pod(metadata=pod.metadata, spec=pod.spec,
+                       status=k8s.V1PodStatus(phase="Failed", container_statuses=[base]))
+    op.__dict__["client"] = FakeKubernetesApi(remote)
+    with pytest.raises(AirflowException, match="returned a failure") as failure:
+        op.cleanup(pod, remote)
+    assert isinstance(failure.value, AirflowFailException) == final
 
 
 def test_kubernetes_pod_gets_the_same_argv_gpu_and_result_file():

@@ -91,6 +91,25 @@ def test_lora_changes_the_images_of_the_base_model(trained, models):
     assert abs(image() - base).max() > 1e-4
 
 
+def test_bf16_keeps_the_frozen_unet_in_half_precision_and_trains_the_lora_in_fp32(cache, models, tmp_path):
+    from sd_tasks.models import load_unet
+
+    config = train.TrainConfig(cache=cache, output=str(tmp_path / "bf16"), base_model=models["sdxl"],
+                               learning_rate=1e-3, max_steps=2, checkpointing_steps=2, mixed_precision="bf16",
+                               experiment="dog-bf16")
+    unet = load_unet(models["sdxl"])
+    train.add_lora(unet, config)
+    assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.bfloat16}  # half the memory
+    assert {p.dtype for p in unet.parameters() if p.requires_grad} == {torch.float32}  # AdamW's updates stay exact
+
+    result = train.run(config)  # autocast on the CPU, fused AdamW on fp32 LoRA weights
+    weights = load_file(f"{result['checkpoints'][-1]['uri']}/{train.LORA_WEIGHTS}")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    loss = [m.value for m in tracking.client().get_metric_history(result["run_id"], "loss")]
+    assert len(loss) == 2 and all(0 < v < 10 for v in loss)
+
+
 def test_a_diverging_loss_stops_training_and_fails_the_run(prepared, cache, models, monkeypatch):
     monkeypatch.setattr(train.F, "mse_loss", lambda a, b, **kw: (a - b).pow(2) * float("nan"))
     config = train.TrainConfig(cache=cache, output=str(prepared / "train" / "nan"),
@@ -100,6 +119,7 @@ def test_a_diverging_loss_stops_training_and_fails_the_run(prepared, cache, mode
     client = tracking.client()
     runs = client.search_runs([tracking.experiment_id("dog-nan")])
     assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags["dreamline.error"].startswith("loss is nan at step 1: training diverged")
 
 
 def test_evaluate_select_register(trained, prepared, models):

@@ -264,6 +264,57 @@ def test_unusual_modes_become_sane_rgb(tmp_path):
         assert np.abs(np.subtract(open_rgb(tmp_path / f"x.{fmt}").getpixel((30, 30)), (200, 30, 30))).max() <= 6
 
 
+def display_p3_profile() -> bytes:
+    """A Display P3 ICC profile, built offline: lcms's sRGB profile (same transfer curve and white point as P3) with
+    its colourants swapped for P3's (D50-adapted, as in Apple's profile) and its name changed."""
+    from PIL import ImageCms
+
+    icc = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    p3 = {b"rXYZ": (0.5151, 0.2412, -0.0011), b"gXYZ": (0.2920, 0.6922, 0.0419), b"bXYZ": (0.1571, 0.0666, 0.7841)}
+    for i in range(struct.unpack(">I", icc[128:132])[0]):
+        signature, offset, _ = struct.unpack(">4sII", icc[132 + 12 * i:144 + 12 * i])
+        if signature in p3:  # an XYZType: 'XYZ ', 4 reserved bytes, three s15Fixed16 numbers
+            icc[offset + 8:offset + 20] = struct.pack(">3i", *(round(v * 65536) for v in p3[signature]))
+    return bytes(icc).replace("sRGB".encode("utf-16-be"), "P3  ".encode("utf-16-be"))
+
+
+def test_colour_profiles_other_than_srgb_are_converted(tmp_path):
+    from PIL import ImageCms
+
+    p3 = display_p3_profile()
+    assert ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(p3))).startswith("P3")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (96, 80), (200, 100, 50)).save(folder / "p3.jpg", quality=95, icc_profile=p3)
+    Image.new("RGBA", (96, 80), (200, 100, 50, 255)).save(folder / "p3-alpha.png", icc_profile=p3)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    pattern(1).save(folder / "srgb.png", icc_profile=srgb)
+    before = tree_snapshot(folder)
+
+    # P3's orange, in sRGB numbers: more red, less green and blue (its primaries lie further out)
+    for name in ("p3.jpg", "p3-alpha.png"):
+        r, g, b = open_rgb(folder / name).getpixel((40, 40))
+        assert r > 210 and g < 95 and b < 40, (name, (r, g, b))
+    tagged_srgb = open_rgb(folder / "srgb.png")
+    assert np.array_equal(np.asarray(tagged_srgb), np.asarray(pattern(1)))  # sRGB stays as it is
+
+    validate.run(validate.ValidateConfig(input=str(folder), output=str(tmp_path / "validated"), min_images=1))
+    report = json.loads((tmp_path / "validated" / "report.json").read_text())
+    notes = {r["path"]: r.get("notes", []) for r in report["accepted"]}
+    assert "colour profile 'P3   built-in' converted to sRGB" in notes["p3.jpg"] and notes["srgb.png"] == []
+    caption.run(caption.CaptionConfig(report=str(tmp_path / "validated"), output=str(tmp_path / "captions"),
+                                      instance_prompt="a photo of sks thing"))
+    resize.run(resize.ResizeConfig(captions=str(tmp_path / "captions"), output=str(tmp_path / "resized"),
+                                   resolution=64))
+    records = json.loads((tmp_path / "resized" / "manifest.json").read_text())["records"]
+    written = [tmp_path / "resized" / r["file"] for r in records if r["source"].startswith("p3")]
+    assert len(written) == 2
+    for path in written:  # sRGB pixels, and no P3 tag left for viewers to apply a second time
+        with Image.open(path) as im:
+            assert "icc_profile" not in im.info and im.getpixel((10, 10))[0] > 210, path.name
+    assert tree_snapshot(folder) == before
+
+
 def test_perceptual_hash_sees_copies_not_different_pictures():
     def distance(a, b):
         return bin(perceptual_hash(a) ^ perceptual_hash(b)).count("1")

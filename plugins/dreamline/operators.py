@@ -13,10 +13,11 @@ import sys
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from dreamline.deployment import DEPLOYMENT, REPO_ROOT
 from dreamline.profiles import PROFILES
+from sd_tasks.cli import FINAL_EXIT_CODES
 
 
 def step_argv(step: str, options: dict[str, Any]) -> list[str]:
@@ -47,6 +48,12 @@ def parse_result(lines: list[str]) -> dict | None:
     return None
 
 
+def step_failure(exit_code: int | None, message: str) -> AirflowException:
+    """The step refused its input or its run cannot succeed as asked (bad images, a diverging learning rate): fail
+    at once, since a retry would only repeat it. Anything else (a crash, a kill, a preempted pod) may be retried."""
+    return AirflowFailException(message) if exit_code in FINAL_EXIT_CODES else AirflowException(message)
+
+
 class LocalStepOperator(BaseOperator):
     """Run a step as a subprocess of the worker, in the same Python environment."""
 
@@ -71,7 +78,8 @@ class LocalStepOperator(BaseOperator):
             self.log.info("%s", line)
         if self._process.wait() != 0:
             errors = [line for line in lines if line.startswith("error: ")]
-            raise AirflowException(errors[-1] if errors else f"step {self.step} exited {self._process.returncode}")
+            raise step_failure(self._process.returncode,
+                               errors[-1] if errors else f"step {self.step} exited {self._process.returncode}")
         result = parse_result(lines)
         if result is None:
             raise AirflowException(f"step {self.step} printed no JSON result")
@@ -115,6 +123,7 @@ def _kubernetes_operator():
                 tolerations=[k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
                 if p.gpus else None,
                 startup_timeout_seconds=p.startup_timeout_seconds,
+                termination_message_policy="FallbackToLogsOnError",  # the step's `error:` line in the failure
                 do_xcom_push=True,
                 on_finish_action="delete_succeeded_pod",
                 **kwargs,
@@ -125,7 +134,22 @@ def _kubernetes_operator():
             self.arguments = step_argv(self.step, self.options)
             return super().build_pod_request_obj(context, **kwargs)
 
+        def cleanup(self, pod, remote_pod, *args, **kwargs):
+            try:
+                super().cleanup(pod, remote_pod, *args, **kwargs)
+            except AirflowException as failure:
+                if type(failure) is not AirflowException:  # a skip or an already final failure
+                    raise
+                raise step_failure(base_container_exit_code(remote_pod), str(failure)) from failure
+
     return KubernetesStepOperator
+
+
+def base_container_exit_code(pod) -> int | None:
+    statuses = (pod.status.container_statuses if pod and pod.status else None) or []
+    base = next((s for s in statuses if s.name == "base"), None)
+    terminated = base and base.state and base.state.terminated
+    return terminated.exit_code if terminated else None
 
 
 def step_operator_class(executor: str = DEPLOYMENT.executor) -> type[BaseOperator]:
