@@ -150,7 +150,8 @@ def sdxl_dreambooth_lora():
     @task(trigger_rule="all_done_min_one_success")  # a learning rate that diverged must not sink the sweep
     def checkpoint_evaluations(training_results: list[dict], current: dict) -> list[dict]:
         """One `evaluate` options dict per checkpoint of every training run that finished, and one for the current
-        champion, so the new model is compared with it on today's evaluation suite."""
+        champion, so the new model is compared with it on today's evaluation suite (evaluations are kept by LoRA
+        weights and suite: while the suite is unchanged, the champion's is copied, not redone)."""
         params, run = _params_and_run_dir()
         finished = {r["learning_rate"] for r in training_results}  # a failed train task leaves no result
         if not finished:
@@ -161,7 +162,7 @@ def sdxl_dreambooth_lora():
                  "class_prompts": [params["class_prompt"]], "clip_model": params["clip_model"], "dino_model": params["dino_model"],
                  "base_model": params["base_model"], "images_per_prompt": params["images_per_prompt"],
                  "num_inference_steps": params["inference_steps"], "resolution": params["resolution"],
-                 "seed": params["seed"]}
+                 "seed": params["seed"], "cache": DEPLOYMENT.cache_dir("evaluations")}
         candidates = [(c["uri"], f"lr-{r['learning_rate']:g}/step-{c['step']}")
                       for r in training_results for c in r["checkpoints"]]
         if current["checkpoint"]:

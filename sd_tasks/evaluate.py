@@ -8,13 +8,16 @@ Scores (the DreamBooth paper's, plus one for what the user fears losing):
 
 The seeds depend only on the prompt and image index, so every checkpoint of every learning rate (and the base
 model, and the champion being defended) is judged on the same starting noise. The suite, everything that decides
-the images and the scorers, has a fingerprint: scores compare only within one suite. A checkpoint whose images come
-out non-finite (a diverged LoRA) is marked broken and gets the lowest possible scores.
+the images and the scores (the instance images by content, not by where they lie), has a fingerprint: scores compare
+only within one suite. A checkpoint whose images come out non-finite (a diverged LoRA) is marked broken and gets the
+lowest possible scores. With `--cache`, an evaluation is kept by (LoRA weights, suite): the champion, defended every
+night on an unchanged suite, is evaluated once, not every night.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,8 +30,8 @@ from sd_tasks.cli import option
 from sd_tasks.errors import StepError
 from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, mean_matched_cosine, mean_pairwise_cosine
 from sd_tasks.models import device
-from sd_tasks.storage import read_dir, read_json, write_dir, write_json
-from sd_tasks.train import CHECKPOINT_INFO
+from sd_tasks.storage import exists, join, read_dir, read_json, write_dir, write_json
+from sd_tasks.train import CHECKPOINT_INFO, LORA_WEIGHTS
 
 WORST = {"clip_t": -1.0, "clip_i": -1.0, "dino": -1.0, "preservation": -1.0}
 
@@ -53,12 +56,17 @@ class EvaluateConfig:
     guidance_scale: float = option("classifier-free guidance scale", 5.0)
     resolution: int | None = option("image side (default: the UNet's native size)", None)
     seed: int = option("base seed; image k of prompt j uses seed + 1000 * j + k", 0)
+    cache: str | None = option("URI keeping evaluations by (LoRA weights, suite): one already done is copied", None)
 
 
 def run(config: EvaluateConfig) -> dict:
     checkpoint = read_dir(config.checkpoint)
     info = read_json(f"{config.checkpoint}/{CHECKPOINT_INFO}")
     base_model = config.base_model or info["base_model"]
+    suite = suite_fingerprint(config, base_model)
+    kept = config.cache and join(config.cache, f"{file_digest(checkpoint / LORA_WEIGHTS)}-{suite}")
+    if kept and exists(f"{kept}/metrics.json"):
+        return reuse(kept, config, info)
     images = Generator(base_model, config)
     generated = images.for_prompts(config.prompts, checkpoint)
     preserved = images.for_prompts(config.class_prompts, checkpoint)
@@ -68,8 +76,7 @@ def run(config: EvaluateConfig) -> dict:
                                         config)
     result = {"step": info["step"], "learning_rate": info["learning_rate"], "run_id": info.get("run_id"),
               "champion_version": info.get("champion_version"),
-              "checkpoint": config.checkpoint, "suite": suite_fingerprint(config, base_model), "broken": broken,
-              **scores}
+              "checkpoint": config.checkpoint, "suite": suite, "broken": broken, **scores}
     with write_dir(config.output) as out:
         (out / "images").mkdir()
         for kind, rows in (("p", generated), ("class", preserved), ("base", base)):
@@ -80,13 +87,43 @@ def run(config: EvaluateConfig) -> dict:
         write_json(out / "metrics.json", {**result, "prompts": config.prompts, "class_prompts": config.class_prompts})
     if info.get("run_id"):
         log_to_mlflow(info["run_id"], info["step"], scores, generated, config.prompts)
+    if kept:  # after logging: a kept evaluation has been logged
+        with write_dir(kept) as out:
+            shutil.copytree(read_dir(config.output), out, dirs_exist_ok=True)
+    return result
+
+
+def reuse(kept: str, config: EvaluateConfig, info: dict) -> dict:
+    """The kept evaluation of these LoRA weights on this suite, as this checkpoint's."""
+    metrics = read_json(f"{kept}/metrics.json")
+    result = {**{k: v for k, v in metrics.items() if k not in ("prompts", "class_prompts")},
+              "step": info["step"], "learning_rate": info["learning_rate"], "run_id": info.get("run_id"),
+              "champion_version": info.get("champion_version"), "checkpoint": config.checkpoint, "cached": True}
+    with write_dir(config.output) as out:
+        shutil.copytree(read_dir(kept) / "images", out / "images")
+        write_json(out / "metrics.json", {**result, "prompts": config.prompts, "class_prompts": config.class_prompts})
     return result
 
 
 def suite_fingerprint(config: EvaluateConfig, base_model: str) -> str:
-    """Everything that decides the images and how they are scored (not which LoRA is scored)."""
-    suite = {k: v for k, v in asdict(config).items() if k not in ("checkpoint", "output", "base_model")}
-    return hashlib.sha256(json.dumps({**suite, "base_model": base_model}, sort_keys=True).encode()).hexdigest()[:16]
+    """Everything that decides the images and how they are scored (not which LoRA is scored, nor where anything is
+    written); the instance images by their content."""
+    suite = {k: v for k, v in asdict(config).items() if k not in ("checkpoint", "output", "base_model", "cache")}
+    suite |= {"base_model": base_model, "instance_images": folder_digest(config.instance_images)}
+    return hashlib.sha256(json.dumps(suite, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def folder_digest(uri: str) -> str:
+    folder = read_dir(uri)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + file_digest(path).encode())
+    return digest.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 class Generator:

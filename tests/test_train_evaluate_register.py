@@ -196,6 +196,28 @@ def test_prior_preservation_trains_on_cached_class_images(prepared, cache, model
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the class images' loss moved the weights
 
 
+def test_an_evaluation_is_kept_by_lora_weights_and_suite(trained, prepared, models, tmp_path):
+    import shutil
+
+    checkpoint = trained["result"]["checkpoints"][-1]["uri"]
+    elsewhere = shutil.copytree(prepared / "resized", tmp_path / "resized-copy")  # the same images, another folder
+
+    def evaluated(name: str, instance_images, prompt: str) -> dict:
+        return evaluate.run(evaluate.EvaluateConfig(
+            checkpoint=checkpoint, output=str(tmp_path / name), instance_images=str(instance_images), prompts=[prompt],
+            clip_model=models["clip"], dino_model=models["dino"], images_per_prompt=1, num_inference_steps=2,
+            cache=str(tmp_path / "kept")))
+
+    first = evaluated("first", prepared / "resized", "a sks dog in the snow")
+    again = evaluated("again", elsewhere, "a sks dog in the snow")  # say, tomorrow's run defending the champion
+    assert "cached" not in first and again["cached"] and again["suite"] == first["suite"]
+    assert {k: again[k] for k in ("dino", "clip_i", "clip_t", "step")} == {k: first[k] for k in ("dino", "clip_i",
+                                                                                                 "clip_t", "step")}
+    assert sorted(p.name for p in (tmp_path / "again" / "images").iterdir()) == ["p00-0.png"]
+    other = evaluated("other", elsewhere, "a red sks dog")  # another suite: evaluated afresh
+    assert "cached" not in other and other["suite"] != first["suite"]
+
+
 def test_a_diverged_model_is_registered_as_challenger_and_not_promoted(trained, prepared, cache, models, tmp_path):
     suite = dict(instance_images=str(prepared / "resized"), prompts=["a sks dog in the snow"],
                  class_prompts=["a photo of dog"], clip_model=models["clip"], dino_model=models["dino"],
