@@ -66,6 +66,8 @@ def write_dir(uri: str) -> Iterator[Path]:
     staging.chmod(0o755)  # mkdtemp makes it private; outputs are ordinary folders
     try:
         yield staging
+        for path in staging.rglob("*"):  # some writers (safetensors) create files private to their user
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if is_remote(uri):
             fs, path = fsspec.core.url_to_fs(uri)
             if fs.exists(path):
