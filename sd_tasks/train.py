@@ -85,7 +85,8 @@ def run(config: TrainConfig) -> dict:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_steps)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    # The schedule is not handed to accelerate, which would step it once per process: it counts optimisation steps.
+    unet, optimizer = accelerator.prepare(unet, optimizer)
     if text:
         text.encoders = tuple(accelerator.prepare(e) for e in text.encoders)
     loras = lora_modules(accelerator.unwrap_model(unet), text, accelerator)

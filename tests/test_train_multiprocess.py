@@ -27,7 +27,8 @@ def torchrun(options: dict, processes: int = 2) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def options(cache, models, tmp_path_factory) -> dict:
     return {"cache": cache, "output": str(tmp_path_factory.mktemp("ddp") / "lora"), "base_model": models["sdxl"],
-            "learning_rate": 1e-3, "max_steps": 4, "checkpointing_steps": 2, "experiment": "ddp"}
+            "learning_rate": 1e-3, "max_steps": 4, "checkpointing_steps": 2, "lr_scheduler": "linear",
+            "experiment": "ddp"}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,9 @@ def test_two_processes_train_and_the_main_one_reports(two_processes, options):
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert [r.info.run_id for r in runs] == [result["run_id"]], "one MLflow run: only the main process logs"
     assert [m.step for m in client.get_metric_history(result["run_id"], "loss")] == [1, 2, 3, 4]
+    # The linear schedule counts optimisation steps, not steps times processes.
+    lr = [m.value for m in sorted(client.get_metric_history(result["run_id"], "lr"), key=lambda m: m.step)]
+    assert lr == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
 
 
 def test_the_second_process_contributes_gradients(two_processes, options, tmp_path):
