@@ -102,6 +102,12 @@ def reuse(kept: str, config: EvaluateConfig, info: dict) -> dict:
     with write_dir(config.output) as out:
         shutil.copytree(read_dir(kept) / "images", out / "images")
         write_json(out / "metrics.json", {**result, "prompts": config.prompts, "class_prompts": config.class_prompts})
+    if info.get("run_id"):  # the same weights from another training run (a rerun with the same data and seed)
+        images = read_dir(config.output) / "images"
+        generated = [[Image.open(f) if (f := images / f"p{j:02d}-{k}.png").exists() else None
+                      for k in range(config.images_per_prompt)] for j in range(len(config.prompts))]
+        log_to_mlflow(info["run_id"], info["step"], {k: result[k] for k in WORST if k in result}, generated,
+                      config.prompts)
     return result
 
 

@@ -211,8 +211,11 @@ def test_an_evaluation_is_kept_by_lora_weights_and_suite(trained, prepared, mode
             cache=str(tmp_path / "kept")))
 
     first = evaluated("first", prepared / "resized", "a sks dog in the snow")
+    logged = len(tracking.client().get_metric_history(first["run_id"], "eval/dino"))
     again = evaluated("again", elsewhere, "a sks dog in the snow")  # say, tomorrow's run defending the champion
     assert "cached" not in first and again["cached"] and again["suite"] == first["suite"]
+    # a checkpoint with a training run gets the kept scores logged there too (a rerun that trained the same weights)
+    assert len(tracking.client().get_metric_history(first["run_id"], "eval/dino")) == logged + 1
     assert {k: again[k] for k in ("dino", "clip_i", "clip_t", "step")} == {k: first[k] for k in ("dino", "clip_i",
                                                                                                  "clip_t", "step")}
     assert sorted(p.name for p in (tmp_path / "again" / "images").iterdir()) == ["p00-0.png"]
