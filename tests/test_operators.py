@@ -103,6 +103,7 @@ def test_kubernetes_pod_gets_the_same_argv_gpu_and_result_file():
     assert env["SD_TASKS_RESULT_FILE"] == "/airflow/xcom/return.json" and "MLFLOW_TRACKING_URI" in env
     assert [c.name for c in pod.spec.containers] == ["base", "airflow-xcom-sidecar"]
     assert op.startup_timeout_seconds >= 600  # GPU node scale-up outlasts KPO's 120 s default
+    assert container.termination_message_policy == "FallbackToLogsOnError"  # the `error:` line reaches the task
 
 
 def test_cpu_profile_pod_has_no_gpu():
