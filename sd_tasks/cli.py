@@ -7,9 +7,11 @@ step and prints its result as one JSON line, last on stdout. That line is the wh
 argv runs as a local subprocess or as a Kubernetes pod.
 
 Failures end with one line on stderr, `error: <step>: <reason>`, and an exit code that says whether running the
-step again could help: 1 for a `StepError` (bad input, or a run that cannot succeed as asked, like a diverging
-learning rate: final), 2 for bad arguments (final), 3 for anything else (a bug or the environment: its traceback goes
-first, and a retry may succeed), 130 when interrupted.
+step again could help: 65 (sysexits' EX_DATAERR) for a `StepError` (bad input, or a run that cannot succeed as
+asked, like a diverging learning rate: final), 2 for bad arguments (argparse's; final), 1 for anything else (a bug or
+the environment, as for any uncaught Python exception: its traceback goes first, and a retry may succeed), 130 when
+interrupted. The final codes are distinct from 1 on purpose: 1 is also what Python, torchrun and `accelerate launch`
+return for any failure, so it must mean "maybe retry".
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ STEPS: dict[str, tuple[str, str]] = {
     "register": ("sd_tasks.register", "register the selected LoRA; promote it to champion only if it is better"),
 }
 
-EXIT_REFUSED, EXIT_USAGE, EXIT_CRASHED, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_REFUSED, EXIT_USAGE, EXIT_CRASHED, EXIT_INTERRUPTED = 65, 2, 1, 130
 FINAL_EXIT_CODES = frozenset({EXIT_REFUSED, EXIT_USAGE})  # running the step again would fail the same way
 RESULT_FILE_ENV = "SD_TASKS_RESULT_FILE"  # also write the result here (a pod's /airflow/xcom/return.json)
 

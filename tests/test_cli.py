@@ -34,7 +34,7 @@ def test_config_file_with_flags_overriding(tmp_path, capsys):
     images.mkdir()
     config = tmp_path / "validate.yaml"
     config.write_text(f"input: {images}\noutput: {tmp_path / 'out'}\nmin-images: 5\n")
-    assert cli.main(["validate", "--config", str(config)]) == 1
+    assert cli.main(["validate", "--config", str(config)]) == cli.EXIT_REFUSED
     assert "0 usable images, need 5" in capsys.readouterr().err
     assert cli.main(["validate", "--config", str(config), "--min-images", "0"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accepted"] == 0
@@ -53,7 +53,7 @@ def test_a_crash_keeps_its_traceback_and_exits_retryable(tmp_path, monkeypatch, 
 
 def test_failure_is_one_line_naming_the_cause(tmp_path):
     proc = sd_tasks("validate", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
-    assert proc.returncode == 1
+    assert proc.returncode == cli.EXIT_REFUSED == 65
     assert proc.stderr.strip() == f"error: validate: {tmp_path / 'nope'}: no such directory"
     assert proc.stdout == ""
 
@@ -61,11 +61,11 @@ def test_failure_is_one_line_naming_the_cause(tmp_path):
 def test_bad_config_file_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")
-    assert cli.main(["validate", "--config", str(bad)]) == 1
+    assert cli.main(["validate", "--config", str(bad)]) == cli.EXIT_REFUSED
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: validate: {bad}: not valid JSON") and "\n" not in err
     bad.write_text('{"input": "a", "output": "b", "colour": "red"}')
-    assert cli.main(["validate", "--config", str(bad)]) == 1
+    assert cli.main(["validate", "--config", str(bad)]) == cli.EXIT_REFUSED
     assert "unknown settings colour" in capsys.readouterr().err
 
 

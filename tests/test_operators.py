@@ -7,6 +7,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from PIL import Image
 
+from dreamline import operators
 from dreamline.operators import LocalStepOperator, parse_result, step_argv, step_operator_class
 from sd_tasks import cli, train
 
@@ -70,7 +71,11 @@ class FakeKubernetesApi:
         return None
 
 
-@pytest.mark.parametrize(("exit_code", "final"), [(1, True), (2, True), (3, False), (137, False), (None, False)])
+def test_the_operators_know_the_steps_final_exit_codes():
+    assert operators.FINAL_EXIT_CODES == cli.FINAL_EXIT_CODES  # the plugin cannot import sd_tasks in Airflow
+
+
+@pytest.mark.parametrize(("exit_code", "final"), [(65, True), (2, True), (1, False), (137, False), (None, False)])
 def test_a_failed_pod_is_final_only_when_the_step_refused(exit_code, final):
     from kubernetes.client import models as k8s
 

@@ -201,7 +201,7 @@ def test_near_duplicate_check_can_be_turned_off(tmp_path):
 
 def test_too_few_images_exits_non_zero_with_one_summary_line(dataset, tmp_path, capsys):
     argv = ["validate", "--input", str(dataset), "--output", str(tmp_path / "out")]
-    assert cli.main(argv + ["--min-images", "20"]) == 1
+    assert cli.main(argv + ["--min-images", "20"]) == cli.EXIT_REFUSED
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: validate: {dataset}: 15 usable images, need 20 (")
     for summary in ("1 empty file", "3 symbolic link", "1 not a regular file", "2 too many pixels", "2 not an image",

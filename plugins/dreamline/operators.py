@@ -17,7 +17,9 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from dreamline.deployment import DEPLOYMENT, REPO_ROOT
 from dreamline.profiles import PROFILES
-from sd_tasks.cli import FINAL_EXIT_CODES
+
+# sd_tasks.cli.FINAL_EXIT_CODES (a test keeps them equal): Airflow's components do not have sd_tasks on their path.
+FINAL_EXIT_CODES = frozenset({65, 2})
 
 
 def step_argv(step: str, options: dict[str, Any]) -> list[str]:
@@ -140,14 +142,15 @@ def _kubernetes_operator():
             except AirflowException as failure:
                 if type(failure) is not AirflowException:  # a skip or an already final failure
                     raise
-                raise step_failure(base_container_exit_code(remote_pod), str(failure)) from failure
+                raise step_failure(base_container_exit_code(remote_pod, self.base_container_name),
+                                   str(failure)) from failure
 
     return KubernetesStepOperator
 
 
-def base_container_exit_code(pod) -> int | None:
+def base_container_exit_code(pod, container: str) -> int | None:
     statuses = (pod.status.container_statuses if pod and pod.status else None) or []
-    base = next((s for s in statuses if s.name == "base"), None)
+    base = next((s for s in statuses if s.name == container), None)
     terminated = base and base.state and base.state.terminated
     return terminated.exit_code if terminated else None
 
