@@ -148,11 +148,14 @@ def sdxl_dreambooth_lora():
     })
 
     @task(trigger_rule="all_done_min_one_success")  # a learning rate that diverged must not sink the sweep
-    def checkpoint_evaluations(training_results: list[dict], current: dict) -> list[dict]:
+    def checkpoint_evaluations(training_results: list[dict]) -> list[dict]:
         """One `evaluate` options dict per checkpoint of every training run that finished, and one for the current
         champion, so the new model is compared with it on today's evaluation suite (evaluations are kept by LoRA
         weights and suite: while the suite is unchanged, the champion's is copied, not redone)."""
         params, run = _params_and_run_dir()
+        current = get_current_context()["ti"].xcom_pull(task_ids="champion")  # pulled: this task runs when it failed
+        if current is None:
+            raise AirflowFailException("the champion step failed, so there is nothing to compare with: see its log")
         finished = {r["learning_rate"] for r in training_results}  # a failed train task leaves no result
         if not finished:
             raise AirflowFailException("no learning rate finished training: see the train tasks' logs")
@@ -169,10 +172,11 @@ def sdxl_dreambooth_lora():
             candidates.append((current["checkpoint"], f"champion-v{current['version']}"))
         return [{"checkpoint": uri, "output": f"{run}/eval/{name}", **suite} for uri, name in candidates]
 
+    evaluations = checkpoint_evaluations(trained.output)
     evaluated = StepOperator.partial(
         task_id="evaluate", step="evaluate", profile="gpu",
         map_index_template="{{ task.options['output'].split('/eval/')[-1] }}", **RETRIED,
-    ).expand(options=checkpoint_evaluations(trained.output, champion.output))
+    ).expand(options=evaluations)
 
     selected = StepOperator(task_id="select", step="select", options={
         "evaluations": f"{RUN}/eval", "output": f"{RUN}/select",
@@ -189,6 +193,7 @@ def sdxl_dreambooth_lora():
 
     chain(dataset, mlflow_run, validated, captioned, resized)
     chain(prior_preservation_on(), class_images, class_cache, sweep)
+    chain(champion, evaluations)  # checkpoint_evaluations pulls the champion's result
     chain(evaluated, selected, registered, closed.as_teardown(setups=mlflow_run))
 
 

@@ -34,6 +34,7 @@ from sd_tasks.storage import exists, join, read_dir, read_json, write_dir, write
 from sd_tasks.train import CHECKPOINT_INFO, LORA_WEIGHTS
 
 WORST = {"clip_t": -1.0, "clip_i": -1.0, "dino": -1.0, "preservation": -1.0}
+SCORING_VERSION = 1  # raise when a change here or in sd_tasks.metrics changes scores: kept evaluations expire
 
 
 @dataclass
@@ -114,16 +115,21 @@ def reuse(kept: str, config: EvaluateConfig, info: dict) -> dict:
 def suite_fingerprint(config: EvaluateConfig, base_model: str) -> str:
     """Everything that decides the images and how they are scored (not which LoRA is scored, nor where anything is
     written); the instance images by their content."""
+    import diffusers
+    import transformers
+
     suite = {k: v for k, v in asdict(config).items() if k not in ("checkpoint", "output", "base_model", "cache")}
-    suite |= {"base_model": base_model, "instance_images": folder_digest(config.instance_images)}
+    suite |= {"base_model": base_model, "instance_images": images_digest(config.instance_images),
+              "versions": [SCORING_VERSION, torch.__version__, diffusers.__version__, transformers.__version__]}
     return hashlib.sha256(json.dumps(suite, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def folder_digest(uri: str) -> str:
+def images_digest(uri: str) -> str:
+    """The instance images' files, in the manifest's order (their captions do not change any score)."""
     folder = read_dir(uri)
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + file_digest(path).encode())
+    for record in read_json(f"{uri}/manifest.json")["records"]:
+        digest.update(file_digest(folder / record["file"]).encode())
     return digest.hexdigest()[:16]
 
 

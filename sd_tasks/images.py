@@ -130,15 +130,18 @@ _SRGB = ImageCms.createProfile("sRGB")
 
 
 def _embedded_profile(im: Image.Image) -> ImageCms.ImageCmsProfile | None:
+    """The embedded profile, when it is not sRGB and fits the pixels' mode (else the pixels are used as they are)."""
     icc = im.info.get("icc_profile")
-    if not icc or im.mode not in ("RGB", "RGBA", "L", "LA", "CMYK"):
+    if not icc:
         return None
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         name = ImageCms.getProfileDescription(profile)
-    except (OSError, ImageCms.PyCMSError):  # a broken profile: the pixels are still usable as they are
+        space = profile.profile.xcolor_space.strip()
+    except (OSError, ImageCms.PyCMSError, AttributeError):  # a broken profile: the pixels are usable as they are
         return None
-    return None if "srgb" in name.lower() else profile
+    fits = {"RGB": ("RGB", "RGBA"), "GRAY": ("L", "LA"), "CMYK": ("CMYK",)}.get(space, ())
+    return None if "srgb" in name.lower() or im.mode not in fits else profile
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

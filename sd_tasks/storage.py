@@ -67,7 +67,8 @@ def write_dir(uri: str) -> Iterator[Path]:
     try:
         yield staging
         for path in staging.rglob("*"):  # some writers (safetensors) create files private to their user
-            path.chmod(0o755 if path.is_dir() else 0o644)
+            if not path.is_symlink():
+                path.chmod(0o755 if path.is_dir() else 0o644)
         if is_remote(uri):
             fs, path = fsspec.core.url_to_fs(uri)
             if fs.exists(path):

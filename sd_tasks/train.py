@@ -9,6 +9,7 @@ restarted run resumes from the newest one and ends with the weights an uninterru
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 import sys
@@ -111,7 +112,8 @@ def run(config: TrainConfig) -> dict:
                 losses.append(loss.item())
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
-            lr_scheduler.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16's loss scaler skips steps that overflowed
+                lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
             mlflow_run.log_metrics({"loss": sum(losses) / micro, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
@@ -275,7 +277,7 @@ def step_randomness(seed: int, step: int) -> torch.Generator:
     """A step's noise, timesteps and latent samples come from this generator, its LoRA dropout from torch's global
     one, both seeded from (seed, step) alone: a resumed run needs no saved random state to draw what the
     uninterrupted run drew, and each process of a multi-GPU run (its own seed) draws its own."""
-    derived = hash((seed, step)) & 0x7FFF_FFFF_FFFF_FFFF  # hash() of ints does not vary between interpreters
+    derived = int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:8], "big") >> 1
     torch.manual_seed(derived)
     return torch.Generator().manual_seed(derived)
 
@@ -414,10 +416,19 @@ class training_run:
     def __exit__(self, exc_type, exc, tb):
         import mlflow
 
-        if self.enabled:
+        if not self.enabled:
+            return False
+        try:
             self.flush()  # also when failing: the loss up to the step that diverged is what one wants to see
             if exc_type:  # why, where the sweep is reviewed
                 mlflow.set_tag("dreamline.error", (str(exc) or exc_type.__name__)[:5000])
+            elif "dreamline.error" in self._client.get_run(self.id).data.tags:  # an earlier attempt's, now resumed
+                self._client.delete_tag(self.id, "dreamline.error")
+        except Exception as logging_failed:  # the tracking server is down: keep training's own outcome
+            if exc_type is None:
+                raise
+            print(f"warning: MLflow: {logging_failed}", file=sys.stderr)
+        finally:
             mlflow.end_run("FAILED" if exc_type else "FINISHED")
         return False
 
