@@ -162,7 +162,8 @@ def sdxl_dreambooth_lora():
         if failed := [lr for lr in params["learning_rates"] if lr not in finished]:
             print(f"not evaluated, their training failed: {', '.join(f'lr={lr:g}' for lr in failed)}")
         suite = {"instance_images": f"{run}/resized", "prompts": evaluation_prompts(params),
-                 "class_prompts": [params["class_prompt"]], "clip_model": params["clip_model"], "dino_model": params["dino_model"],
+                 "class_prompts": [params["class_prompt"]], "clip_model": params["clip_model"],
+                 "dino_model": params["dino_model"],
                  "base_model": params["base_model"], "images_per_prompt": params["images_per_prompt"],
                  "num_inference_steps": params["inference_steps"], "resolution": params["resolution"],
                  "seed": params["seed"], "cache": DEPLOYMENT.cache_dir("evaluations")}

@@ -114,7 +114,8 @@ def _kubernetes_operator():
             kwargs.setdefault("namespace", DEPLOYMENT.namespace)
             kwargs.setdefault("image", DEPLOYMENT.image)
             # Several GPUs: the same step under `accelerate launch`, one process per GPU.
-            launcher = ["accelerate", "launch", "--multi_gpu", f"--num_processes={p.gpus}"] if p.gpus > 1 else ["python"]
+            launcher = (["accelerate", "launch", "--multi_gpu", f"--num_processes={p.gpus}"] if p.gpus > 1
+                        else ["python"])
             super().__init__(
                 cmds=[*launcher, "-m", "sd_tasks"],
                 arguments=[],  # filled from the rendered options in build_pod_request_obj
