@@ -135,6 +135,10 @@ def encode_records(folder: Path, records: list[dict], config: EncodeConfig, out:
             moments = vae.encode(pixels).latent_dist.parameters  # (batch, 2 * latent channels, h/8, w/8)
         prompt_embeds, pooled = models.encode_prompts(tokenizers, encoders, [r["caption"] for r, _ in batch])
         for j, (record, _) in enumerate(batch):
+            if not all(torch.isfinite(t.to(dtype)).all() for t in (moments[j], prompt_embeds[j], pooled[j])):
+                # one such latent turns the first training step that draws it into NaN: refuse it here, by name
+                raise StepError(f"{record.get('source', record['file'])}: encoding gave values that are not finite "
+                                f"(in {config.dtype}); leave the image out or cache in float32")
             name = f"{record['file']}{'#flipped' if record['flipped'] else ''}"
             tensors |= {f"{name}.latent_moments": moments[j], f"{name}.prompt_embeds": prompt_embeds[j],
                         f"{name}.pooled_prompt_embeds": pooled[j]}

@@ -107,7 +107,7 @@ def run(config: TrainConfig) -> dict:
                 with accelerator.autocast():
                     loss = dreambooth_loss(unet, text, noise_scheduler, batch, class_batch, data.scaling_factor,
                                            noise, config)
-                stop_if_not_finite(loss, step)
+                stop_if_not_finite(accelerator.reduce(loss.detach(), "sum"), step)  # every process stops together
                 accelerator.backward(loss / micro)
                 losses.append(loss.item())
             accelerator.clip_grad_norm_(params, config.max_grad_norm)

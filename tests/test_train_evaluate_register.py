@@ -32,6 +32,25 @@ def test_encode_is_content_addressed_and_skips_a_rerun(prepared, models, cache):
     assert flipped["cache"] != cache and not flipped["cached"]
 
 
+def test_an_image_that_encodes_to_non_finite_values_is_refused_by_name(prepared, models, tmp_path, monkeypatch):
+    real = encode.to_tensor
+
+    def overflowing(image):  # what fp16 overflow inside a VAE produces, for one image
+        pixels = real(image)
+        return pixels * float("inf") if image.getpixel((0, 0)) == first_pixel else pixels
+
+    manifest = json.loads((prepared / "resized" / "manifest.json").read_text())
+    from PIL import Image
+
+    first_pixel = Image.open(prepared / "resized" / manifest["records"][0]["file"]).convert("RGB").getpixel((0, 0))
+    monkeypatch.setattr(encode, "to_tensor", overflowing)
+    with pytest.raises(StepError, match=rf"^{manifest['records'][0]['source']}: encoding gave values that are not "
+                                        r"finite \(in float32\)"):
+        encode.run(encode.EncodeConfig(images=str(prepared / "resized"), output=str(tmp_path / "cache"),
+                                       base_model=models["sdxl"]))
+    assert not any((tmp_path / "cache").glob("*/manifest.json"))  # nothing half-written is taken for a cache
+
+
 def test_three_shards_give_the_same_latents_as_one(prepared, models, cache, tmp_path):
     parts = [encode.run(encode.EncodeConfig(images=str(prepared / "resized"), output=str(tmp_path), shard_index=i,
                                             num_shards=3, base_model=models["sdxl"])) for i in range(3)]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import REPO
 from dreamline.operators import step_argv
@@ -71,3 +72,20 @@ def test_two_processes_resume_from_the_main_process_checkpoint(two_processes, op
     assert more.stderr.count(f"resuming from {options['output']}/checkpoint-4") == 2  # both processes resume
     run = tracking.client().get_run(result["run_id"])  # the same MLflow run goes on, its changed param as a tag
     assert run.data.params["max_steps"] == "4" and run.data.tags["dreamline.resumed_with.max_steps"] == "6"
+
+
+def test_a_loss_that_diverges_in_one_process_stops_every_process(options, tmp_path):
+    # The image the main process draws first gets infinite latents (as fp16 overflow would give): only that
+    # process's loss is NaN. Both must stop with the divergence error, not leave the other waiting in the gradient
+    # all-reduce for a peer that has gone (gloo: "connection closed"; NCCL: a hang until its timeout).
+    bad = shutil.copytree(options["cache"], tmp_path / "cache")
+    first = next(train.LatentCache(str(bad)).batches(1, seed=0))["latent_moments"][0]  # the main process's seed
+    manifest = json.loads((bad / "manifest.json").read_text())
+    shard = bad / manifest["shards"][0] / "latents.safetensors"
+    tensors = load_file(shard)
+    [key] = [k for k, v in tensors.items() if k.endswith(".latent_moments") and torch.equal(v.float(), first)]
+    save_file({**tensors, key: torch.full_like(tensors[key], float("inf"))}, shard)
+
+    run = torchrun({**options, "cache": str(bad), "output": str(tmp_path / "lora"), "max_steps": 3})
+    assert run.returncode != 0
+    assert run.stderr.count("error: train: loss is nan at step 1: training diverged") == 2, run.stderr[-3000:]
