@@ -48,6 +48,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -318,7 +319,7 @@ class GpuPoller:
 def summarise(args, short: list[dict], long: list[dict]) -> dict:
     """Wall-clock steps/s from each round's pair of runs (N then 2N steps, run minutes apart at most), the median
     over rounds; the in-process median from the per-step stamps."""
-    per_step = median([(b["wall_s"] - a["wall_s"]) / args.steps for a, b in zip(short, long)])
+    per_step = statistics.median((b["wall_s"] - a["wall_s"]) / args.steps for a, b in zip(short, long))
     fast_short, fast_long = min(short, key=lambda r: r["wall_s"]), min(long, key=lambda r: r["wall_s"])
     figures = {"steps_per_s": 1 / per_step if per_step > 0 else float("nan"), "s_per_step": per_step,
                "wall_short_s": fast_short["wall_s"], "wall_long_s": fast_long["wall_s"],
@@ -328,12 +329,6 @@ def summarise(args, short: list[dict], long: list[dict]) -> dict:
     if "peak_gpu_memory_gb" in inner:
         figures["torch_peak_allocated_mib"] = inner["peak_gpu_memory_gb"] * 1024
     return figures
-
-
-def median(values: list[float]) -> float:
-    values = sorted(values)
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 def inner_rate(runs: list[dict[int, float]], warmup: int, window: int = 5) -> float | None:

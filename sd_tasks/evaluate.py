@@ -27,6 +27,7 @@ from PIL import Image
 
 from sd_tasks import tracking
 from sd_tasks.cli import option
+from sd_tasks.dataset import content_hash
 from sd_tasks.errors import StepError
 from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, mean_matched_cosine, mean_pairwise_cosine
 from sd_tasks.models import device
@@ -75,9 +76,7 @@ def run(config: EvaluateConfig) -> dict:
     broken = any(image is None for row in generated + preserved for image in row)
     scores = WORST if broken else score(generated, preserved, base, load_instance_images(config.instance_images),
                                         config)
-    result = {"step": info["step"], "learning_rate": info["learning_rate"], "run_id": info.get("run_id"),
-              "champion_version": info.get("champion_version"),
-              "checkpoint": config.checkpoint, "suite": suite, "broken": broken, **scores}
+    result = {**checkpoint_fields(info, config), "suite": suite, "broken": broken, **scores}
     with write_dir(config.output) as out:
         (out / "images").mkdir()
         for kind, rows in (("p", generated), ("class", preserved), ("base", base)):
@@ -85,7 +84,7 @@ def run(config: EvaluateConfig) -> dict:
                 for k, image in enumerate(row):
                     if image is not None:
                         image.save(out / "images" / f"{kind}{j:02d}-{k}.png")
-        write_json(out / "metrics.json", {**result, "prompts": config.prompts, "class_prompts": config.class_prompts})
+        write_metrics(out, result, config)
     if info.get("run_id"):
         log_to_mlflow(info["run_id"], info["step"], scores, generated, config.prompts)
     if kept:  # after logging: a kept evaluation has been logged
@@ -98,11 +97,10 @@ def reuse(kept: str, config: EvaluateConfig, info: dict) -> dict:
     """The kept evaluation of these LoRA weights on this suite, as this checkpoint's."""
     metrics = read_json(f"{kept}/metrics.json")
     result = {**{k: v for k, v in metrics.items() if k not in ("prompts", "class_prompts")},
-              "step": info["step"], "learning_rate": info["learning_rate"], "run_id": info.get("run_id"),
-              "champion_version": info.get("champion_version"), "checkpoint": config.checkpoint, "cached": True}
+              **checkpoint_fields(info, config), "cached": True}
     with write_dir(config.output) as out:
         shutil.copytree(read_dir(kept) / "images", out / "images")
-        write_json(out / "metrics.json", {**result, "prompts": config.prompts, "class_prompts": config.class_prompts})
+        write_metrics(out, result, config)
     if info.get("run_id"):  # the same weights from another training run (a rerun with the same data and seed)
         images = read_dir(config.output) / "images"
         generated = [[Image.open(f) if (f := images / f"p{j:02d}-{k}.png").exists() else None
@@ -112,6 +110,16 @@ def reuse(kept: str, config: EvaluateConfig, info: dict) -> dict:
     return result
 
 
+def checkpoint_fields(info: dict, config: EvaluateConfig) -> dict:
+    """What a result says about the checkpoint it scores (from its dreamline.json)."""
+    return {"step": info["step"], "learning_rate": info["learning_rate"], "run_id": info.get("run_id"),
+            "champion_version": info.get("champion_version"), "checkpoint": config.checkpoint}
+
+
+def write_metrics(out: Path, result: dict, config: EvaluateConfig) -> None:
+    write_json(out / "metrics.json", {**result, "prompts": config.prompts, "class_prompts": config.class_prompts})
+
+
 def suite_fingerprint(config: EvaluateConfig, base_model: str) -> str:
     """Everything that decides the images and how they are scored (not which LoRA is scored, nor where anything is
     written); the instance images by their content."""
@@ -119,18 +127,9 @@ def suite_fingerprint(config: EvaluateConfig, base_model: str) -> str:
     import transformers
 
     suite = {k: v for k, v in asdict(config).items() if k not in ("checkpoint", "output", "base_model", "cache")}
-    suite |= {"base_model": base_model, "instance_images": images_digest(config.instance_images),
+    suite |= {"base_model": base_model, "instance_images": content_hash(read_dir(config.instance_images) / "images"),
               "versions": [SCORING_VERSION, torch.__version__, diffusers.__version__, transformers.__version__]}
     return hashlib.sha256(json.dumps(suite, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def images_digest(uri: str) -> str:
-    """The instance images' files, in the manifest's order (their captions do not change any score)."""
-    folder = read_dir(uri)
-    digest = hashlib.sha256()
-    for record in read_json(f"{uri}/manifest.json")["records"]:
-        digest.update(file_digest(folder / record["file"]).encode())
-    return digest.hexdigest()[:16]
 
 
 def file_digest(path: Path) -> str:

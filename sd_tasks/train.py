@@ -381,16 +381,18 @@ class training_run:
             self.config.experiment, key, f"lr={self.config.learning_rate:g}",
             tags={"dreamline.learning_rate": f"{self.config.learning_rate:g}", **tracking.parse_tags(self.config.tags)},
             parent_run_id=self.config.parent_run_id)
-        self._active = mlflow.start_run(run_id=self.id)
-        self._log_params({k: str(v) for k, v in asdict(self.config).items() if k not in ("parent_run_id", "tags")})
+        earlier = mlflow.start_run(run_id=self.id).data  # what an earlier attempt of this training logged
+        self._earlier_error = "dreamline.error" in earlier.tags
+        self._log_params({k: str(v) for k, v in asdict(self.config).items() if k not in ("parent_run_id", "tags")},
+                         logged=earlier.params)
         return self
 
-    def _log_params(self, params: dict[str, str]) -> None:
+    @staticmethod
+    def _log_params(params: dict[str, str], logged: dict[str, str]) -> None:
         """A resumed run logs its params once; MLflow forbids changing one, so a value changed on resuming (say, a
         larger max_steps to train on) is recorded as a `dreamline.resumed_with.<param>` tag instead."""
         import mlflow
 
-        logged = self._client.get_run(self.id).data.params
         mlflow.log_params({k: v for k, v in params.items() if k not in logged})
         changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
         if changed:
@@ -422,7 +424,7 @@ class training_run:
             self.flush()  # also when failing: the loss up to the step that diverged is what one wants to see
             if exc_type:  # why, where the sweep is reviewed
                 mlflow.set_tag("dreamline.error", (str(exc) or exc_type.__name__)[:5000])
-            elif "dreamline.error" in self._client.get_run(self.id).data.tags:  # an earlier attempt's, now resumed
+            elif self._earlier_error:  # an earlier attempt failed; this one, resumed, did not
                 self._client.delete_tag(self.id, "dreamline.error")
         except Exception as logging_failed:  # the tracking server is down: keep training's own outcome
             if exc_type is None:
