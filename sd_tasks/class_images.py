@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from sd_tasks.cli import option
 from sd_tasks.encode import model_fingerprint
-from sd_tasks.storage import exists, join, write_dir, write_json
+from sd_tasks.storage import is_whole, join, write_dir, write_json
 
 
 @dataclass
@@ -35,7 +35,7 @@ def run(config: ClassImagesConfig) -> dict:
     key = hashlib.sha256(json.dumps({**settings, "model": model_fingerprint(config.base_model, with_unet=True)},
                                     sort_keys=True).encode()).hexdigest()[:20]
     uri = join(config.output, key)
-    cached = exists(join(uri, "manifest.json"))
+    cached = is_whole(uri)
     if not cached:
         with write_dir(uri) as out:
             generate(config, out)

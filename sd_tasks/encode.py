@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sd_tasks.cli import option
 from sd_tasks.errors import StepError
-from sd_tasks.storage import exists, join, read_dir, read_json, write_dir, write_file, write_json
+from sd_tasks.storage import is_whole, join, read_dir, read_json, why_not_whole, write_dir, write_file, write_json
 
 FORMAT_VERSION = 1  # bump when what is cached changes meaning
 DTYPES = ("float32", "float16", "bfloat16")
@@ -53,7 +53,7 @@ def run(config: EncodeConfig) -> dict:
     cache = join(config.output, key)
     shard = shard_name(config.shard_index, config.num_shards)
     records = shard_records(manifest["records"], config.shard_index, config.num_shards)
-    cached = exists(join(cache, shard, "records.json"))
+    cached = is_whole(join(cache, shard))
     if not cached:
         with write_dir(join(cache, shard)) as out:
             encode_records(folder, records, config, out)
@@ -188,6 +188,8 @@ def merge(config: MergeConfig) -> dict:
     records, scaling_factor, shards = [], None, []
     for index in range(config.num_shards):
         shard = shard_name(index, config.num_shards)
+        if problem := why_not_whole(join(config.cache, shard)):
+            raise StepError(f"{join(config.cache, shard)}: {problem}; run its encode task again")
         part = read_json(join(config.cache, shard, "records.json"))
         scaling_factor = part["scaling_factor"]
         records += [{**r, "shard": shard} for r in part["records"]]

@@ -31,7 +31,7 @@ from sd_tasks.dataset import content_hash
 from sd_tasks.errors import StepError
 from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, mean_matched_cosine, mean_pairwise_cosine
 from sd_tasks.models import device
-from sd_tasks.storage import exists, join, read_dir, read_json, write_dir, write_json
+from sd_tasks.storage import is_whole, join, read_dir, read_json, write_dir, write_json
 from sd_tasks.train import CHECKPOINT_INFO, LORA_WEIGHTS
 
 WORST = {"clip_t": -1.0, "clip_i": -1.0, "dino": -1.0, "preservation": -1.0}
@@ -67,7 +67,7 @@ def run(config: EvaluateConfig) -> dict:
     base_model = config.base_model or info["base_model"]
     suite = suite_fingerprint(config, base_model)
     kept = config.cache and join(config.cache, f"{file_digest(checkpoint / LORA_WEIGHTS)}-{suite}")
-    if kept and exists(f"{kept}/metrics.json"):
+    if kept and is_whole(kept):
         return reuse(kept, config, info)
     images = Generator(base_model, config)
     generated = images.for_prompts(config.prompts, checkpoint)
@@ -99,7 +99,7 @@ def reuse(kept: str, config: EvaluateConfig, info: dict) -> dict:
     result = {**{k: v for k, v in metrics.items() if k not in ("prompts", "class_prompts")},
               **checkpoint_fields(info, config), "cached": True}
     with write_dir(config.output) as out:
-        shutil.copytree(read_dir(kept) / "images", out / "images")
+        shutil.copytree(read_dir(kept, whole=True) / "images", out / "images")
         write_metrics(out, result, config)
     if info.get("run_id"):  # the same weights from another training run (a rerun with the same data and seed)
         images = read_dir(config.output) / "images"

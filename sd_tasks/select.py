@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sd_tasks.cli import option
 from sd_tasks.errors import StepError
-from sd_tasks.storage import read_dir, write_dir, write_json
+from sd_tasks.storage import read_dir, whole_folders, write_dir, write_json
 
 METRICS = ("dino", "clip_i", "clip_t", "preservation")
 
@@ -37,7 +37,9 @@ def run(config: SelectConfig) -> dict:
     if any(w < 0 for w in weights.values()) or not sum(weights.values()):
         raise StepError("--weight-accuracy, --weight-flexibility, --weight-preservation: non-negative, not all zero")
     folder = read_dir(config.evaluations)
-    evaluations = {p.parent: json.loads(p.read_text()) for p in sorted(folder.rglob("metrics.json"))}
+    # whole evaluations only: an evaluate task killed while writing leaves a folder that is not
+    evaluations = {f: json.loads((f / "metrics.json").read_text()) for f in whole_folders(folder)
+                   if (f / "metrics.json").exists()}
     rows = [{**{k: r.get(k) for k in ("learning_rate", "step", "checkpoint", "run_id", "suite", "broken",
                                         "champion_version", *METRICS)}, "score": weighted_score(r, weights)}
             for r in evaluations.values()]

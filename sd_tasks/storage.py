@@ -1,15 +1,25 @@
 """Step inputs and outputs are URIs: a local path or any fsspec URL (s3://bucket/key with s3fs installed).
 
-Steps work on local directories. `read_dir` gives a local view of an input (remote inputs are downloaded once to
-a cache), `write_dir` gives a local staging directory that becomes the output only when the step succeeds, so a
-killed step never leaves a half-written output behind that a rerun could mistake for a whole one.
+Steps work on local directories. `read_dir` gives a local view of an input (remote inputs are downloaded to a
+cache), `write_dir` gives a local staging directory that becomes the output only when the step succeeds.
+
+A folder written by `write_dir` is *whole* only once its completion marker, `.dreamline-complete.json`, is there:
+the marker lists every file with its size and is written last. Locally the folder appears by one rename, marker
+included. On an object store (S3 has no rename) the files go first to a hidden staging prefix beside the target
+(`.<name>.staging-<id>/`); publishing removes the old marker, then the old files, copies the staging objects to the
+target on the server, and writes the marker last. A writer killed at any point leaves a folder without a marker (or
+a leftover staging prefix, which no reader looks at), and `remove` deletes the marker first, so a half-deleted
+folder is no longer whole either. Readers of outputs that may be cut short (resume, the encode, class-image and
+evaluation caches) trust only whole folders (`is_whole`, `read_dir(..., whole=True)`); a folder with a marker whose
+files do not match it is refused by every reader.
 
 S3 is configured by the environment, the standard AWS way (checked with s3fs 2026.9, botocore 1.43, dvc-s3 3.3):
 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a role), and for an S3-compatible store (MinIO, SeaweedFS, Ceph)
 AWS_ENDPOINT_URL_S3=http://host:port. That one variable serves s3:// step URIs here, DVC's S3 remotes (the data
 registry) and boto3 alike. AWS_ENDPOINT_URL (all AWS services) and FSSPEC_S3_ENDPOINT_URL (fsspec only) also work
 for step URIs. MLflow's artifact client reads its own MLFLOW_S3_ENDPOINT_URL. A remote input is cached under
-SD_TASKS_CACHE (default: <tmp>/sd_tasks-cache) by its URI, so a run folder's outputs are written once, not replaced.
+SD_TASKS_CACHE (default: <tmp>/sd_tasks-cache) by its URI and its files' sizes and ETags, so a folder rewritten in
+place is fetched again, and two processes fetching one folder at once both end with a whole copy.
 """
 from __future__ import annotations
 
@@ -19,12 +29,16 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
 import fsspec
 
 from sd_tasks.errors import StepError
+
+MARKER = ".dreamline-complete.json"
+STAGING = ".staging-"  # in the name of a writer's hidden staging folder: `.<name>.staging-<id>`
 
 
 def is_remote(uri: str) -> bool:
@@ -35,32 +49,115 @@ def _local(uri: str) -> Path:
     return Path(str(uri).removeprefix("file://")).expanduser()
 
 
-def read_dir(uri: str) -> Path:
-    """A local directory holding the contents of `uri`."""
+def _listing(uri: str) -> dict[str, dict]:
+    """{relative path: info} of every file under `uri`, leaving out writers' staging folders; {} if none."""
+    if not is_remote(uri):
+        root = _local(uri)
+        if not root.is_dir():
+            return {}
+        return {p.relative_to(root).as_posix(): {"size": p.stat().st_size} for p in sorted(root.rglob("*"))
+                if p.is_file() and not _in_staging(p.relative_to(root).as_posix())}
+    fs, path = fsspec.core.url_to_fs(uri)
+    path = path.rstrip("/")
+    fs.invalidate_cache(path)  # another process (another pod) may have written since this one last looked
+    found = fs.find(path, detail=True)
+    return {name[len(path) + 1:]: info for name, info in sorted(found.items())
+            if name.startswith(path + "/") and not _in_staging(name[len(path) + 1:])}
+
+
+def _in_staging(relative: str) -> bool:
+    return any(part.startswith(".") and STAGING in part for part in relative.split("/"))
+
+
+def _marker(files: dict[str, dict]) -> dict:
+    return {"format": 1, "files": {name: info["size"] for name, info in files.items() if name != MARKER}}
+
+
+def _why_not_whole(uri: str, files: dict[str, dict]) -> str | None:
+    """Why the folder with these files is not whole, or None when it is."""
+    if not files:
+        return "no such directory"
+    marker = None
+    if MARKER in files:
+        try:
+            with _open(join(uri, MARKER), "r") as f:
+                marker = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+    if marker is None:
+        return "no completion marker (its writer was stopped before it finished)"
+    for name, size in marker["files"].items():
+        if name not in files:
+            return f"{name} is missing"
+        if files[name]["size"] != size:
+            return f"{name} has {files[name]['size']} bytes, not the {size} written"
+    return None
+
+
+def _open(uri: str, mode: str):
+    return fsspec.open(uri if is_remote(uri) else str(_local(uri)), mode)
+
+
+def is_whole(uri: str) -> bool:
+    """Whether `uri` is a folder that `write_dir` finished: its marker is there, and every file the marker lists,
+    at its size."""
+    return why_not_whole(uri) is None
+
+
+def why_not_whole(uri: str) -> str | None:
+    return _why_not_whole(uri, _listing(uri))
+
+
+def whole_folders(root: Path) -> list[Path]:
+    """The whole folders under a local folder (from `read_dir`), leaving out writers' staging folders."""
+    return [m.parent for m in sorted(root.rglob(MARKER))
+            if not _in_staging(m.relative_to(root).as_posix()) and is_whole(str(m.parent))]
+
+
+def read_dir(uri: str, whole: bool = False) -> Path:
+    """A local directory holding the contents of `uri`. A folder with a completion marker must match it; with
+    `whole`, the marker must be there too (for outputs that a killed writer may have left half-written)."""
     if not is_remote(uri):
         path = _local(uri)
         if not path.is_dir():
             raise StepError(f"{uri}: no such directory")
+        if whole or (path / MARKER).exists():
+            _require_whole(uri, _listing(uri))
         return path
+    files = _listing(uri)
+    if not files:
+        raise StepError(f"{uri}: no such directory")
+    if whole or MARKER in files:
+        _require_whole(uri, files)
+    described = [uri, [(n, i.get("size"), i.get("ETag") or i.get("LastModified")) for n, i in files.items()]]
     cache = Path(os.environ.get("SD_TASKS_CACHE", Path(tempfile.gettempdir()) / "sd_tasks-cache"))
-    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = cache / hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()[:20]
     if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache, prefix=f".{target.name}{STAGING}"))
         fs, path = fsspec.core.url_to_fs(uri)
-        if not fs.isdir(path):
-            raise StepError(f"{uri}: no such directory")
-        staging = Path(tempfile.mkdtemp(dir=cache.mkdir(parents=True, exist_ok=True) or cache))
-        fs.get(path.rstrip("/") + "/", str(staging), recursive=True)
-        staging.rename(target)
+        fs.get([f"{path.rstrip('/')}/{n}" for n in files], [str(staging / n) for n in files])
+        try:
+            staging.rename(target)
+        except OSError:  # another process fetched the same folder first: keep its copy
+            shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _require_whole(uri: str, files: dict[str, dict]) -> None:
+    problem = _why_not_whole(uri, files)
+    if problem:
+        raise StepError(f"{uri}: incomplete folder: {problem}")
 
 
 @contextlib.contextmanager
 def write_dir(uri: str) -> Iterator[Path]:
-    """Stage an output directory locally; publish it to `uri` (replacing what was there) only on success."""
+    """Stage an output directory locally; publish it to `uri` (replacing what was there) only on success, with its
+    completion marker written last."""
     if not is_remote(uri):
         final = _local(uri)
         final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{STAGING}", dir=final.parent))
     else:
         staging = Path(tempfile.mkdtemp(prefix="sd_tasks-out-"))
     staging.chmod(0o755)  # mkdtemp makes it private; outputs are ordinary folders
@@ -69,15 +166,17 @@ def write_dir(uri: str) -> Iterator[Path]:
         for path in staging.rglob("*"):  # some writers (safetensors) create files private to their user
             if not path.is_symlink():
                 path.chmod(0o755 if path.is_dir() else 0o644)
+        (staging / MARKER).unlink(missing_ok=True)
+        marker = json.dumps(_marker(_listing(str(staging))), indent=1, sort_keys=True) + "\n"
         if is_remote(uri):
-            fs, path = fsspec.core.url_to_fs(uri)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-            fs.put(str(staging).rstrip("/") + "/", path, recursive=True)
+            _publish_remote(staging, uri, marker)
         else:
+            (staging / MARKER).write_text(marker)
+            (staging / MARKER).chmod(0o644)
             old = final.with_name(f".{final.name}.old")
             if final.exists():
                 shutil.rmtree(old, ignore_errors=True)
+                (final / MARKER).unlink(missing_ok=True)
                 final.rename(old)
             staging.rename(final)
             shutil.rmtree(old, ignore_errors=True)
@@ -85,9 +184,33 @@ def write_dir(uri: str) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _publish_remote(staging: Path, uri: str, marker: str) -> None:
+    fs, path = fsspec.core.url_to_fs(uri)
+    path = path.rstrip("/")
+    parent, name = path.rsplit("/", 1)
+    hidden = f"{parent}/.{name}{STAGING}{uuid.uuid4().hex[:12]}"
+    names = [p.relative_to(staging).as_posix() for p in sorted(staging.rglob("*")) if p.is_file()]
+    fs.put([str(staging / n) for n in names], [f"{hidden}/{n}" for n in names])
+    _remove_remote(fs, path)
+    if names:
+        fs.copy([f"{hidden}/{n}" for n in names], [f"{path}/{n}" for n in names])  # on the server
+    fs.pipe_file(f"{path}/{MARKER}", marker.encode())  # last: from here on the folder is whole
+    fs.rm(hidden, recursive=True)
+    fs.invalidate_cache(path)
+
+
+def _remove_remote(fs, path: str) -> None:
+    """Marker first: a folder whose deletion is cut short is no longer whole."""
+    fs.invalidate_cache(path)
+    if fs.exists(f"{path}/{MARKER}"):
+        fs.rm_file(f"{path}/{MARKER}")
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def read_json(uri: str) -> dict:
     try:
-        with fsspec.open(str(uri).removeprefix("file://") if not is_remote(uri) else uri, "r") as f:
+        with _open(uri, "r") as f:
             return json.load(f)
     except FileNotFoundError:
         raise StepError(f"{uri}: no such file") from None
@@ -128,15 +251,18 @@ def list_dir(uri: str) -> list[str]:
         path = _local(uri)
         return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     fs, path = fsspec.core.url_to_fs(uri)
+    fs.invalidate_cache(path)
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) if fs.exists(path) else []
 
 
 def remove(uri: str) -> None:
+    """Delete a folder, its completion marker first (a deletion cut short leaves a folder that is not whole)."""
     if not is_remote(uri):
+        (_local(uri) / MARKER).unlink(missing_ok=True)
         shutil.rmtree(_local(uri), ignore_errors=True)
         return
     fs, path = fsspec.core.url_to_fs(uri)
-    fs.rm(path, recursive=True)
+    _remove_remote(fs, path.rstrip("/"))
 
 
 def join(uri: str, *parts: str) -> str:

@@ -15,7 +15,6 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from sd_tasks import models, tracking
 from sd_tasks.cli import option
 from sd_tasks.errors import StepError
-from sd_tasks.storage import join, list_dir, read_dir, read_json, remove, write_dir, write_json
+from sd_tasks.storage import join, list_dir, read_dir, read_json, remove, why_not_whole, write_dir, write_json
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers format
 KOHYA_WEIGHTS = "kohya_lora.safetensors"  # A1111 / ComfyUI format
@@ -328,11 +327,20 @@ def kohya_state_dict(states: dict, alpha: float) -> dict:
     return {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
 
 
-def list_checkpoints(output: str) -> list[dict]:
-    """Whole checkpoints under `output`, oldest first (staging folders are hidden and never match)."""
+def list_checkpoints(output: str, report_incomplete: bool = False) -> list[dict]:
+    """Whole checkpoints under `output`, oldest first. One whose writer was killed, or that lost a file since, is
+    left out (training writes it again when it reaches its step)."""
     steps = sorted(int(name.removeprefix("checkpoint-")) for name in list_dir(output)
                    if re.fullmatch(r"checkpoint-\d+", name))
-    return [{"step": step, "uri": join(output, f"checkpoint-{step}")} for step in steps]
+    whole = []
+    for step in steps:
+        uri = join(output, f"checkpoint-{step}")
+        problem = why_not_whole(uri)
+        if problem is None:
+            whole.append({"step": step, "uri": uri})
+        elif report_incomplete:
+            print(f"warning: {uri} is incomplete ({problem}): not resumed from", file=sys.stderr)
+    return whole
 
 
 def limit_checkpoints(output: str, limit: int | None) -> None:
@@ -345,11 +353,11 @@ def resume(output: str, loras: dict, optimizer, lr_scheduler) -> int:
     """Load the latest checkpoint's state, if any; return the step it was taken at (0 for a fresh start)."""
     from peft.utils import set_peft_model_state_dict
 
-    checkpoints = list_checkpoints(output)
+    checkpoints = list_checkpoints(output, report_incomplete=True)
     if not checkpoints:
         return 0
     latest = checkpoints[-1]
-    state = torch.load(read_dir(latest["uri"]) / TRAINING_STATE, weights_only=False)
+    state = torch.load(read_dir(latest["uri"], whole=True) / TRAINING_STATE, weights_only=False)
     for name, module in loras.items():
         set_peft_model_state_dict(module, state["lora"][name])
     optimizer.load_state_dict(state["optimizer"])
@@ -455,9 +463,9 @@ class LatentCache:
     def __init__(self, uri: str, text: TextEncoderLora | None = None):
         from safetensors.torch import load_file
 
-        folder = read_dir(uri)
         manifest = read_json(f"{uri}/manifest.json")
-        shards = {name: load_file(Path(folder) / name / "latents.safetensors") for name in manifest["shards"]}
+        shards = {name: load_file(read_dir(join(uri, name), whole=True) / "latents.safetensors")
+                  for name in manifest["shards"]}
         self.scaling_factor = manifest["scaling_factor"]
         self.items = [
             {

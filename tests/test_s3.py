@@ -7,7 +7,9 @@ Everything stays on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -94,7 +96,8 @@ def test_registry_on_s3_publish_and_fetch_by_tag_to_local_and_s3(s3, tmp_path):
     uri = f"s3://{BUCKET}/runs/manual__1/dataset"
     remote = dataset.run(dataset.DatasetConfig(repo=str(clone), path="dog", rev="dog-v1", output=uri))
     assert remote["images"] == f"{uri}/images" and remote["hash"] == published["hash"]
-    assert keys(s3, "runs/manual__1/dataset/") == ["runs/manual__1/dataset/dataset.json"] + [
+    assert keys(s3, "runs/manual__1/dataset/") == [f"runs/manual__1/dataset/{storage.MARKER}",
+                                                   "runs/manual__1/dataset/dataset.json"] + [
         f"runs/manual__1/dataset/images/{p.name}" for p in sorted(SAMPLE.iterdir())]
     # What landed in the bucket is byte for byte the source, read back through the steps' own storage layer.
     assert dataset.content_hash(storage.read_dir(remote["images"])) == dataset.content_hash(SAMPLE)
@@ -131,18 +134,20 @@ def test_storage_round_trip_through_s3(s3, tmp_path):
         for p in sorted(SAMPLE.iterdir()):
             (out / "images" / p.name).write_bytes(p.read_bytes())
         storage.write_json(out / "manifest.json", {"records": 5})
-    assert keys(s3, "runs/manual__2/resized/")[0] == "runs/manual__2/resized/images/00.jpg"
+    assert keys(s3, "runs/manual__2/resized/")[1] == "runs/manual__2/resized/images/00.jpg"
     assert storage.read_json(f"{uri}/manifest.json") == {"records": 5}
 
     local = storage.read_dir(uri)
     assert local.is_dir() and str(local).startswith(str(tmp_path / "sd_tasks-cache"))
-    assert sorted(tree_snapshot(local)) == [f"images/{p.name}" for p in sorted(SAMPLE.iterdir())] + ["manifest.json"]
+    assert sorted(tree_snapshot(local)) == [storage.MARKER] + [f"images/{p.name}" for p in sorted(SAMPLE.iterdir())] + [
+        "manifest.json"]
     assert tree_snapshot(local / "images") == tree_snapshot(SAMPLE)
 
     # Writing the same URI again replaces the folder: nothing of the old output survives.
     with storage.write_dir(uri) as out:
         (out / "only.txt").write_text("new")
-    assert keys(s3, "runs/manual__2/resized/") == ["runs/manual__2/resized/only.txt"]
+    assert keys(s3, "runs/manual__2/resized/") == [f"runs/manual__2/resized/{storage.MARKER}",
+                                                   "runs/manual__2/resized/only.txt"]
 
     # A failed step leaves nothing behind.
     with pytest.raises(RuntimeError):
@@ -173,3 +178,89 @@ def test_step_cli_reads_and_writes_s3(s3, tmp_path):
     manifest = storage.read_json(f"{run}/captions/manifest.json")
     assert manifest["source"] == images and len(manifest["records"]) == 5
     assert {r["caption"] for r in manifest["records"]} == {"a photo of sks dog"}
+
+
+# A writer that SIGKILLs itself at a chosen point of publishing a folder to S3: in the s3fs call of that phase, once
+# `after` such calls have completed (at the first call's start for 0). Readers must not be fooled by what it leaves.
+KILLED_WRITER = """
+import os, signal, sys
+import fsspec
+from sd_tasks import storage
+
+phase, uri, after = sys.argv[1], sys.argv[2], int(sys.argv[3])
+method = {"upload": "_put_file", "delete-old": "_rm", "copy": "_cp_file", "marker": "_pipe_file"}[phase]
+s3 = fsspec.get_filesystem_class("s3")
+original, calls = getattr(s3, method), []
+
+async def kill_after(self, *args, **kwargs):
+    if after == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    result = await original(self, *args, **kwargs)
+    calls.append(args)
+    if len(calls) >= after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+setattr(s3, method, kill_after)
+with storage.write_dir(uri) as out:
+    for i in range(30):
+        (out / f"part-{i:02d}.bin").write_bytes(b"new" * 100)
+"""
+
+
+@pytest.mark.parametrize("phase", ["upload", "delete-old", "copy", "marker"])
+def test_a_writer_killed_while_publishing_to_s3_leaves_no_folder_a_reader_takes_for_whole(s3, tmp_path, phase):
+    from sd_tasks import train
+
+    output = f"s3://{BUCKET}/runs/killed-{phase}/train"
+    for step in (2, 4):  # checkpoint-4 is the folder being rewritten when the writer dies
+        with storage.write_dir(f"{output}/checkpoint-{step}") as out:
+            (out / "old.bin").write_bytes(b"old")
+    uri = f"{output}/checkpoint-4"
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, phase, uri, "5" if phase in ("upload", "copy") else "0"],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+    _clear_fsspec_instances()
+    if phase == "upload":  # the new files went to a staging prefix only: the old folder is untouched and whole
+        assert storage.is_whole(uri)
+        assert sorted(p.name for p in storage.read_dir(uri, whole=True).iterdir()) == [storage.MARKER, "old.bin"]
+        assert [c["step"] for c in train.list_checkpoints(output)] == [2, 4]
+    else:  # the old folder was being replaced: neither it nor the new one is whole, and no reader takes it
+        left = [k.rsplit("/", 1)[1] for k in keys(s3, f"runs/killed-{phase}/train/checkpoint-4/")]
+        assert left == {"delete-old": ["old.bin"], "marker": [f"part-{i:02d}.bin" for i in range(30)]}.get(phase, left)
+        assert phase != "copy" or 5 <= len(left) < 30, left  # cut short part-way through the copy
+        assert not storage.is_whole(uri)
+        with pytest.raises(StepError, match="incomplete folder: no completion marker"):
+            storage.read_dir(uri, whole=True)
+        assert [c["step"] for c in train.list_checkpoints(output)] == [2]
+    # A staging prefix left behind is hidden from readers of the parent folder.
+    assert sorted(p.name for p in storage.read_dir(output).iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+    # The writer run again (a retried task) publishes the whole new folder.
+    with storage.write_dir(uri) as out:
+        (out / "new.bin").write_bytes(b"new")
+    assert storage.is_whole(uri) and [c["step"] for c in train.list_checkpoints(output)] == [2, 4]
+    assert keys(s3, f"runs/killed-{phase}/train/checkpoint-4/") == [
+        f"runs/killed-{phase}/train/checkpoint-4/{storage.MARKER}", f"runs/killed-{phase}/train/checkpoint-4/new.bin"]
+
+
+def test_a_folder_that_lost_a_file_is_not_whole_and_a_rewritten_one_is_fetched_again(s3, tmp_path):
+    uri = f"s3://{BUCKET}/runs/manual__4/shard"
+    with storage.write_dir(uri) as out:
+        (out / "latents.safetensors").write_bytes(b"x" * 100)
+        (out / "records.json").write_text("{}")
+    first = storage.read_dir(uri, whole=True)
+    s3.delete_object(Bucket=BUCKET, Key="runs/manual__4/shard/latents.safetensors")
+    _clear_fsspec_instances()
+    assert not storage.is_whole(uri)
+    with pytest.raises(StepError, match="incomplete folder: latents.safetensors is missing"):
+        storage.read_dir(uri)  # a marked folder must match its marker, whoever reads it
+
+    with storage.write_dir(uri) as out:  # rewritten in place: the local copy of the old one is not reused
+        (out / "latents.safetensors").write_bytes(b"y" * 100)
+        (out / "records.json").write_text("{}")
+    second = storage.read_dir(uri, whole=True)
+    assert second != first and (second / "latents.safetensors").read_bytes() == b"y" * 100
+    storage.remove(uri)
+    assert keys(s3, "runs/manual__4/shard/") == []

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd_tasks import encode, evaluate, register, select, tracking, train
+from sd_tasks import encode, evaluate, register, select, storage, tracking, train
 from sd_tasks.errors import StepError
 
 
@@ -78,7 +78,7 @@ def test_train_writes_checkpoints_and_a_nested_mlflow_run(trained):
     weights = load_file(f"{result['checkpoints'][-1]['uri']}/pytorch_lora_weights.safetensors")
     assert weights and all(k.startswith("unet.") and "lora" in k for k in weights)
     files = list(Path(result["checkpoints"][-1]["uri"]).iterdir())  # readable by the MLflow server's user too
-    assert len(files) == 4 and {oct(f.stat().st_mode & 0o777) for f in files} == {"0o644"}
+    assert len(files) == 5 and {oct(f.stat().st_mode & 0o777) for f in files} == {"0o644"}
     client = tracking.client()
     run = client.get_run(result["run_id"])
     assert run.data.tags["mlflow.parentRunId"] == parent and run.info.status == "FINISHED"
@@ -176,10 +176,13 @@ def test_evaluate_select_register(trained, prepared, models):
 def test_select_weights_and_ties_go_to_the_earlier_step(tmp_path):
     rows = [(1e-4, 100, 0.5, 0.5, 0.2), (1e-4, 200, 0.5, 0.5, 0.2), (5e-4, 100, 0.9, 0.9, 0.1)]
     for lr, step, dino, clip_i, clip_t in rows:
-        folder = tmp_path / "eval" / f"{lr}-{step}"
-        folder.mkdir(parents=True)
-        folder.joinpath("metrics.json").write_text(json.dumps(dict(
-            learning_rate=lr, step=step, dino=dino, clip_i=clip_i, clip_t=clip_t, checkpoint=f"c{step}", run_id="r")))
+        with storage.write_dir(str(tmp_path / "eval" / f"{lr}-{step}")) as folder:  # as evaluate writes them
+            folder.joinpath("metrics.json").write_text(json.dumps(dict(
+                learning_rate=lr, step=step, dino=dino, clip_i=clip_i, clip_t=clip_t, checkpoint=f"c{step}",
+                run_id="r")))
+    (tmp_path / "eval" / "killed").mkdir()  # an evaluation whose writer died: no marker, not a candidate
+    (tmp_path / "eval" / "killed" / "metrics.json").write_text(json.dumps(dict(
+        learning_rate=1e-3, step=100, dino=1.0, clip_i=1.0, clip_t=1.0, checkpoint="c", run_id="r")))
 
     def best(**weights):
         out = select.run(select.SelectConfig(evaluations=str(tmp_path / "eval"), output=str(tmp_path / "s"), **weights))

@@ -59,6 +59,23 @@ def test_a_finished_run_started_again_does_no_more_work(config):
     assert again["resumed_from"] == config.max_steps and [c["step"] for c in again["checkpoints"]] == [8, 10, 12]
 
 
+def test_a_checkpoint_that_lost_a_file_is_skipped_and_training_resumes_from_the_newest_whole_one(config, capfd):
+    from pathlib import Path
+
+    newest = Path(config.output) / "checkpoint-12"
+    weights = load_file(newest / train.LORA_WEIGHTS)
+    (newest / train.TRAINING_STATE).unlink()  # say a sync or a clean-up lost it
+    assert [c["step"] for c in train.list_checkpoints(config.output)] == [8, 10]
+
+    again = train.run(config)
+    assert again["resumed_from"] == 10 and [c["step"] for c in again["checkpoints"]] == [8, 10, 12]
+    err = capfd.readouterr().err
+    assert f"{newest} is incomplete (training_state.pt is missing)" in err
+    assert f"resuming from {config.output}/checkpoint-10" in err
+    rewritten = load_file(newest / train.LORA_WEIGHTS)
+    assert all(torch.equal(rewritten[k], weights[k]) for k in weights)  # the same two steps, the same weights
+
+
 def test_diffusers_and_kohya_files_load_in_stock_diffusers_and_give_the_same_images(config, models):
     from diffusers import StableDiffusionXLPipeline
 
