@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from sd_tasks.cli import option
 from sd_tasks.encode import model_fingerprint
+from sd_tasks.models import inference_dtype, load_pipeline
 from sd_tasks.storage import is_whole, join, write_dir, write_json
 
 
@@ -28,9 +29,14 @@ class ClassImagesConfig:
     num_inference_steps: int = option("denoising steps", 25)
     guidance_scale: float = option("classifier-free guidance scale", 5.0)
     batch_size: int = option("images per pipeline call", 4)
+    dtype: str = option("pipeline dtype: auto (float16 on a CUDA GPU, float32 on the CPU), float16, bfloat16, "
+                        "float32", "auto")
+    vae: str | None = option("VAE to decode with instead of the base model's (e.g. madebyollin/sdxl-vae-fp16-fix)",
+                             None)
 
 
 def run(config: ClassImagesConfig) -> dict:
+    config = replace(config, dtype=inference_dtype(config.dtype))  # the cache key names the dtype that ran
     settings = {k: v for k, v in asdict(config).items() if k not in ("output", "batch_size", "base_model")}
     key = hashlib.sha256(json.dumps({**settings, "model": model_fingerprint(config.base_model, with_unet=True)},
                                     sort_keys=True).encode()).hexdigest()[:20]
@@ -44,12 +50,8 @@ def run(config: ClassImagesConfig) -> dict:
 
 def generate(config: ClassImagesConfig, out) -> None:
     import torch
-    from diffusers import StableDiffusionXLPipeline
 
-    from sd_tasks.models import device
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(config.base_model).to(device())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(config.base_model, config.dtype, config.vae)
     (out / "images").mkdir()
     size, records = config.resolution, []
     for start in range(0, config.count, config.batch_size):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from sd_tasks.cli import option
 from sd_tasks.dataset import content_hash
 from sd_tasks.errors import StepError
 from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, mean_matched_cosine, mean_pairwise_cosine
-from sd_tasks.models import device
+from sd_tasks.models import device, inference_dtype, load_pipeline
 from sd_tasks.storage import is_whole, join, read_dir, read_json, write_dir, write_json
 from sd_tasks.train import CHECKPOINT_INFO, LORA_WEIGHTS
 
@@ -57,11 +57,16 @@ class EvaluateConfig:
     num_inference_steps: int = option("denoising steps", 25)
     guidance_scale: float = option("classifier-free guidance scale", 5.0)
     resolution: int | None = option("image side (default: the UNet's native size)", None)
+    dtype: str = option("pipeline dtype: auto (float16 on a CUDA GPU, float32 on the CPU), float16, bfloat16, "
+                        "float32", "auto")
+    vae: str | None = option("VAE to decode with instead of the base model's (e.g. madebyollin/sdxl-vae-fp16-fix)",
+                             None)
     seed: int = option("base seed; image k of prompt j uses seed + 1000 * j + k", 0)
     cache: str | None = option("URI keeping evaluations by (LoRA weights, suite): one already done is copied", None)
 
 
 def run(config: EvaluateConfig) -> dict:
+    config = replace(config, dtype=inference_dtype(config.dtype))  # the suite names the dtype that ran
     checkpoint = read_dir(config.checkpoint)
     info = read_json(f"{config.checkpoint}/{CHECKPOINT_INFO}")
     base_model = config.base_model or info["base_model"]
@@ -141,18 +146,16 @@ class Generator:
     """The base pipeline, with the checkpoint's LoRA switched on or off, and the optional refiner."""
 
     def __init__(self, base_model: str, config: EvaluateConfig):
-        from diffusers import StableDiffusionXLPipeline
-
         self.config = config
-        self.pipe = StableDiffusionXLPipeline.from_pretrained(base_model).to(device())
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = load_pipeline(base_model, config.dtype, config.vae)
         if config.scheduler:
             self.pipe.scheduler = scheduler_class(config.scheduler).from_config(self.pipe.scheduler.config)
         self.refiner = None
         if config.refiner_model:
             from diffusers import StableDiffusionXLImg2ImgPipeline
 
-            self.refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(config.refiner_model).to(device())
+            self.refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+                config.refiner_model, torch_dtype=getattr(torch, config.dtype)).to(device())
             self.refiner.set_progress_bar_config(disable=True)
         self.size = config.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.loaded = None

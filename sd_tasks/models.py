@@ -54,3 +54,33 @@ def sdxl_time_ids(original_size, crop_top_left, target_size) -> torch.Tensor:
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def training_precision(name: str) -> str:
+    """accelerate's mixed_precision for `auto`: bf16 on a CUDA GPU that has it (fp16 on older ones), none on the
+    CPU, where half precision is slower and the demo's numbers stay exact."""
+    if name != "auto":
+        return name
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def inference_dtype(name: str) -> str:
+    """The pipelines' dtype for `auto`: float16 on a CUDA GPU (SDXL's usual inference precision; its VAE upcasts
+    itself to decode), float32 on the CPU."""
+    if name != "auto":
+        return name
+    return "float16" if torch.cuda.is_available() else "float32"
+
+
+def load_pipeline(base_model: str, dtype: str, vae: str | None = None):
+    """The SDXL text-to-image pipeline in `dtype` on this machine's device, optionally with another VAE (a folder
+    or id holding an AutoencoderKL, e.g. madebyollin/sdxl-vae-fp16-fix)."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    torch_dtype = getattr(torch, dtype)
+    extra = {"vae": AutoencoderKL.from_pretrained(vae, torch_dtype=torch_dtype)} if vae else {}
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_model, torch_dtype=torch_dtype, **extra).to(device())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -14,7 +14,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ class TrainConfig:
     max_grad_norm: float = option("clip gradients to this norm", 1.0)
     snr_gamma: float | None = option("min-SNR loss weighting gamma (5.0 is the paper's choice)", None)
     noise_offset: float = option("offset noise strength (helps very dark and bright images)", 0.0)
-    mixed_precision: str = option("no, fp16 or bf16", "no")
+    mixed_precision: str = option("auto (bf16 on a CUDA GPU, none on the CPU), no, fp16 or bf16", "auto")
     gradient_checkpointing: bool = option("trade compute for memory in the UNet", False)
     seed: int = option("seed for LoRA init, data order, noise and timesteps", 0)
     gpu_hour_price: float = option("price of one GPU-hour, for the estimated cost logged to MLflow", 2.5)
@@ -73,6 +73,7 @@ def run(config: TrainConfig) -> dict:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
+    config = replace(config, mixed_precision=models.training_precision(config.mixed_precision))
     accelerator = fresh_accelerator(config.mixed_precision)
     torch.manual_seed(config.seed)
     text = TextEncoderLora(config) if config.train_text_encoder else None

@@ -83,6 +83,7 @@ def test_train_writes_checkpoints_and_a_nested_mlflow_run(trained):
     run = client.get_run(result["run_id"])
     assert run.data.tags["mlflow.parentRunId"] == parent and run.info.status == "FINISHED"
     assert run.data.params["learning_rate"] == "0.001"
+    assert run.data.params["mixed_precision"] == "no"  # `auto` on the CPU: fp32, as the demo's numbers expect
     assert [m.step for m in client.get_metric_history(result["run_id"], "loss")] == [1, 2, 3, 4]
     metrics = run.data.metrics
     assert metrics["images_per_second"] > 0 and metrics["peak_rss_gb"] > 0
@@ -129,6 +130,23 @@ def test_bf16_keeps_the_frozen_unet_in_half_precision_and_trains_the_lora_in_fp3
     assert all(torch.isfinite(w).all() for w in weights.values())
     loss = [m.value for m in tracking.client().get_metric_history(result["run_id"], "loss")]
     assert len(loss) == 2 and all(0 < v < 10 for v in loss)
+
+
+def test_evaluation_in_half_precision_with_another_vae_is_its_own_suite(trained, prepared, models, tmp_path):
+    """The production pipeline recipe (the GPU's float16 path, checked here in bfloat16, which the CPU runs): the
+    images are finite, the dtype that ran and the VAE are part of the suite, so their scores never mix with
+    float32 ones."""
+    checkpoint = trained["result"]["checkpoints"][-1]["uri"]
+    common = dict(checkpoint=checkpoint, instance_images=str(prepared / "resized"), prompts=["a red sks dog"],
+                  clip_model=models["clip"], dino_model=models["dino"], images_per_prompt=1, num_inference_steps=2)
+    full = evaluate.run(evaluate.EvaluateConfig(output=str(tmp_path / "fp32"), **common))
+    half = evaluate.run(evaluate.EvaluateConfig(output=str(tmp_path / "bf16"), dtype="bfloat16",
+                                                vae=f"{models['sdxl']}/vae", **common))
+    assert not half["broken"] and all(-1 <= half[k] <= 1 for k in ("clip_t", "clip_i", "dino"))
+    assert half["suite"] != full["suite"]
+    # `auto` is float32 on the CPU: the same suite as asking for float32
+    assert evaluate.run(evaluate.EvaluateConfig(output=str(tmp_path / "auto"), dtype="auto", **common))["suite"] == \
+        full["suite"]
 
 
 def test_a_diverging_loss_stops_training_and_fails_the_run(prepared, cache, models, monkeypatch):
@@ -202,6 +220,8 @@ def test_metric_math_on_known_embeddings():
 
 
 def test_prior_preservation_trains_on_cached_class_images(prepared, cache, models, tmp_path):
+    from dataclasses import replace
+
     from sd_tasks import class_images
 
     config = class_images.ClassImagesConfig(base_model=models["sdxl"], class_prompt="a photo of dog",
@@ -210,6 +230,9 @@ def test_prior_preservation_trains_on_cached_class_images(prepared, cache, model
     made = class_images.run(config)
     assert not made["cached"] and len(list(Path(made["images"], "images").iterdir())) == 3
     assert class_images.run(config)["cached"]  # same model, prompt, count, seed, resolution: generated once
+    assert class_images.run(replace(config, dtype="float32"))["cached"]  # `auto` is float32 on the CPU
+    half = class_images.run(replace(config, dtype="bfloat16", count=1))
+    assert not half["cached"] and half["key"] != made["key"]  # another dtype draws other images: its own entry
     class_cache = encode.run(encode.EncodeConfig(images=made["images"], output=str(tmp_path / "cache"),
                                                  base_model=models["sdxl"]))["cache"]
     common = dict(cache=cache, base_model=models["sdxl"], max_steps=2, checkpointing_steps=2, experiment="prior")
