@@ -17,7 +17,7 @@ export DREAMLINE_DINO_MODEL ?= $(DREAMLINE_HOME)/models/evaluators/dino
 export HF_HUB_OFFLINE ?= 1
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: demo test ui install clean
+.PHONY: demo test ui pods install clean
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
@@ -27,6 +27,12 @@ test: $(STAMP)
 
 ui: $(STAMP)
 	$(PY) scripts/ui.py
+
+# The manifest of every pod one DAG run would launch in kubernetes mode, e.g. make pods CONF='{"max_steps": 200}'
+SETTINGS ?= deploy/kubernetes/dreamline.env
+CONF ?= {}
+pods: $(STAMP)
+	@PYTHONPATH=plugins $(PY) -m dreamline.pods --settings $(SETTINGS) --conf '$(CONF)'
 
 install: $(STAMP)
 

@@ -26,15 +26,15 @@ rate.
 """
 from __future__ import annotations
 
-import math
 from datetime import datetime, timedelta
 
 from airflow.sdk import chain, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from dreamline import plan
 from dreamline.deployment import DEPLOYMENT
 from dreamline.operators import StepOperator
-from dreamline.params import evaluation_params, evaluation_prompts, subject_params, training_params
+from dreamline.params import evaluation_params, subject_params, training_params
 
 RUN = "{{ run_dir(dag.dag_id, run_id) }}"  # this DAG run's folder
 PARENT_RUN_ID = "{{ ti.xcom_pull(task_ids='mlflow_run')['run_id'] }}"
@@ -86,10 +86,7 @@ def sdxl_dreambooth_lora():
     @task
     def encode_shards(prepared: dict) -> list[dict]:
         """One `encode` options dict per shard of at most `encode_shard_size` images (one pod each)."""
-        params, run = _params_and_run_dir()
-        count = max(1, math.ceil(prepared["images"] / params["encode_shard_size"]))
-        return [{"images": f"{run}/resized", "output": DEPLOYMENT.cache_dir("encode"), "flip": params["flip"],
-                 "base_model": params["base_model"], "shard_index": i, "num_shards": count} for i in range(count)]
+        return plan.encode_shard_options(*_params_and_run_dir(), images=prepared["images"])
 
     encoded_shards = StepOperator.partial(
         task_id="encode", step="encode", profile="gpu", map_index_template="shard {{ task.options['shard_index'] }}",
@@ -113,7 +110,8 @@ def sdxl_dreambooth_lora():
     class_images = StepOperator(task_id="class_images", step="class-images", profile="gpu", **RETRIED, options={
         "base_model": "{{ params.base_model }}", "class_prompt": "{{ params.class_prompt }}",
         "output": DEPLOYMENT.cache_dir("class-images"), "count": "{{ params.num_class_images }}",
-        "resolution": "{{ params.resolution }}", "seed": "{{ params.seed }}",
+        "resolution": "{{ params.resolution }}", "seed": "{{ params.seed }}", "dtype": "{{ params.inference_dtype }}",
+        "vae": "{{ params.vae or None }}",
     })
     class_cache = StepOperator(task_id="encode_class_images", step="encode", profile="gpu", **RETRIED, options={
         "images": "{{ ti.xcom_pull(task_ids='class_images')['images'] }}", "output": DEPLOYMENT.cache_dir("encode"),
@@ -123,19 +121,12 @@ def sdxl_dreambooth_lora():
     @task(trigger_rule="none_failed")  # runs whether prior preservation was on or skipped
     def training_runs(data: dict, cache: dict) -> list[dict]:
         """One `train` options dict per learning rate."""
-        params, run = _params_and_run_dir()
         ti = get_current_context()["ti"]
         # Pulled rather than passed: a task right after the setup task mlflow_run must keep all_success.
         parent = ti.xcom_pull(task_ids="mlflow_run")
         prior = ti.xcom_pull(task_ids="encode_class_images")  # None when prior preservation was skipped
-        return [{
-            "cache": cache["cache"], "class_cache": prior and prior["cache"],
-            "prior_loss_weight": params["prior_loss_weight"],
-            "output": f"{run}/train/lr-{lr:g}", "base_model": params["base_model"],
-            "learning_rate": lr, "max_steps": params["max_steps"], "checkpointing_steps": params["checkpointing_steps"],
-            "rank": params["rank"], "seed": params["seed"], "experiment": params["subject"],
-            "parent_run_id": parent["run_id"], "tags": [f"dataset.{k}={data[k]}" for k in ("rev", "commit", "hash")],
-        } for lr in params["learning_rates"]]
+        return plan.training_options(*_params_and_run_dir(), dataset=data, cache=cache["cache"],
+                                     parent_run_id=parent["run_id"], class_cache=prior and prior["cache"])
 
     sweep = training_runs(dataset.output, encoded.output)
     trained = StepOperator.partial(
@@ -150,8 +141,7 @@ def sdxl_dreambooth_lora():
     @task(trigger_rule="all_done_min_one_success")  # a learning rate that diverged must not sink the sweep
     def checkpoint_evaluations(training_results: list[dict]) -> list[dict]:
         """One `evaluate` options dict per checkpoint of every training run that finished, and one for the current
-        champion, so the new model is compared with it on today's evaluation suite (evaluations are kept by LoRA
-        weights and suite: while the suite is unchanged, the champion's is copied, not redone)."""
+        champion (dreamline.plan.evaluation_options)."""
         params, run = _params_and_run_dir()
         current = get_current_context()["ti"].xcom_pull(task_ids="champion")  # pulled: this task runs when it failed
         if current is None:
@@ -161,17 +151,7 @@ def sdxl_dreambooth_lora():
             raise AirflowFailException("no learning rate finished training: see the train tasks' logs")
         if failed := [lr for lr in params["learning_rates"] if lr not in finished]:
             print(f"not evaluated, their training failed: {', '.join(f'lr={lr:g}' for lr in failed)}")
-        suite = {"instance_images": f"{run}/resized", "prompts": evaluation_prompts(params),
-                 "class_prompts": [params["class_prompt"]], "clip_model": params["clip_model"],
-                 "dino_model": params["dino_model"],
-                 "base_model": params["base_model"], "images_per_prompt": params["images_per_prompt"],
-                 "num_inference_steps": params["inference_steps"], "resolution": params["resolution"],
-                 "seed": params["seed"], "cache": DEPLOYMENT.cache_dir("evaluations")}
-        candidates = [(c["uri"], f"lr-{r['learning_rate']:g}/step-{c['step']}")
-                      for r in training_results for c in r["checkpoints"]]
-        if current["checkpoint"]:
-            candidates.append((current["checkpoint"], f"champion-v{current['version']}"))
-        return [{"checkpoint": uri, "output": f"{run}/eval/{name}", **suite} for uri, name in candidates]
+        return plan.evaluation_options(params, run, training_results, current)
 
     evaluations = checkpoint_evaluations(trained.output)
     evaluated = StepOperator.partial(

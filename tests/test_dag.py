@@ -26,11 +26,18 @@ def airflow_env(tmp_path, **extra) -> dict:
             "DREAMLINE_HOME": str(tmp_path / "home"), **extra}
 
 
+def kubernetes_settings() -> dict:
+    """The example settings of a kubernetes deployment (deploy/kubernetes/dreamline.env)."""
+    lines = (REPO / "deploy" / "kubernetes" / "dreamline.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+
 @pytest.mark.parametrize("executor", ["local", "kubernetes"])
 def test_dagbag_imports_without_errors_or_ml_libraries(tmp_path, executor):
     # Outside the repo, as Airflow's own components run it: only the dags and plugins folders are on the path.
+    settings = kubernetes_settings() if executor == "kubernetes" else {"DREAMLINE_EXECUTOR": "local"}
     proc = subprocess.run([sys.executable, "-c", PARSE, str(REPO / "dags")], capture_output=True, text=True,
-                          env=airflow_env(tmp_path, DREAMLINE_EXECUTOR=executor), cwd=tmp_path)
+                          env=airflow_env(tmp_path, **settings), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"errors": {}, "dags": ["sdxl_dreambooth_lora"], "heavy": []}

@@ -11,7 +11,25 @@
 | DREAMLINE_CLIP_MODEL / DREAMLINE_DINO_MODEL | openai/clip-vit-large-patch14 / facebook/dino-vits16 | evaluators |
 | DREAMLINE_CAPTION_MODEL | Salesforce/blip-image-captioning-large | captioner, when captions come from a model |
 | MLFLOW_TRACKING_URI | `sqlite:///$DREAMLINE_HOME/mlflow/mlflow.db` | MLflow tracking and registry |
-| DREAMLINE_IMAGE / DREAMLINE_NAMESPACE | dreamline:latest / dreamline | pod image and namespace (kubernetes) |
+
+Kubernetes only (see docs/deployment.md for the objects they name):
+
+| variable | default | meaning |
+| --- | --- | --- |
+| DREAMLINE_IMAGE | dreamline-worker:latest | the `worker` image the step pods run |
+| DREAMLINE_NAMESPACE | dreamline | namespace of the step pods |
+| DREAMLINE_SERVICE_ACCOUNT | dreamline-worker | service account of the step pods (cloud IAM binds to it) |
+| DREAMLINE_IMAGE_PULL_POLICY | IfNotPresent | Always, IfNotPresent or Never |
+| DREAMLINE_IMAGE_PULL_SECRETS | (none) | comma-separated Secret names for a private registry |
+| DREAMLINE_CONFIGMAP | dreamline-config | ConfigMap of the pods' non-secret settings (S3 endpoint, region) |
+| DREAMLINE_S3_SECRET | dreamline-s3 | Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; empty: a cloud role instead |
+| DREAMLINE_MLFLOW_SECRET | dreamline-mlflow | optional Secret with MLFLOW_TRACKING_USERNAME/PASSWORD (or _TOKEN) |
+| DREAMLINE_HF_SECRET | dreamline-hf | optional Secret with HF_TOKEN, for gated models |
+| DREAMLINE_GIT_SECRET | dreamline-git | optional Secret with GIT_CONFIG_* credentials for a private data registry |
+| DREAMLINE_MODEL_CACHE_PVC | dreamline-model-cache | PVC mounted at /models as the Hugging Face cache; empty: none |
+
+In kubernetes mode a setting that cannot work from a pod (a local path, a sqlite tracking store, credentials
+written into a URI) fails DAG parsing with one line naming it: `Deployment.check`.
 """
 from __future__ import annotations
 
@@ -21,6 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+MODEL_CACHE_MOUNT = "/models"  # where the model-cache PVC is mounted in step pods; HF_HOME lies under it
+
+
+class DeploymentError(ValueError):
+    """A deployment setting that cannot work; the message is one line that names the setting."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +60,13 @@ class Deployment:
     tracking_uri: str
     image: str
     namespace: str
+    service_account: str = "dreamline-worker"
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    configmap: str = "dreamline-config"
+    s3_secret: str = "dreamline-s3"
+    optional_secrets: tuple[str, ...] = ("dreamline-mlflow", "dreamline-hf", "dreamline-git")
+    model_cache_pvc: str = "dreamline-model-cache"
     step_env: dict = field(default_factory=dict)
 
     def cache_dir(self, name: str) -> str:
@@ -46,9 +76,54 @@ class Deployment:
         """The one folder (URI) that holds everything a pipeline run writes."""
         return f"{self.storage.rstrip('/')}/{dag_id}/{slug(run_id)}"
 
+    def check(self) -> None:
+        """Refuse, in one line naming the setting, what a step pod could not use."""
+        if self.executor not in ("local", "kubernetes"):
+            raise DeploymentError(f"DREAMLINE_EXECUTOR={self.executor!r}: use local or kubernetes")
+        if self.executor != "kubernetes":
+            return
+        for name, value in (("DREAMLINE_STORAGE", self.storage), ("DREAMLINE_CACHE", self.cache)):
+            if not is_remote_uri(value):
+                raise DeploymentError(f"{name}={value}: in kubernetes mode it must be a remote URI (s3://bucket/"
+                                      f"prefix): a pod's local disk is gone when the pod ends")
+        if not is_remote_git(self.dataset_repo):
+            raise DeploymentError(f"DREAMLINE_DATASET_REPO={self.dataset_repo}: in kubernetes mode it must be a "
+                                  f"Git URL the pods can clone (https://, ssh:// or git@host:path)")
+        if not re.match(r"https?://", self.tracking_uri):
+            raise DeploymentError(f"MLFLOW_TRACKING_URI={self.tracking_uri}: in kubernetes mode it must be an "
+                                  f"MLflow tracking server (http(s)://host:port), not a file or database")
+        if re.match(r"https?://[^/]*@", self.tracking_uri):
+            raise DeploymentError("MLFLOW_TRACKING_URI: holds credentials; put them in the Secret named by "
+                                  "DREAMLINE_MLFLOW_SECRET (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD)")
+        for name, value in (("DREAMLINE_BASE_MODEL", self.base_model), ("DREAMLINE_CLIP_MODEL", self.clip_model),
+                            ("DREAMLINE_DINO_MODEL", self.dino_model),
+                            ("DREAMLINE_CAPTION_MODEL", self.caption_model)):
+            if not pod_can_read_model(value):
+                raise DeploymentError(f"{name}={value}: a path on this machine; in kubernetes mode use a Hugging "
+                                      f"Face id or a folder under {MODEL_CACHE_MOUNT} (the model-cache volume)")
+
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def is_remote_uri(uri: str) -> bool:
+    return bool(re.match(r"[a-z][a-z0-9+.-]*://", uri)) and not uri.startswith("file://")
+
+
+def is_remote_git(url: str) -> bool:
+    return bool(re.match(r"(https?|ssh|git)://", url) or re.match(r"[\w.-]+@[\w.-]+:", url))
+
+
+def pod_can_read_model(model: str) -> bool:
+    """A hub id (`org/name`) or a path under the model-cache mount."""
+    if model.startswith(MODEL_CACHE_MOUNT + "/"):
+        return True
+    return not model.startswith(("/", ".", "~", "file:")) and model.count("/") <= 1
+
+
+def _names(value: str | None) -> tuple[str, ...]:
+    return tuple(n.strip() for n in (value or "").split(",") if n.strip())
 
 
 def from_environment(env=os.environ) -> Deployment:
@@ -65,9 +140,18 @@ def from_environment(env=os.environ) -> Deployment:
         dino_model=env.get("DREAMLINE_DINO_MODEL", "facebook/dino-vits16"),
         caption_model=env.get("DREAMLINE_CAPTION_MODEL", "Salesforce/blip-image-captioning-large"),
         tracking_uri=tracking_uri,
-        image=env.get("DREAMLINE_IMAGE", "dreamline:latest"),
+        image=env.get("DREAMLINE_IMAGE", "dreamline-worker:latest"),
         namespace=env.get("DREAMLINE_NAMESPACE", "dreamline"),
-        # What every step process or pod sees, besides its argv.
+        service_account=env.get("DREAMLINE_SERVICE_ACCOUNT", "dreamline-worker"),
+        image_pull_policy=env.get("DREAMLINE_IMAGE_PULL_POLICY", "IfNotPresent"),
+        image_pull_secrets=_names(env.get("DREAMLINE_IMAGE_PULL_SECRETS")),
+        configmap=env.get("DREAMLINE_CONFIGMAP", "dreamline-config"),
+        s3_secret=env.get("DREAMLINE_S3_SECRET", "dreamline-s3"),
+        optional_secrets=tuple(n for n in (env.get("DREAMLINE_MLFLOW_SECRET", "dreamline-mlflow"),
+                                           env.get("DREAMLINE_HF_SECRET", "dreamline-hf"),
+                                           env.get("DREAMLINE_GIT_SECRET", "dreamline-git")) if n),
+        model_cache_pvc=env.get("DREAMLINE_MODEL_CACHE_PVC", "dreamline-model-cache"),
+        # What every local step process sees, besides its argv (pods: see operators.pod_environment).
         step_env={"DREAMLINE_HOME": str(home), "MLFLOW_TRACKING_URI": tracking_uri,
                   "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"},
     )

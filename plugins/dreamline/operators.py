@@ -15,7 +15,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from dreamline.deployment import DEPLOYMENT, REPO_ROOT
+from dreamline.deployment import DEPLOYMENT, MODEL_CACHE_MOUNT, REPO_ROOT
 from dreamline.profiles import PROFILES
 
 # sd_tasks.cli.FINAL_EXIT_CODES (a test keeps them equal): Airflow's components do not have sd_tasks on their path.
@@ -64,7 +64,7 @@ class LocalStepOperator(BaseOperator):
 
     def __init__(self, *, step: str, options: dict[str, Any], profile: str = "cpu", **kwargs):
         super().__init__(**kwargs)
-        self.step, self.options, self.profile = step, options, PROFILES[profile]
+        self.step, self.options, self.profile_name, self.profile = step, options, profile, PROFILES[profile]
 
     def execute(self, context) -> dict:
         argv = [sys.executable, "-m", "sd_tasks", *step_argv(self.step, self.options)]
@@ -97,41 +97,84 @@ class LocalStepOperator(BaseOperator):
                 process.kill()
 
 
+# Steps that load a model: they get the model-cache volume as their Hugging Face cache.
+MODEL_STEPS = frozenset({"caption", "encode", "class-images", "train", "evaluate"})
+WORKER_UID = 50000  # the worker image's user (Dockerfile)
+
+
 def _kubernetes_operator():
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
 
     class KubernetesStepOperator(KubernetesPodOperator):
-        """Run a step as a pod of the Dreamline image; the argv is the local operator's, without the interpreter
-        path. The step writes its result to /airflow/xcom/return.json, which the XCom sidecar reads."""
+        """Run a step as a pod of the worker image; the argv is the local operator's, without the interpreter
+        path. The step writes its result to /airflow/xcom/return.json, which the XCom sidecar reads.
+
+        What a pod gets besides its argv (docs/deployment.md): its settings and credentials from the deployment's
+        ConfigMap and Secrets (never a literal credential), the model-cache volume as its Hugging Face cache when
+        the step loads a model, a memory-backed /dev/shm on GPU nodes (the data loader's and NCCL's shared memory),
+        a scratch /tmp under a read-only root filesystem, a restricted security context, and labels naming its
+        DAG, task, run and map index. A retried task reattaches to its pod when it is still running (`durable`);
+        a failed pod is kept for `kubectl logs/describe`, a succeeded one deleted."""
 
         template_fields = (*KubernetesPodOperator.template_fields, "options")
 
         def __init__(self, *, step: str, options: dict[str, Any], profile: str = "cpu", **kwargs):
             p = PROFILES[profile]
+            d = DEPLOYMENT
             limits = {"cpu": p.cpu, "memory": p.memory} | ({"nvidia.com/gpu": str(p.gpus)} if p.gpus else {})
+            volumes, mounts = pod_volumes(step, p, k8s)
+            restricted = k8s.V1SecurityContext(allow_privilege_escalation=False, privileged=False,
+                                               read_only_root_filesystem=True, run_as_non_root=True,
+                                               capabilities=k8s.V1Capabilities(drop=["ALL"]))
             kwargs.setdefault("name", f"sd-{step}")
-            kwargs.setdefault("namespace", DEPLOYMENT.namespace)
-            kwargs.setdefault("image", DEPLOYMENT.image)
+            kwargs.setdefault("namespace", d.namespace)
+            kwargs.setdefault("image", d.image)
             # Several GPUs: the same step under `accelerate launch`, one process per GPU.
             launcher = (["accelerate", "launch", "--multi_gpu", f"--num_processes={p.gpus}"] if p.gpus > 1
                         else ["python"])
             super().__init__(
                 cmds=[*launcher, "-m", "sd_tasks"],
                 arguments=[],  # filled from the rendered options in build_pod_request_obj
-                env_vars={**DEPLOYMENT.step_env, "SD_TASKS_RESULT_FILE": "/airflow/xcom/return.json"},
+                env_vars=pod_environment(step),
+                env_from=[k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(name=d.configmap))]
+                + ([k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=d.s3_secret))] if d.s3_secret else [])
+                + [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=n, optional=True))
+                   for n in d.optional_secrets],
                 container_resources=k8s.V1ResourceRequirements(requests={"cpu": p.cpu, "memory": p.memory},
                                                                limits=limits),
+                volumes=volumes,
+                volume_mounts=mounts,
                 node_selector=p.node_selector or None,
                 tolerations=[k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
                 if p.gpus else None,
+                service_account_name=d.service_account,
+                automount_service_account_token=False,  # steps never call the Kubernetes API
+                image_pull_policy=d.image_pull_policy,
+                image_pull_secrets=[k8s.V1LocalObjectReference(name=n) for n in d.image_pull_secrets] or None,
+                security_context=k8s.V1PodSecurityContext(
+                    run_as_non_root=True, run_as_user=WORKER_UID, run_as_group=0, fs_group=0,
+                    seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
+                container_security_context=restricted,
+                xcom_sidecar_container_security_context=restricted,
+                labels={"app.kubernetes.io/name": "dreamline", "app.kubernetes.io/component": step},
                 startup_timeout_seconds=p.startup_timeout_seconds,
                 termination_message_policy="FallbackToLogsOnError",  # the step's `error:` line in the failure
                 do_xcom_push=True,
-                on_finish_action="delete_succeeded_pod",
+                durable=True,  # a retried task (the worker died) reattaches to the running pod
+                on_finish_action="delete_succeeded_pod",  # a failed pod stays for debugging
                 **kwargs,
             )
-            self.step, self.options = step, options
+            self.step, self.options, self.profile_name = step, options, profile
+
+        def execute(self, context):
+            local = local_paths(self.options)
+            if local:
+                name, value = local[0]
+                raise AirflowFailException(
+                    f"{self.step}: --{name.replace('_', '-')} {value} is a path on this machine; in kubernetes mode "
+                    f"step inputs and outputs must be remote URIs (a pod's disk is gone when it ends)")
+            return super().execute(context)
 
         def build_pod_request_obj(self, context=None, **kwargs):
             self.arguments = step_argv(self.step, self.options)
@@ -149,6 +192,46 @@ def _kubernetes_operator():
     return KubernetesStepOperator
 
 
+def pod_environment(step: str) -> dict[str, str]:
+    """A pod's literal environment: where things are inside the pod, never a credential (those come from the
+    deployment's Secrets, the endpoints from its ConfigMap). The tracking URI is the one Deployment.check
+    accepted."""
+    cache = DEPLOYMENT.model_cache_pvc and step in MODEL_STEPS
+    return {"DREAMLINE_EXECUTOR": "kubernetes", "DREAMLINE_HOME": "/tmp/dreamline",
+            "MLFLOW_TRACKING_URI": DEPLOYMENT.tracking_uri,
+            "HOME": "/tmp", "TMPDIR": "/tmp", "SD_TASKS_CACHE": "/tmp/sd_tasks-cache",
+            "HF_HOME": f"{MODEL_CACHE_MOUNT}/huggingface" if cache else "/tmp/huggingface",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1",
+            "SD_TASKS_RESULT_FILE": "/airflow/xcom/return.json"}
+
+
+def pod_volumes(step: str, profile, k8s) -> tuple[list, list]:
+    """Scratch /tmp (the root filesystem is read-only), /dev/shm in memory on GPU pods (Docker's 64 MiB default
+    starves data loaders and NCCL), and the model cache for steps that load a model."""
+    volumes = [k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource())]
+    mounts = [k8s.V1VolumeMount(name="scratch", mount_path="/tmp")]
+    if profile.shm:
+        volumes.append(k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory",
+                                                                                     size_limit=profile.shm)))
+        mounts.append(k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
+    if DEPLOYMENT.model_cache_pvc and step in MODEL_STEPS:
+        volumes.append(k8s.V1Volume(name="model-cache", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+            claim_name=DEPLOYMENT.model_cache_pvc)))
+        mounts.append(k8s.V1VolumeMount(name="model-cache", mount_path=MODEL_CACHE_MOUNT))
+    return volumes, mounts
+
+
+def local_paths(options: dict[str, Any]) -> list[tuple[str, str]]:
+    """Options whose value is a path on this machine (models under the model-cache mount are the pod's own)."""
+    found = []
+    for name, value in options.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str) and item.startswith(("/", "./", "~", "file:")) \
+                    and not item.startswith(MODEL_CACHE_MOUNT + "/"):
+                found.append((name, item))
+    return found
+
+
 def base_container_exit_code(pod, container: str) -> int | None:
     statuses = (pod.status.container_statuses if pod and pod.status else None) or []
     base = next((s for s in statuses if s.name == container), None)
@@ -159,9 +242,8 @@ def base_container_exit_code(pod, container: str) -> int | None:
 def step_operator_class(executor: str = DEPLOYMENT.executor) -> type[BaseOperator]:
     if executor == "local":
         return LocalStepOperator
-    if executor == "kubernetes":
-        return _kubernetes_operator()
-    raise ValueError(f"DREAMLINE_EXECUTOR={executor!r}: use local or kubernetes")
+    return _kubernetes_operator()
 
 
+DEPLOYMENT.check()  # in kubernetes mode, a setting no pod could use fails DAG parsing, naming it
 StepOperator = step_operator_class()

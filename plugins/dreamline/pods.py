@@ -1,0 +1,152 @@
+"""`make pods`: the manifest of every pod one run of the DAG would launch in kubernetes mode, for a given conf,
+without a cluster or a database.
+
+    python -m dreamline.pods --settings deploy/kubernetes/dreamline.env --conf '{"learning_rates": [1e-4]}'
+
+The deployment settings come from the file (KEY=VALUE lines, as Airflow's environment would hold them) over the
+environment. The DAG is parsed as Airflow parses it; the trigger form's Params are merged with the conf and
+validated; each step task's templated options are rendered with Airflow's own template environment, and mapped
+tasks get the options the DAG would compute (dreamline.plan) from predicted results of the tasks before them: the
+dataset has `--images` images, training writes every checkpoint, and a champion exists unless `--no-champion`.
+Values known only at run time appear as `<task.field>`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+DAG_ID = "sdxl_dreambooth_lora"
+
+
+def read_settings(path: str) -> dict[str, str]:
+    settings = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            if "=" not in line:
+                raise SystemExit(f"error: {path}:{number}: not KEY=VALUE")
+            key, value = line.split("=", 1)
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def planned_pods(conf: dict, images: int = 5, champion: bool = True, run_id: str = "manual__2026-01-01T02:00:00")\
+        -> list[tuple[str, object]]:
+    """[(what, V1Pod)] in the order the DAG runs them. Needs DREAMLINE_EXECUTOR=kubernetes in the environment
+    before dreamline is first imported."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from dreamline import plan
+    from dreamline.deployment import DEPLOYMENT, REPO_ROOT
+    from dreamline.operators import step_operator_class
+
+    DEPLOYMENT.check()
+    bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
+    if bag.import_errors:
+        raise SystemExit(f"error: the DAG does not parse: {bag.import_errors}")
+    dag = bag.dags[DAG_ID]
+    merged = copy.deepcopy(dag.params)
+    merged.update(conf)  # each value checked against its Param's schema, as the trigger form does
+    params = merged.validate()
+    run = DEPLOYMENT.run_dir(DAG_ID, run_id)
+    trained = [{"learning_rate": lr, "checkpoints": [
+        {"step": s, "uri": f"{run}/train/lr-{lr:g}/checkpoint-{s}"} for s in checkpoint_steps(params)]}
+        for lr in params["learning_rates"]]
+    current = {"checkpoint": f"{run}/champion" if champion else None, "version": 1 if champion else None}
+    results = {  # what the tasks that templates pull from would return
+        "dataset": {"rev": params["dataset_version"], "commit": "<dataset.commit>", "hash": "<dataset.hash>"},
+        "mlflow_run": {"run_id": "<mlflow_run.run_id>"},
+        "class_images": {"images": DEPLOYMENT.cache_dir("class-images") + "/<class_images.key>"},
+        "encode_class_images": {"cache": DEPLOYMENT.cache_dir("encode") + "/<encode_class_images.key>"},
+    }
+    encode_cache = DEPLOYMENT.cache_dir("encode") + "/<encode.key>"
+    computed = {  # options the DAG computes in TaskFlow tasks rather than templates; a list: mapped
+        "encode": plan.encode_shard_options(params, run, images),
+        "merge_cache": {"cache": encode_cache, "num_shards": len(plan.encode_shard_options(params, run, images))},
+        "train": plan.training_options(params, run, results["dataset"], encode_cache,
+                                       "<mlflow_run.run_id>", results["encode_class_images"]["cache"]
+                                       if params["prior_preservation"] else None),
+        "evaluate": plan.evaluation_options(params, run, trained, current),
+    }
+    skipped = set() if params["prior_preservation"] else {"class_images", "encode_class_images"}
+    operator = step_operator_class("kubernetes")
+    env = dag.get_template_env()
+    pods = []
+    for task in in_run_order(dag):
+        partial = getattr(task, "partial_kwargs", None)  # a mapped task's
+        step = partial.get("step") if partial is not None else getattr(task, "step", None)
+        if step is None or task.task_id in skipped:
+            continue  # a TaskFlow task: it runs in Airflow, not in a pod
+        options = computed[task.task_id] if task.task_id in computed else task.options
+        for index, options in enumerate(options) if isinstance(options, list) else [(-1, options)]:
+            ti = SimpleNamespace(dag_id=dag.dag_id, task_id=task.task_id, map_index=index, try_number=1,
+                                 xcom_pull=lambda task_ids, **_: results.get(task_ids))
+            context = {"params": params, "run_id": run_id, "dag": dag, "ti": ti, "task": task}
+            rendered = task.render_template(options, context, env)
+            profile = partial.get("profile", "cpu") if partial is not None else task.profile_name
+            op = operator(task_id=task.task_id, step=step, profile=profile, options=rendered)
+            pod = op.build_pod_request_obj(context, dry_run=True)  # no cluster to ask whether it runs in one
+            pods.append((f"{task.task_id}{f'[{index}]' if index >= 0 else ''}: sd_tasks {step} ({profile})", pod))
+    return pods
+
+
+def checkpoint_steps(params: dict) -> list[int]:
+    every, last = params["checkpointing_steps"], params["max_steps"]
+    return sorted({*range(every, last + 1, every), last})
+
+
+def in_run_order(dag) -> list:
+    """The DAG's tasks, each after everything upstream of it (ties in declaration order)."""
+    done, ordered, tasks = set(), [], list(dag.task_dict.values())
+    while len(ordered) < len(tasks):
+        for task in tasks:
+            if task.task_id not in done and task.upstream_task_ids <= done:
+                ordered.append(task)
+                done.add(task.task_id)
+                break
+    return ordered
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dreamline.pods", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", help="KEY=VALUE file of deployment settings (over the environment)")
+    parser.add_argument("--conf", default="{}", help="the DAG run's conf, as JSON")
+    parser.add_argument("--images", type=int, default=5, help="images in the dataset (sets the encode shards)")
+    parser.add_argument("--no-champion", action="store_true", help="no registered champion to re-evaluate")
+    args = parser.parse_args(argv)
+    if args.settings:
+        os.environ.update(read_settings(args.settings))
+    os.environ["DREAMLINE_EXECUTOR"] = "kubernetes"
+    try:
+        conf = json.loads(args.conf)
+    except json.JSONDecodeError as exc:
+        print(f"error: --conf: not JSON ({exc})", file=sys.stderr)
+        return 2
+
+    import yaml
+    from kubernetes.client import ApiClient
+
+    from dreamline.deployment import DeploymentError
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # Airflow's log lines: stdout is the manifests alone
+            pods = planned_pods(conf, args.images, not args.no_champion)
+    except DeploymentError as exc:
+        print(f"error: {args.settings or 'environment'}: {exc}", file=sys.stderr)
+        return 2
+    serialize = ApiClient().sanitize_for_serialization
+    for what, pod in pods:
+        print(f"---\n# {what}")
+        print(yaml.safe_dump(serialize(pod), sort_keys=False, width=120), end="")
+    print(f"# {len(pods)} pods", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
