@@ -183,3 +183,46 @@ def container(pod: dict) -> dict:
 
 def mount(pod: dict, volume: str) -> str | None:
     return next((m["mountPath"] for m in container(pod)["volumeMounts"] if m["name"] == volume), None)
+
+
+class FakeKubernetesApi:
+    """The part of CoreV1Api that finding and creating a pod calls: the cluster is the one thing not run here."""
+
+    def __init__(self, pods):
+        from kubernetes.client import ApiClient
+
+        self.pods, self.selectors, self.created, self.api_client = pods, [], [], ApiClient()
+
+    def list_namespaced_pod(self, namespace, label_selector, **kwargs):
+        self.selectors.append(label_selector)
+        return SimpleNamespace(items=self.pods)
+
+    def create_namespaced_pod(self, namespace, body, **kwargs):
+        self.created.append(body)
+        return body
+
+
+def test_a_retried_task_reattaches_to_its_running_pod_and_keeps_failed_pods():
+    from kubernetes.client import models as k8s
+
+    from dreamline.operators import step_operator_class
+
+    op = step_operator_class("kubernetes")(task_id="train", step="train", profile="gpu", namespace="dreamline",
+                                           options={"output": "s3://b/run/train/lr-0.0001", "max_steps": 500})
+    assert op.durable and op.on_finish_action.value == "delete_succeeded_pod"
+    ti = SimpleNamespace(dag_id="sdxl_dreambooth_lora", task_id="train", map_index=1, try_number=2)
+    context = {"ti": ti, "run_id": "scheduled__2026-11-23T02:00:00+00:00", "dag": SimpleNamespace()}
+    request = op.build_pod_request_obj(context, dry_run=True)
+    first_try = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="sd-train-first", namespace="dreamline",
+                                                    labels={**request.metadata.labels, "try_number": "1"}),
+                          status=k8s.V1PodStatus(phase="Running"))
+    api = FakeKubernetesApi([first_try])
+    op.__dict__["client"] = api  # the operator's cached CoreV1Api
+
+    assert op.get_or_create_pod(request, context) is first_try and api.created == []
+    selector = api.selectors[0]
+    assert {"dag_id=sdxl_dreambooth_lora", "task_id=train", "map_index=1"} <= set(selector.split(","))
+
+    api.pods = []  # nothing running: the retry starts its own pod
+    op.get_or_create_pod(request, context)
+    assert [p["metadata"]["name"] for p in api.created] == [request.metadata.name]
