@@ -136,7 +136,12 @@ def test_evaluation_in_half_precision_with_another_vae_is_its_own_suite(trained,
     """The production pipeline recipe (the GPU's float16 path, checked here in bfloat16, which the CPU runs): the
     images are finite, the dtype that ran and the VAE are part of the suite, so their scores never mix with
     float32 ones."""
-    checkpoint = trained["result"]["checkpoints"][-1]["uri"]
+    checkpoint = str(tmp_path / "checkpoint")  # a copy that names no training run: nothing is logged to it
+    with storage.write_dir(checkpoint) as out:
+        source = Path(trained["result"]["checkpoints"][-1]["uri"])
+        (out / train.LORA_WEIGHTS).write_bytes((source / train.LORA_WEIGHTS).read_bytes())
+        info = json.loads((source / train.CHECKPOINT_INFO).read_text())
+        (out / train.CHECKPOINT_INFO).write_text(json.dumps({**info, "run_id": None}))
     common = dict(checkpoint=checkpoint, instance_images=str(prepared / "resized"), prompts=["a red sks dog"],
                   clip_model=models["clip"], dino_model=models["dino"], images_per_prompt=1, num_inference_steps=2)
     full = evaluate.run(evaluate.EvaluateConfig(output=str(tmp_path / "fp32"), **common))
