@@ -17,8 +17,9 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # Airflow's official image: Airflow 3.3.2 on Python 3.11 in a virtualenv owned by the non-root user airflow
-# (uid 50000, gid 0). Its slim variant (apache/airflow:slim-3.3.2-python3.11) carries fewer bundled providers and
-# works the same, since everything this project needs is installed below.
+# (uid 50000, gid 0). pip aligns the packages Dreamline needs with constraints.txt; the image's other bundled
+# providers are left as they are. Its slim variant (apache/airflow:slim-3.3.2-python3.11) bundles fewer of them,
+# and everything this project needs is installed below either way.
 ARG AIRFLOW_IMAGE=apache/airflow:3.3.2-python3.11
 
 # ---------------------------------------------------------------------------------------------------------------
