@@ -37,7 +37,7 @@ pods: $(STAMP)
 install: $(STAMP)
 
 # torch first and alone: pip takes the CPU build from local disk (a CUDA build is several GB).
-$(STAMP): requirements.txt constraints.txt
+$(STAMP): requirements.txt $(wildcard requirements/*.txt) constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
