@@ -335,10 +335,12 @@ def blocked_modules(allowed: set[str]) -> list[str]:
 
 
 def parse_dag_with_only(allowed: set[str], tmp_path) -> dict:
+    from test_dag import kubernetes_settings
+
     environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env = {**environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-           "DREAMLINE_HOME": str(tmp_path / "home"), "DREAMLINE_EXECUTOR": "kubernetes",
+           "DREAMLINE_HOME": str(tmp_path / "home"), **kubernetes_settings(),  # a deployment Deployment.check accepts
            "DREAMLINE_IMAGE": "registry.example.com/dreamline/worker:test"}
     proc = subprocess.run([sys.executable, "-c", ONLY_AIRFLOW_IMAGE_PACKAGES, str(REPO / "dags"),
                            json.dumps(blocked_modules(allowed))], capture_output=True, text=True, env=env,
