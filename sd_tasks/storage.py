@@ -50,7 +50,12 @@ def read_dir(uri: str) -> Path:
             raise StepError(f"{uri}: no such directory")
         staging = Path(tempfile.mkdtemp(dir=cache.mkdir(parents=True, exist_ok=True) or cache))
         fs.get(path.rstrip("/") + "/", str(staging), recursive=True)
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:  # a concurrent step (the mapped train tasks, say) fetched the same URI first: keep its copy
+            shutil.rmtree(staging, ignore_errors=True)
+            if not target.is_dir():
+                raise
     return target
 
 
