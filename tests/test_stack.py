@@ -265,7 +265,7 @@ def test_no_run_state_was_written_to_local_disk(stack, dag_run):
         )
         if not ok:
             misplaced.append(str(path.relative_to(folder)))
-    assert misplaced == []
+    assert not misplaced, f"run state on local disk (only S3 and PostgreSQL should hold it): {misplaced}"
     assert repo_state() == stack["repo_before"]
 
 

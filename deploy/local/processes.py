@@ -8,7 +8,7 @@ never gets an unrelated process killed.
 
 Every service started here carries MARK=<stack folder> in its environment, inherited by all its descendants, so
 `leftovers` finds anything of a stack still running after its services stopped, even a process that left its
-group (Airflow runs each task in a session of its own). Only services get the mark: a shell that sourced the
+group (Airflow runs each task in a process group of its own). Only services get the mark: a shell that sourced the
 stack's stack.env does not, so `down` never ends the user's own processes.
 """
 from __future__ import annotations
