@@ -8,7 +8,9 @@ Everything lives under one folder:
     postgres/    PostgreSQL's data folder and log
     s3/          SeaweedFS's data, its identities file (0600) and log
     mlflow/      the MLflow server's log and temp folder
-    airflow/     AIRFLOW_HOME: config, task logs, the admin password file (0600), component logs
+    airflow/     AIRFLOW_HOME: task logs, the admin password file (0600), component logs, and the airflow.cfg
+                 Airflow writes with its defaults on first start (sqlite, its own random keys: unused, since the
+                 AIRFLOW__* variables below take precedence over the file)
     models/      the offline tiny models
     registry/    repo/: the DVC data registry (a Git repo; its DVC remote is s3://<bucket>/dvc), and publish logs
     scratch/     TMPDIR, caches and DREAMLINE_HOME of the step processes (nothing of a run stays there)
