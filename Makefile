@@ -1,5 +1,7 @@
-# Dreamline: `make demo` runs the sample subject through the real Airflow DAG; `make test` runs the suite.
-# Both create .venv and install what they need on first use. All local state lives under DREAMLINE_HOME.
+# Dreamline: `make demo` runs the sample subject through the real Airflow DAG; `make test` runs the suite;
+# `make stack` runs the production shape (PostgreSQL, S3, MLflow server, Airflow) as local processes.
+# All create .venv and install what they need on first use. All local state lives under DREAMLINE_HOME, but for
+# the stack's, which lives under DREAMLINE_STACK.
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -17,13 +19,30 @@ export DREAMLINE_DINO_MODEL ?= $(DREAMLINE_HOME)/models/evaluators/dino
 export HF_HUB_OFFLINE ?= 1
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: demo test ui pods install clean
+# `make stack`: its one state folder, and extra arguments, e.g. STACK_ARGS="--airflow-port 8081 --schedules off"
+export DREAMLINE_STACK ?= $(CURDIR)/.stack
+STACK_ARGS ?=
+
+.PHONY: demo test test-stack stack stack-down stack-status ui pods install clean
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not stack"
+
+# The whole stack from nothing in a temp folder, a DAG run through the REST API, then torn down (-s: its timings).
+test-stack: $(STAMP)
+	$(PY) -m pytest tests/test_stack.py -m stack -s
+
+stack: $(STAMP)
+	$(PY) -m deploy.local.stack up $(STACK_ARGS)
+
+stack-down: $(STAMP)
+	$(PY) -m deploy.local.stack down
+
+stack-status: $(STAMP)
+	$(PY) -m deploy.local.stack status
 
 ui: $(STAMP)
 	$(PY) scripts/ui.py

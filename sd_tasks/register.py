@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,9 +189,10 @@ def champion(config: ChampionConfig) -> dict:
         current = client.get_model_version_by_alias(config.model_name, CHAMPION)
     except Exception:  # no such model or no champion yet
         return {"checkpoint": None, "version": None}
-    downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{config.model_name}/{current.version}"))
-    weights = next(downloaded.rglob("*.safetensors"))
-    with write_dir(config.output) as out:
+    with write_dir(config.output) as out, tempfile.TemporaryDirectory() as tmp:  # the download is not kept
+        downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{config.model_name}/{current.version}",
+                                                              dst_path=tmp))
+        weights = next(downloaded.rglob("*.safetensors"))
         (out / LORA_WEIGHTS).write_bytes(weights.read_bytes())
         write_json(out / CHECKPOINT_INFO, {"step": int(current.tags.get("step", 0)),
                                            "learning_rate": float(current.tags.get("learning_rate", 0)),

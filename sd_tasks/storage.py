@@ -139,8 +139,10 @@ def read_dir(uri: str, whole: bool = False) -> Path:
         fs.get([f"{path.rstrip('/')}/{n}" for n in files], [str(staging / n) for n in files])
         try:
             staging.rename(target)
-        except OSError:  # another process fetched the same folder first: keep its copy
+        except OSError:  # a concurrent step (the mapped train tasks, say) fetched the same folder first: keep its copy
             shutil.rmtree(staging, ignore_errors=True)
+            if not target.is_dir():
+                raise
     return target
 
 

@@ -264,3 +264,28 @@ def test_a_folder_that_lost_a_file_is_not_whole_and_a_rewritten_one_is_fetched_a
     assert second != first and (second / "latents.safetensors").read_bytes() == b"y" * 100
     storage.remove(uri)
     assert keys(s3, "runs/manual__4/shard/") == []
+
+
+def test_steps_reading_the_same_uri_at_once_share_one_copy(s3, tmp_path, monkeypatch):
+    """Mapped tasks (the train sweep) read the same encode cache at the same moment: the one that finishes its
+    download second keeps the first one's copy instead of failing on the rename."""
+    import fsspec
+
+    uri = f"s3://{BUCKET}/runs/manual__5/resized"
+    with storage.write_dir(uri) as out:
+        for p in sorted(SAMPLE.iterdir()):
+            (out / p.name).write_bytes(p.read_bytes())
+    fs = fsspec.core.url_to_fs(uri)[0]  # the instance read_dir gets too (fsspec caches them)
+    real_get = fs.get
+
+    def get_while_another_process_reads_it(*args, **kwargs):
+        # Another step process, with the same cache, reads the same URI start to finish meanwhile.
+        other = subprocess.run([sys.executable, "-c", f"from sd_tasks import storage; storage.read_dir({uri!r})"],
+                               cwd=REPO, capture_output=True, text=True)
+        assert other.returncode == 0, other.stderr
+        return real_get(*args, **kwargs)
+
+    monkeypatch.setattr(fs, "get", get_while_another_process_reads_it)
+    local = storage.read_dir(uri)
+    assert tree_snapshot(local) == {storage.MARKER: (local / storage.MARKER).read_bytes(), **tree_snapshot(SAMPLE)}
+    assert [p.name for p in (tmp_path / "sd_tasks-cache").iterdir()] == [local.name]  # no staging folder left

@@ -1,0 +1,72 @@
+"""What the DAG needs besides the services: the S3 bucket, the offline tiny models and the data registry.
+
+Each is done once and is skipped when already there. The models and the dataset are made by the project's own
+step CLI (`python -m sd_tasks tiny-model`, `publish-dataset`) with the steps' environment, so they come out as a
+user's would: the registry is a Git repo in the stack folder (registry/repo) whose DVC remote is s3://<bucket>/dvc.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from deploy.local.processes import StackError
+from deploy.local.settings import REPO, SAMPLE_SUBJECT, Stack
+
+SAMPLE_PATH, SAMPLE_TAG = "dog", "dog-v1"
+
+
+def s3_client(stack: Stack):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=stack.s3_endpoint, aws_access_key_id=stack.secrets["s3_access_key"],
+                        aws_secret_access_key=stack.secrets["s3_secret_key"], region_name="us-east-1")
+
+
+def ensure_bucket(stack: Stack) -> None:
+    import botocore.exceptions
+
+    client = s3_client(stack)
+    try:
+        names = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if stack.bucket not in names:
+            client.create_bucket(Bucket=stack.bucket)
+    except botocore.exceptions.ClientError as exc:
+        raise StackError(f"s3: cannot create bucket {stack.bucket!r} with the stack's keys "
+                         f"({exc.response['Error'].get('Code')}); see {stack.path('s3', 'weed.log')}") from None
+
+
+def ensure_models(stack: Stack) -> None:
+    env = stack.deployment_env()
+    if (Path(env["DREAMLINE_BASE_MODEL"]) / "model_index.json").exists():
+        return
+    _step(stack, "tiny-model", [env["DREAMLINE_BASE_MODEL"], "--evaluators", str(Path(env["DREAMLINE_CLIP_MODEL"]).parent)],
+          stack.path("models", "tiny-model.log"))
+
+
+def has_version(stack: Stack, tag: str) -> bool:
+    registry = stack.registry
+    if not (registry / ".git").exists():
+        return False
+    proc = subprocess.run(["git", "tag", "--list", tag], cwd=registry, capture_output=True, text=True)
+    return proc.stdout.strip() == tag
+
+
+def publish_sample(stack: Stack) -> None:
+    """The shipped sample subject as version dog-v1 of the registry, its files on the S3 remote."""
+    if has_version(stack, SAMPLE_TAG):
+        return
+    _step(stack, "publish-dataset", ["--source", str(SAMPLE_SUBJECT), "--repo", str(stack.registry),
+                                     "--path", SAMPLE_PATH, "--tag", SAMPLE_TAG, "--remote", f"s3://{stack.bucket}/dvc"],
+          stack.path("registry", "publish.log"))
+
+
+def _step(stack: Stack, step: str, args: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.run([sys.executable, "-m", "sd_tasks", step, *args], cwd=REPO, stdout=out,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              env={**stack.base_env(), **stack.deployment_env(), "PYTHONPATH": str(REPO)})
+    if proc.returncode != 0:
+        errors = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("error: ")]
+        raise StackError(f"{step} failed ({errors[-1] if errors else f'status {proc.returncode}'}); see {log}")
