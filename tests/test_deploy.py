@@ -155,7 +155,8 @@ def restricted_violations(spec: dict) -> list[str]:
         if "ALL" not in sc.get("capabilities", {}).get("drop", []) or \
                 set(sc.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
             found.append(f"{c['name']}: capabilities")
-        if sc.get("runAsNonRoot", pod.get("runAsNonRoot")) is not True or sc.get("runAsUser", pod.get("runAsUser")) == 0:
+        as_root = sc.get("runAsNonRoot", pod.get("runAsNonRoot")) is not True
+        if as_root or sc.get("runAsUser", pod.get("runAsUser")) == 0:
             found.append(f"{c['name']}: may run as root")
         if sc.get("seccompProfile", pod.get("seccompProfile", {})).get("type") not in ("RuntimeDefault", "Localhost"):
             found.append(f"{c['name']}: seccomp")
@@ -239,7 +240,7 @@ def test_the_role_grants_the_scheduler_what_kubernetes_pod_operator_calls(object
     root = Path(provider.__file__).parent
     calls = {m for f in ("operators/pod.py", "utils/pod_manager.py")
              for m in re.findall(r"\.(\w+_namespaced_\w+)\b", (root / f).read_text())}
-    assert calls <= needs.keys(), f"KubernetesPodOperator makes calls the Role was not checked for: {calls - needs.keys()}"
+    assert calls <= needs.keys(), f"calls the Role was not checked for: {calls - needs.keys()}"
     needed = set().union(*(needs[m] for m in calls)) | {("pods", "watch"), ("events", "watch")}
     role = one(objects, "Role")
     assert all(rule["apiGroups"] == [""] for rule in role["rules"])
@@ -491,8 +492,9 @@ def test_the_warmup_job_fetches_what_the_steps_load_and_not_the_rest(objects, mo
     sdxl, clip, dino = (Path(models[k]) for k in ("sdxl", "clip", "dino"))
     layout = {  # hub id: (folder, files real repositories hold that the steps never load)
         "stabilityai/sdxl": (sdxl, ["sd_xl_base_1.0.safetensors", "sd_xl_base_1.0_0.9vae.safetensors",
-                                    "unet/diffusion_pytorch_model.fp16.safetensors", "text_encoder/model.fp16.safetensors",
-                                    "unet/model.onnx", "text_encoder_2/openvino_model.bin", "vae_decoder/model.onnx",
+                                    "unet/diffusion_pytorch_model.fp16.safetensors",
+                                    "text_encoder/model.fp16.safetensors", "unet/model.onnx",
+                                    "text_encoder_2/openvino_model.bin", "vae_decoder/model.onnx",
                                     "text_encoder/flax_model.msgpack", "unet/diffusion_pytorch_model.bin"]),
         "madebyollin/vae": (sdxl / "vae", ["sdxl_vae.safetensors", "diffusion_pytorch_model.bin"]),
         "openai/clip": (clip, ["pytorch_model.bin", "tf_model.h5", "flax_model.msgpack"]),
