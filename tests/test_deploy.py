@@ -1,0 +1,547 @@
+"""The Kubernetes deployment without a cluster: every object in deploy/kubernetes/ through the Kubernetes client's own
+models; their names against plugins/dreamline/deployment.py and against the pods one DAG run launches (`make pods`);
+the Role against the API calls KubernetesPodOperator makes; the Helm values against their ConfigMap and Secrets; the
+commands of docs/deployment.md against all of these. Two of those commands run for real: the Git credentials against
+loopback Git servers (through git and through DVC), and the warm-up Job's file selection against the steps' own
+model loaders, offline."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import urllib.parse
+from importlib.metadata import version
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from conftest import REPO
+from test_pods import CONF, SETTINGS, container, pods_command
+
+DEPLOY = REPO / "deploy"
+OBJECTS = DEPLOY / "kubernetes"
+VALUES = DEPLOY / "helm" / "values.yaml"
+NODE_GROUP = DEPLOY / "eks" / "gpu-nodegroup.yaml"
+DOCS = REPO / "docs" / "deployment.md"
+AIRFLOW_NAMESPACE = "airflow"  # the Helm release's namespace (docs/deployment.md, values.yaml)
+# A key that names a credential. Keys naming a Secret (…SecretName, DREAMLINE_*_SECRET) hold names, not credentials.
+CREDENTIAL = re.compile(r"KEY|SECRET|PASS|TOKEN|CREDENTIAL", re.I)
+# Credentials in any text: an AWS access key id, a private key, user:password@ in a URL.
+LITERAL_CREDENTIAL = re.compile(r"AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY|://[^/\s:@\"']+:[^/\s@\"']+@")
+# The Kubernetes client's API classes and the apiVersion of the objects they create.
+API_VERSIONS = {"CoreV1Api": "v1", "BatchV1Api": "batch/v1", "AppsV1Api": "apps/v1",
+                "RbacAuthorizationV1Api": "rbac.authorization.k8s.io/v1"}
+
+
+@pytest.fixture(scope="module")
+def objects() -> list[tuple[str, dict]]:
+    found = [(path.name, doc) for path in sorted(OBJECTS.glob("*.yaml"))
+             for doc in yaml.safe_load_all(path.read_text()) if doc]
+    assert {doc["kind"] for _, doc in found} >= {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap",
+                                                 "PersistentVolumeClaim", "Job"}
+    return found
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory) -> list[dict]:
+    """The pods of a run with every kind of step (prior preservation on), as `make pods` prints them."""
+    proc = pods_command(tmp_path_factory.mktemp("pods"), "--conf", json.dumps(CONF))
+    assert proc.returncode == 0, proc.stderr
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def settings() -> dict[str, str]:
+    from dreamline.pods import read_settings
+
+    return read_settings(str(SETTINGS))
+
+
+@pytest.fixture(scope="module")
+def values() -> dict:
+    return yaml.safe_load(VALUES.read_text())
+
+
+def one(objects, kind: str) -> dict:
+    [doc] = [doc for _, doc in objects if doc["kind"] == kind]
+    return doc
+
+
+def job_pod(objects) -> dict:
+    return one(objects, "Job")["spec"]["template"]["spec"]
+
+
+def api_version_of(kind: str) -> set[str]:
+    """The apiVersions whose API class in the Kubernetes client can create this kind."""
+    from kubernetes import client
+
+    method = re.sub(r"(?<!^)(?=[A-Z])", "_", kind).lower()
+    return {api_version for cls, api_version in API_VERSIONS.items()
+            for name in (f"create_namespaced_{method}", f"create_{method}") if hasattr(getattr(client, cls), name)}
+
+
+def is_namespaced(kind: str) -> bool:
+    from kubernetes import client
+
+    method = re.sub(r"(?<!^)(?=[A-Z])", "_", kind).lower()
+    return any(hasattr(getattr(client, cls), f"create_namespaced_{method}") for cls in API_VERSIONS)
+
+
+def documented_commands() -> list[list[str]]:
+    """Every command line of the docs' bash blocks, continuation lines joined, split as the shell would."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", DOCS.read_text(), re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def documented_secrets() -> dict[tuple[str, str], dict]:
+    """{(namespace, name): {"type": ..., "literals": {key: value}}} of the docs' `kubectl create secret` commands; a
+    command inside `for ns in A B; do ... done` counts once per namespace."""
+    found, loop = {}, {}
+    for words in documented_commands():
+        if words[0] == "for" and words[2] == "in":
+            loop = {"$" + words[1]: [w.rstrip(";") for w in words[3:words.index("do")]]}
+        elif words[0] == "done":
+            loop = {}
+        elif words[:1] == ["kubectl"] and "secret" in words and "create" in words:
+            namespace = words[words.index("-n") + 1]
+            kind, name = words[words.index("secret") + 1: words.index("secret") + 3]
+            literals = dict(w.removeprefix("--from-literal=").split("=", 1) for w in words
+                            if w.startswith("--from-literal="))
+            for ns in loop.get(namespace, [namespace]):
+                found[(ns, name)] = {"type": kind, "literals": literals}
+    return found
+
+
+def tolerates(tolerations: list[dict] | None, taint: dict) -> bool:
+    """Kubernetes' rule: a toleration matches a taint by key (or an empty key with Exists), by value unless the
+    operator is Exists, and by effect unless its effect is empty."""
+    for t in tolerations or []:
+        key_ok = t.get("key") == taint["key"] or (not t.get("key") and t.get("operator") == "Exists")
+        value_ok = t.get("operator") == "Exists" or t.get("value", "") == taint.get("value", "")
+        effect_ok = not t.get("effect") or t["effect"] == taint["effect"]
+        if key_ok and value_ok and effect_ok:
+            return True
+    return False
+
+
+def restricted_violations(spec: dict) -> list[str]:
+    """What the Pod Security Standard "restricted" (the `dreamline` namespace enforces it) would refuse."""
+    found = []
+    pod = spec.get("securityContext", {})
+    if any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")):
+        found.append("host namespaces")
+    allowed = {"name", "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+               "projected", "secret"}
+    found += [f"volume {v['name']}: {sorted(set(v) - allowed)}" for v in spec.get("volumes", []) if set(v) - allowed]
+    for c in spec["containers"] + spec.get("initContainers", []):
+        sc = c.get("securityContext", {})
+        if sc.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{c['name']}: allowPrivilegeEscalation")
+        if sc.get("privileged"):
+            found.append(f"{c['name']}: privileged")
+        if "ALL" not in sc.get("capabilities", {}).get("drop", []) or \
+                set(sc.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{c['name']}: capabilities")
+        as_root = sc.get("runAsNonRoot", pod.get("runAsNonRoot")) is not True
+        if as_root or sc.get("runAsUser", pod.get("runAsUser")) == 0:
+            found.append(f"{c['name']}: may run as root")
+        if sc.get("seccompProfile", pod.get("seccompProfile", {})).get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{c['name']}: seccomp")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            found.append(f"{c['name']}: hostPort")
+    return found
+
+
+def test_every_object_loads_into_the_kubernetes_client_model_of_its_kind(objects):
+    from kubernetes.client import ApiClient
+
+    client = ApiClient()
+    for file, doc in objects:
+        assert doc["apiVersion"] in api_version_of(doc["kind"]), f"{file}: {doc['apiVersion']} {doc['kind']}"
+        model = doc["apiVersion"].rpartition("/")[2].capitalize() + doc["kind"]  # batch/v1 Job: V1Job
+        loaded = client.deserialize(SimpleNamespace(data=json.dumps(doc)), model)  # required fields are checked
+        # every key is one the model knows: a misspelt or misplaced field would be dropped on the way in
+        assert client.sanitize_for_serialization(loaded) == doc, f"{file}: {doc['kind']} {doc['metadata']['name']}"
+
+
+def test_the_objects_carry_the_names_the_deployment_defaults_to(objects, settings):
+    from dreamline.deployment import from_environment
+
+    defaults = from_environment({})
+    assert (settings["DREAMLINE_NAMESPACE"], settings["DREAMLINE_SERVICE_ACCOUNT"], settings["DREAMLINE_CONFIGMAP"],
+            settings["DREAMLINE_MODEL_CACHE_PVC"]) == (defaults.namespace, defaults.service_account,
+                                                       defaults.configmap, defaults.model_cache_pvc)
+    names = {(doc["kind"], doc["metadata"]["name"]) for _, doc in objects}
+    assert {("Namespace", defaults.namespace), ("ServiceAccount", defaults.service_account),
+            ("ConfigMap", defaults.configmap), ("PersistentVolumeClaim", defaults.model_cache_pvc)} <= names
+    for file, doc in objects:
+        if is_namespaced(doc["kind"]):
+            assert doc["metadata"].get("namespace") == defaults.namespace, f"{file}: {doc['kind']}"
+
+
+def test_the_pods_of_a_run_use_these_objects(objects, manifests):
+    pvc, account, configmap = (one(objects, k)["metadata"]["name"] for k in
+                               ("PersistentVolumeClaim", "ServiceAccount", "ConfigMap"))
+    claims = set()
+    for pod in manifests:
+        spec = pod["spec"]
+        assert pod["metadata"]["namespace"] == one(objects, "Namespace")["metadata"]["name"]
+        assert spec["serviceAccountName"] == account
+        assert {"configMapRef": {"name": configmap}} in container(pod)["envFrom"]
+        claims |= {v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {pvc}
+    warmup = job_pod(objects)
+    assert {container(manifests[0])["image"]} == {c["image"] for c in warmup["containers"]}
+    assert warmup["imagePullSecrets"] == manifests[0]["spec"]["imagePullSecrets"]
+
+
+def test_gpu_pods_and_only_they_go_to_the_gpu_node_pool(manifests):
+    group = yaml.safe_load(NODE_GROUP.read_text())
+    [pool] = group["managedNodeGroups"]
+    [gcloud] = [w for w in documented_commands() if w[:4] == ["gcloud", "container", "node-pools", "create"]]
+    flags = dict(w.removeprefix("--").split("=", 1) for w in gcloud if w.startswith("--") and "=" in w)
+    key, rest = flags["node-taints"].split("=", 1)
+    gke_taint = {"key": key, "value": rest.split(":")[0], "effect": rest.split(":")[1]}
+    gke_labels = dict(pair.split("=") for pair in flags["node-labels"].split(","))
+    gpu_pods = [pod for pod in manifests if "nvidia.com/gpu" in container(pod)["resources"]["limits"]]
+    assert gpu_pods and len(gpu_pods) < len(manifests)
+    for labels, taints in ((pool["labels"], pool["taints"]), (gke_labels, [gke_taint])):
+        assert taints == [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+        for pod in manifests:
+            fits = all(tolerates(pod["spec"].get("tolerations"), t) for t in taints)
+            assert fits == (pod in gpu_pods), container(pod)["args"][0]  # CPU pods stay off the GPU nodes
+            if pod in gpu_pods:
+                assert pod["spec"]["nodeSelector"].items() <= labels.items()
+
+
+def test_the_role_grants_the_scheduler_what_kubernetes_pod_operator_calls(objects, values):
+    import airflow.providers.cncf.kubernetes as provider
+
+    # The client calls of the operator and its pod manager (synchronous mode, the one Dreamline's tasks use), and
+    # what each needs. A call not listed here is a provider change to look at: the test fails until it is.
+    needs = {"create_namespaced_pod": {("pods", "create")}, "read_namespaced_pod": {("pods", "get")},
+             "list_namespaced_pod": {("pods", "list")}, "patch_namespaced_pod": {("pods", "patch")},
+             "delete_namespaced_pod": {("pods", "delete")}, "read_namespaced_pod_log": {("pods/log", "get")},
+             "connect_get_namespaced_pod_exec": {("pods/exec", "get"), ("pods/exec", "create")},
+             "list_namespaced_event": {("events", "list")}}
+    root = Path(provider.__file__).parent
+    calls = {m for f in ("operators/pod.py", "utils/pod_manager.py")
+             for m in re.findall(r"\.(\w+_namespaced_\w+)\b", (root / f).read_text())}
+    assert calls <= needs.keys(), f"calls the Role was not checked for: {calls - needs.keys()}"
+    needed = set().union(*(needs[m] for m in calls)) | {("pods", "watch"), ("events", "watch")}
+    role = one(objects, "Role")
+    assert all(rule["apiGroups"] == [""] for rule in role["rules"])
+    granted = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
+    assert granted == needed  # all of it, and nothing more: no secrets, no wildcards
+    binding = one(objects, "RoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    # LocalExecutor: tasks are processes of the scheduler, so the scheduler's account is the one that needs it
+    assert values["executor"] == "LocalExecutor"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": values["scheduler"]["serviceAccount"]["name"],
+                                    "namespace": AIRFLOW_NAMESPACE}]
+    assert values["scheduler"]["serviceAccount"]["automountServiceAccountToken"] is True
+    assert values["allowPodLaunching"] is False and values["multiNamespaceMode"] is False  # no broader grant
+
+
+def test_the_configmap_holds_settings_the_pods_do_not_override(objects, manifests):
+    data = one(objects, "ConfigMap")["data"]
+    assert not [k for k in data if CREDENTIAL.search(k)]
+    literal = {e["name"] for pod in manifests for e in container(pod)["env"]}
+    assert not data.keys() & literal  # a pod's own env wins over envFrom: such a key would be silently ignored
+    assert re.match(r"https?://[^/@]+$", data["AWS_ENDPOINT_URL_S3"]) and data["AWS_DEFAULT_REGION"]
+
+
+def test_nothing_under_deploy_is_a_secret_or_holds_a_credential():
+    def check_mapping(node, where):
+        if isinstance(node, dict):
+            if isinstance(node.get("name"), str) and isinstance(node.get("value"), str) and node["value"]:
+                assert not CREDENTIAL.search(node["name"]), f"{where}: env {node['name']} holds a literal"
+            for key, value in node.items():
+                names_a_secret = key.endswith(("Name", "name", "Names")) or key == "key"  # a taint's key
+                if isinstance(value, str) and value and CREDENTIAL.search(key) and not names_a_secret:
+                    raise AssertionError(f"{where}: {key} holds a literal")
+                check_mapping(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for item in node:
+                check_mapping(item, where)
+
+    files = [p for p in DEPLOY.rglob("*") if p.is_file()]
+    assert {VALUES, OBJECTS / "dreamline.env", NODE_GROUP} <= set(files)
+    for path in files:
+        text = path.read_text()
+        assert not LITERAL_CREDENTIAL.search(text), path
+        if path.suffix == ".yaml":
+            for doc in yaml.safe_load_all(text):
+                assert not (isinstance(doc, dict) and doc.get("kind") == "Secret"), path
+                check_mapping(doc, path.name)
+        elif path.suffix == ".env":
+            for key, value in (line.split("=", 1) for line in text.splitlines() if line and line[0] != "#"):
+                if CREDENTIAL.search(key):  # only DREAMLINE_*_SECRET(S): the names of Secrets
+                    assert key.endswith(("_SECRET", "_SECRETS")), key
+                    assert re.fullmatch(r"[a-z0-9-]*(,[a-z0-9-]+)*", value), key
+
+
+def test_helm_values_take_settings_from_the_configmap_and_credentials_from_existing_secrets(values):
+    secrets = documented_secrets()
+    [configmap_command] = [w for w in documented_commands() if w[:2] == ["kubectl", "-n"] and "configmap" in w]
+    assert configmap_command[2:6] == [AIRFLOW_NAMESPACE, "create", "configmap", "dreamline-settings"]
+    # the settings Airflow gets are the ones `make pods` shows
+    settings_file = configmap_command[6].removeprefix("--from-env-file=")
+    assert settings_file == str(SETTINGS.relative_to(REPO))
+    assert re.search(rf"^SETTINGS \?= {re.escape(settings_file)}$", (REPO / "Makefile").read_text(), re.M)
+    assert yaml.safe_load(values["extraEnvFrom"]) == [{"configMapRef": {"name": "dreamline-settings"}}]
+    # each credential of the chart: an existing Secret with the key the chart reads, created by the docs
+    chart_keys = {values["data"]["metadataSecretName"]: "connection", values["fernetKeySecretName"]: "fernet-key",
+                  values["apiSecretKeySecretName"]: "api-secret-key", values["jwtSecretName"]: "jwt-secret"}
+    for name, key in chart_keys.items():
+        assert name and secrets[(AIRFLOW_NAMESPACE, name)]["literals"].keys() == {key}, name
+    for literal in ("fernetKey", "apiSecretKey", "jwtSecret", "webserverSecretKey"):
+        assert values.get(literal) is None, literal
+    assert "metadataConnection" not in values["data"] and "brokerUrl" not in values["data"]
+    assert values["createUserJob"]["enabled"] is False  # its password would be a literal in values
+    for name in values["imagePullSecrets"]:
+        assert secrets[(AIRFLOW_NAMESPACE, name)]["type"] == "docker-registry"
+    assert values["postgresql"]["enabled"] is False
+    assert values["dags"]["gitSync"]["enabled"] is False and values["dags"]["persistence"]["enabled"] is False
+    image = values["images"]["airflow"]
+    assert image["repository"] and image["tag"] not in ("", "latest") and image["pullPolicy"] == "IfNotPresent"
+    assert values["airflowVersion"] == version("apache-airflow")  # the Airflow the DAG is tested with
+
+
+def test_the_documented_secrets_are_the_ones_the_pods_load(manifests, settings):
+    secrets = documented_secrets()
+    namespace = settings["DREAMLINE_NAMESPACE"]
+    expected = {"dreamline-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+                "dreamline-mlflow": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
+                "dreamline-hf": {"HF_TOKEN"},
+                "dreamline-git": {"GIT_CONFIG_COUNT", "GIT_CONFIG_KEY_0", "GIT_CONFIG_VALUE_0"}}
+    loaded = {ref["secretRef"]["name"] for pod in manifests for ref in container(pod)["envFrom"] if "secretRef" in ref}
+    assert loaded == expected.keys()
+    for name, keys in expected.items():
+        assert secrets[(namespace, name)]["type"] == "generic"
+        assert secrets[(namespace, name)]["literals"].keys() == keys, name
+    git = secrets[(namespace, "dreamline-git")]["literals"]
+    assert int(git["GIT_CONFIG_COUNT"]) == len([k for k in git if k.startswith("GIT_CONFIG_KEY_")])
+    for pull_secret in manifests[0]["spec"]["imagePullSecrets"]:
+        assert secrets[(namespace, pull_secret["name"])]["type"] == "docker-registry"
+
+
+class GitServer:
+    """A loopback HTTP server that records the Authorization header of each request and answers 404."""
+
+    def __init__(self):
+        self.seen = []
+        seen = self.seen
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen.append(self.headers.get("Authorization"))
+                self.send_response(404)
+                self.end_headers()
+
+            do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_port}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_the_documented_git_credentials_reach_the_data_registry_and_no_other_host(tmp_path, settings):
+    literals = documented_secrets()[(settings["DREAMLINE_NAMESPACE"], "dreamline-git")]["literals"]
+    scope = re.fullmatch(r"http\.(.+)\.extraHeader", literals["GIT_CONFIG_KEY_0"]).group(1)
+    assert settings["DREAMLINE_DATASET_REPO"].startswith(scope)  # scoped to the data registry's host
+    registry, other = GitServer(), GitServer()
+    token = "t0ken-for-the-test"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("GIT_")},
+           **{k: v.replace(scope, registry.base).replace("$GIT_TOKEN", token) for k, v in literals.items()},
+           "HOME": str(tmp_path), "GIT_TERMINAL_PROMPT": "0", "PYTHONPATH": str(REPO)}
+    subprocess.run(["git", "ls-remote", registry.base + "ml/registry.git"], env=env, capture_output=True)
+    subprocess.run(["git", "ls-remote", other.base + "ml/registry.git"], env=env, capture_output=True)
+    # the `dataset` step itself, which clones the data registry with DVC (through dulwich): it fails, after asking
+    subprocess.run([sys.executable, "-m", "sd_tasks", "dataset", "--repo", registry.base + "ml/registry.git",
+                    "--path", "dog", "--rev", "v1", "--output", str(tmp_path / "out")], env=env, capture_output=True,
+                   timeout=300, cwd=tmp_path)
+    assert len(registry.seen) >= 2 and set(registry.seen) == {f"Bearer {token}"}
+    assert other.seen and set(other.seen) == {None}
+
+
+def test_the_warmup_job_runs_like_a_step_pod(objects, manifests, settings):
+    spec = job_pod(objects)
+    [warmup] = spec["containers"]
+    model_pods = [pod for pod in manifests if any("persistentVolumeClaim" in v for v in pod["spec"]["volumes"])]
+    step = model_pods[0]
+    assert spec["securityContext"] == step["spec"]["securityContext"]
+    assert warmup["securityContext"] == container(step)["securityContext"]
+    assert spec["serviceAccountName"] == step["spec"]["serviceAccountName"]
+    assert spec["automountServiceAccountToken"] is False
+    mounts = {m["name"]: m["mountPath"] for m in warmup["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "emptyDir" in volumes[next(n for n, p in mounts.items() if p == "/tmp")]
+    cache_mount = next(m for m in container(step)["volumeMounts"] if m["name"] == "model-cache")["mountPath"]
+    [cache] = [n for n, v in volumes.items() if "persistentVolumeClaim" in v]
+    assert mounts[cache] == cache_mount
+    env = {e["name"]: e["value"] for e in warmup["env"]}
+    for pod in model_pods:  # every model step finds the files where the Job put them
+        assert {e["name"]: e.get("value") for e in container(pod)["env"]}["HF_HOME"] == env["HF_HOME"]
+    assert env["HF_HOME"].startswith(cache_mount + "/")
+    assert set(env["DREAMLINE_MODELS"].split()) >= {settings[k] for k in (
+        "DREAMLINE_BASE_MODEL", "DREAMLINE_CLIP_MODEL", "DREAMLINE_DINO_MODEL", "DREAMLINE_CAPTION_MODEL")}
+    assert not spec.get("tolerations") and not spec.get("nodeSelector")  # no GPU node for a download
+    assert spec["restartPolicy"] == "Never"
+    pvc = one(objects, "PersistentVolumeClaim")
+    from kubernetes.utils import parse_quantity
+
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # pods on several GPU nodes at once
+    assert parse_quantity(pvc["spec"]["resources"]["requests"]["storage"]) >= parse_quantity("64Gi")
+
+
+def test_every_pod_and_the_job_pass_the_restricted_pod_security_standard(objects, manifests):
+    labels = one(objects, "Namespace")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    for spec in [pod["spec"] for pod in manifests] + [job_pod(objects)]:
+        assert restricted_violations(spec) == [], spec["containers"][0]["name"]
+
+
+class FakeHub:
+    """Just enough of the Hugging Face Hub's HTTP API for huggingface_hub, transformers and diffusers to check their
+    cache online: a repository's info (commit, file list), a file's HEAD (commit, ETag, size; 404 for a file the
+    repository does not have), and a file's GET, which is a download: recorded, so a test can require none."""
+
+    def __init__(self, repos: dict[str, dict[str, bytes]], revision: str):
+        self.heads, self.downloads = [], []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                self.answer(body=False)
+
+            def do_GET(self):
+                self.answer(body=True)
+
+            def answer(self, body: bool):
+                path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+                if path.startswith("/api/models/"):
+                    parts = path.removeprefix("/api/models/").split("/")
+                    repo = "/".join(parts[:2])
+                    if repo not in repos:
+                        return self.missing("RepoNotFound", body)
+                    if parts[2:3] == ["tree"]:  # a folder's listing: /api/models/REPO/tree/REV/PATH
+                        folder = "/".join(parts[4:]).strip("/")
+                        entries = [{"type": "file", "path": f, "size": len(c), "oid": hashlib.sha1(c).hexdigest()}
+                                   for f, c in sorted(repos[repo].items()) if f.rpartition("/")[0] == folder]
+                        if not entries:
+                            return self.missing("EntryNotFound", body)
+                        return self.send(json.dumps(entries).encode(), {"Content-Type": "application/json"}, body)
+                    info = {"id": repo, "modelId": repo, "sha": revision, "private": False, "disabled": False,
+                            "gated": False, "tags": [], "siblings": [{"rfilename": f} for f in sorted(repos[repo])]}
+                    return self.send(json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
+                found = re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path)
+                if not found or found.group(2) not in repos.get(found.group(1), {}):
+                    return self.missing("EntryNotFound", body)
+                content = repos[found.group(1)][found.group(2)]
+                (hub.downloads if body else hub.heads).append(f"{found.group(1)}/{found.group(2)}")
+                etag = '"%s"' % hashlib.sha1(content).hexdigest()
+                self.send(content, {"X-Repo-Commit": revision, "ETag": etag}, body)
+
+            def missing(self, code: str, body: bool):
+                self.send(b"{}", {"X-Error-Code": code, "X-Error-Message": code}, body, status=404)
+
+            def send(self, content: bytes, headers: dict, body: bool, status: int = 200):
+                self.send_response(status)
+                for key, value in {**headers, "Content-Length": str(len(content))}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if body:
+                    self.wfile.write(content)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_the_warmup_job_fetches_what_the_steps_load_and_not_the_rest(objects, models, tmp_path):
+    """The Job's own file selection (its `allow_patterns`, through huggingface_hub's own filter) applied to the
+    tiny offline models served as hub repositories beside the big files real repositories also hold; the selected
+    files go into a cache laid out as snapshot_download lays it out; then the steps' own loaders, online against
+    that hub, find every file in the cache: not one download."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    script = job_pod(objects)["containers"][0]["args"][0]
+    job = {"__name__": "model_warmup"}  # its main() runs only as a script
+    exec(compile(script, "model-warmup-job.yaml", "exec"), job)
+    sdxl, clip, dino = (Path(models[k]) for k in ("sdxl", "clip", "dino"))
+    layout = {  # hub id: (folder, files real repositories hold that the steps never load)
+        "stabilityai/sdxl": (sdxl, ["sd_xl_base_1.0.safetensors", "sd_xl_base_1.0_0.9vae.safetensors",
+                                    "unet/diffusion_pytorch_model.fp16.safetensors",
+                                    "text_encoder/model.fp16.safetensors", "unet/model.onnx",
+                                    "text_encoder_2/openvino_model.bin", "vae_decoder/model.onnx",
+                                    "text_encoder/flax_model.msgpack", "unet/diffusion_pytorch_model.bin"]),
+        "madebyollin/vae": (sdxl / "vae", ["sdxl_vae.safetensors", "diffusion_pytorch_model.bin"]),
+        "openai/clip": (clip, ["pytorch_model.bin", "tf_model.h5", "flax_model.msgpack"]),
+        "facebook/dino": (dino, ["pytorch_model.bin", "tf_model.h5"]),
+    }
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repos = {}
+    for repo, (folder, unused) in layout.items():
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+                 if p.is_file() and not p.name.startswith(".dreamline")}
+        repos[repo] = {**files, **{name: b"not for the steps" for name in unused}}
+        chosen = set(filter_repo_objects(sorted(repos[repo]), allow_patterns=job["allow_patterns"](set(repos[repo]))))
+        assert not chosen & set(unused), repo
+        cached = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+        for name in chosen:
+            (cached / "snapshots" / revision / name).parent.mkdir(parents=True, exist_ok=True)
+            (cached / "snapshots" / revision / name).write_bytes(repos[repo][name])
+        (cached / "refs").mkdir()
+        (cached / "refs" / "main").write_text(revision)
+    # a repository with no safetensors at all: its PyTorch weights are the ones to fetch
+    assert "pytorch_model.bin" in job["allow_patterns"]({"config.json", "pytorch_model.bin"})
+
+    hub = FakeHub(repos, revision)
+    load = "\n".join([
+        "import sys",
+        "from diffusers import DDPMScheduler",
+        "from sd_tasks import metrics, models",
+        "base, vae, clip, dino = sys.argv[1:]",
+        "models.load_unet(base), models.load_vae(base), models.load_text_encoders(base)",  # encode, train
+        "DDPMScheduler.from_pretrained(base, subfolder='scheduler')",  # train's noise scheduler
+        "models.load_pipeline(base, 'float32', vae=vae)",  # class-images, evaluate
+        "metrics.ClipEmbedder(clip), metrics.DinoEmbedder(dino)",  # evaluate
+    ])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env |= {k: v for k, v in one(objects, "ConfigMap")["data"].items() if k.startswith("HF_")}  # the pods' settings
+    env |= {"HF_HOME": str(tmp_path), "HF_ENDPOINT": hub.endpoint, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", load, *layout], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert hub.heads  # the loaders did ask this hub
+    assert hub.downloads == []
+
+
+def test_the_docs_name_only_files_that_exist():
+    text = DOCS.read_text()
+    named = set(re.findall(r"\b((?:deploy|docs|plugins|tests|sd_tasks|dags)/[\w./-]+\.(?:yaml|env|py|md))", text))
+    assert {"deploy/helm/values.yaml", "deploy/kubernetes/rbac.yaml", "deploy/eks/gpu-nodegroup.yaml"} <= named
+    assert [n for n in sorted(named) if not (REPO / n).is_file()] == []
+    applied = {w[i + 1] for w in documented_commands() if w[:2] == ["kubectl", "apply"]
+               for i, word in enumerate(w) if word == "-f"}
+    assert applied == {f"deploy/kubernetes/{p.name}" for p in OBJECTS.glob("*.yaml")}  # every object gets applied
