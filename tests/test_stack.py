@@ -18,6 +18,7 @@ from deploy.local.bootstrap import s3_client
 from deploy.local.processes import leftovers
 from deploy.local.seaweedfs import free_port_pairs, is_free
 from deploy.local.settings import Stack
+from sd_tasks.storage import MARKER
 
 pytestmark = pytest.mark.stack
 
@@ -189,16 +190,18 @@ def test_every_artifact_of_the_run_is_in_s3(stack, dag_run):
     run = f"runs/{DAG_ID}/{RUN_ID}/"
     keys = [k.removeprefix(run) for k in bucket_keys(settings, run)]
     images = sorted(p.name for p in SAMPLE.iterdir())
-    assert sorted(k for k in keys if k.startswith("dataset/")) == ["dataset/dataset.json",
+    assert sorted(k for k in keys if k.startswith("dataset/")) == [f"dataset/{MARKER}", "dataset/dataset.json",
                                                                    *[f"dataset/images/{n}" for n in images]]
-    for folder in ("validated", "captions", "resized", "select", "register"):
-        assert any(k.startswith(f"{folder}/") for k in keys), f"no {folder}/ in s3://{settings.bucket}/{run}"
+    for folder in ("validated", "captions", "resized", "select", "register"):  # each one whole
+        assert f"{folder}/{MARKER}" in keys, f"no whole {folder}/ in s3://{settings.bucket}/{run}"
     checkpoints = {k.split("/")[1] + "/" + k.split("/")[2] for k in keys if k.startswith("train/")}
     assert checkpoints == {f"lr-{lr}/checkpoint-{step}" for lr in ("0.001", "0.0001") for step in (2, 4)}
     for checkpoint in checkpoints:
         assert any(k.startswith(f"train/{checkpoint}/") and k.endswith(".safetensors") for k in keys), checkpoint
+        assert f"train/{checkpoint}/{MARKER}" in keys, checkpoint
     evaluations = {"/".join(k.split("/")[1:3]) for k in keys if k.startswith("eval/")}
     assert evaluations == {f"lr-{lr}/step-{step}" for lr in ("0.001", "0.0001") for step in (2, 4)}
+    assert not [k for k in keys if ".staging-" in k]  # no writer was cut short
     assert any(k.startswith("cache/encode/") and k.endswith("manifest.json") for k in bucket_keys(settings, "cache/"))
     assert len([k for k in bucket_keys(settings, "dvc/") if not k.endswith(".dir")]) == len(images)
 
