@@ -38,6 +38,7 @@ class ClassImagesConfig:
 def run(config: ClassImagesConfig) -> dict:
     config = replace(config, dtype=inference_dtype(config.dtype))  # the cache key names the dtype that ran
     settings = {k: v for k, v in asdict(config).items() if k not in ("output", "batch_size", "base_model")}
+    settings["vae"] = config.vae and model_fingerprint(config.vae, parts=[""])  # a local folder by its content
     key = hashlib.sha256(json.dumps({**settings, "model": model_fingerprint(config.base_model, with_unet=True)},
                                     sort_keys=True).encode()).hexdigest()[:20]
     uri = join(config.output, key)

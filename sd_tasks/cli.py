@@ -8,9 +8,9 @@ argv runs as a local subprocess or as a Kubernetes pod.
 
 Failures end with one line on stderr, `error: <step>: <reason>`, and an exit code that says whether running the
 step again could help: 65 (sysexits' EX_DATAERR) for a `StepError` (bad input, or a run that cannot succeed as
-asked, like a diverging learning rate: final), 2 for bad arguments (argparse's; final), 1 for anything else (a bug or
-the environment, as for any uncaught Python exception: its traceback goes first, and a retry may succeed), 130 when
-interrupted. The final codes are distinct from 1 on purpose: 1 is also what Python, torchrun and `accelerate launch`
+asked, like a diverging learning rate: final), 2 for bad arguments (argparse's; final), 1 for an `IncompleteFolder`
+(an input whose writer was stopped: its retry rewrites it) and for anything else (a bug or the environment, as for
+any uncaught Python exception: its traceback goes first, and a retry may succeed), 130 when interrupted. The final codes are distinct from 1 on purpose: 1 is also what Python, torchrun and `accelerate launch`
 return for any failure, so it must mean "maybe retry".
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import types
 import typing
 from pathlib import Path
 
-from sd_tasks.errors import StepError
+from sd_tasks.errors import IncompleteFolder, StepError
 
 # step name -> ("module[:function]", one-line description); the function defaults to `run`. Modules import lazily so `validate` never pays for torch.
 STEPS: dict[str, tuple[str, str]] = {
@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except StepError as exc:
         print(f"error: {step}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except IncompleteFolder as exc:  # a writer was stopped, or a folder changed while read: a retry can help
+        print(f"error: {step}: {exc}", file=sys.stderr)
+        return EXIT_CRASHED
     except KeyboardInterrupt:
         print(f"error: {step}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

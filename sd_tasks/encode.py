@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd_tasks.cli import option
-from sd_tasks.errors import StepError
+from sd_tasks.errors import IncompleteFolder, StepError
 from sd_tasks.storage import is_whole, join, read_dir, read_json, why_not_whole, write_dir, write_file, write_json
 
 FORMAT_VERSION = 1  # bump when what is cached changes meaning
@@ -87,7 +87,7 @@ def cache_key(folder: Path, manifest: dict, config: EncodeConfig) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def model_fingerprint(base_model: str, with_unet: bool = False) -> str:
+def model_fingerprint(base_model: str, with_unet: bool = False, parts: list[str] | None = None) -> str:
     """A hub id names its weights. A local folder may be rewritten in place, so fingerprint the parts encode uses by
     content: every file's path, size and the sha256 of its first and last MiB (hashing SDXL's gigabytes of weights
     would cost more than the encode). Path-independent, so two clones agree on the key."""
@@ -95,7 +95,7 @@ def model_fingerprint(base_model: str, with_unet: bool = False) -> str:
     if not path.is_dir():
         return base_model
     digest = hashlib.sha256()
-    parts = ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] + ["unet", "scheduler"] * with_unet
+    parts = parts or ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] + ["unet", "scheduler"] * with_unet
     for sub in parts:
         for f in sorted((path / sub).rglob("*")):
             if f.is_file():
@@ -189,7 +189,7 @@ def merge(config: MergeConfig) -> dict:
     for index in range(config.num_shards):
         shard = shard_name(index, config.num_shards)
         if problem := why_not_whole(join(config.cache, shard)):
-            raise StepError(f"{join(config.cache, shard)}: {problem}; run its encode task again")
+            raise IncompleteFolder(f"{join(config.cache, shard)}: {problem}; its encode task must run again")
         part = read_json(join(config.cache, shard, "records.json"))
         scaling_factor = part["scaling_factor"]
         records += [{**r, "shard": shard} for r in part["records"]]

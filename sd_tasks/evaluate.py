@@ -28,6 +28,7 @@ from PIL import Image
 from sd_tasks import tracking
 from sd_tasks.cli import option
 from sd_tasks.dataset import content_hash
+from sd_tasks.encode import model_fingerprint
 from sd_tasks.errors import StepError
 from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, mean_matched_cosine, mean_pairwise_cosine
 from sd_tasks.models import device, inference_dtype, load_pipeline
@@ -133,6 +134,7 @@ def suite_fingerprint(config: EvaluateConfig, base_model: str) -> str:
 
     suite = {k: v for k, v in asdict(config).items() if k not in ("checkpoint", "output", "base_model", "cache")}
     suite |= {"base_model": base_model, "instance_images": content_hash(read_dir(config.instance_images) / "images"),
+              "vae": config.vae and model_fingerprint(config.vae, parts=[""]),  # a local folder by its content
               "versions": [SCORING_VERSION, torch.__version__, diffusers.__version__, transformers.__version__]}
     return hashlib.sha256(json.dumps(suite, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -154,8 +156,8 @@ class Generator:
         if config.refiner_model:
             from diffusers import StableDiffusionXLImg2ImgPipeline
 
-            self.refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-                config.refiner_model, torch_dtype=getattr(torch, config.dtype)).to(device())
+            self.refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(  # decodes with the same VAE
+                config.refiner_model, vae=self.pipe.vae, torch_dtype=getattr(torch, config.dtype)).to(device())
             self.refiner.set_progress_bar_config(disable=True)
         self.size = config.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.loaded = None

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from sd_tasks.errors import StepError
+
 
 def load_vae(base_model: str):
     from diffusers import AutoencoderKL
@@ -63,12 +65,17 @@ def training_precision(name: str) -> str:
         return name
     if not torch.cuda.is_available():
         return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"  # emulated bf16 is slow
+
+
+INFERENCE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 def inference_dtype(name: str) -> str:
     """The pipelines' dtype for `auto`: float16 on a CUDA GPU (SDXL's usual inference precision; its VAE upcasts
-    itself to decode), float32 on the CPU."""
+    itself to float32 to decode), float32 on the CPU."""
+    if name not in INFERENCE_DTYPES:
+        raise StepError(f"--dtype {name!r}: choose one of {', '.join(INFERENCE_DTYPES)}")
     if name != "auto":
         return name
     return "float16" if torch.cuda.is_available() else "float32"

@@ -5,13 +5,13 @@ cache), `write_dir` gives a local staging directory that becomes the output only
 
 A folder written by `write_dir` is *whole* only once its completion marker, `.dreamline-complete.json`, is there:
 the marker lists every file with its size and is written last. Locally the folder appears by one rename, marker
-included. On an object store (S3 has no rename) the files go first to a hidden staging prefix beside the target
-(`.<name>.staging-<id>/`); publishing removes the old marker, then the old files, copies the staging objects to the
-target on the server, and writes the marker last. A writer killed at any point leaves a folder without a marker (or
-a leftover staging prefix, which no reader looks at), and `remove` deletes the marker first, so a half-deleted
-folder is no longer whole either. Readers of outputs that may be cut short (resume, the encode, class-image and
-evaluation caches) trust only whole folders (`is_whole`, `read_dir(..., whole=True)`); a folder with a marker whose
-files do not match it is refused by every reader.
+included. On an object store (S3 has no rename) publishing removes the old marker, then the old files, uploads the
+new files and writes the marker last. A writer killed at any point leaves a folder without a marker, and `remove`
+deletes the marker first, so a half-deleted folder is no longer whole either. (Uploading to a staging prefix and
+copying it into place would keep nothing whole for longer, since the old folder goes first either way, and would
+write every byte twice.) Readers of outputs that may be cut short (resume, the encode, class-image and evaluation
+caches) trust only whole folders (`is_whole`, `read_dir(..., whole=True)`); a folder with a marker whose files do
+not match it is refused by every reader, with an IncompleteFolder error that a retry can get past.
 
 S3 is configured by the environment, the standard AWS way (checked with s3fs 2026.9, botocore 1.43, dvc-s3 3.3):
 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a role), and for an S3-compatible store (MinIO, SeaweedFS, Ceph)
@@ -29,16 +29,15 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Iterator
 
 import fsspec
 
-from sd_tasks.errors import StepError
+from sd_tasks.errors import IncompleteFolder, StepError
 
 MARKER = ".dreamline-complete.json"
-STAGING = ".staging-"  # in the name of a writer's hidden staging folder: `.<name>.staging-<id>`
+STAGING = ".staging-"  # in the name of a local writer's (or fetcher's) hidden staging folder: `.<name>.staging-<id>`
 
 
 def is_remote(uri: str) -> bool:
@@ -137,6 +136,9 @@ def read_dir(uri: str, whole: bool = False) -> Path:
         staging = Path(tempfile.mkdtemp(dir=cache, prefix=f".{target.name}{STAGING}"))
         fs, path = fsspec.core.url_to_fs(uri)
         fs.get([f"{path.rstrip('/')}/{n}" for n in files], [str(staging / n) for n in files])
+        if _listing(uri) != files:  # rewritten while it was fetched: the copy may mix two versions
+            shutil.rmtree(staging, ignore_errors=True)
+            raise IncompleteFolder(f"{uri}: changed while it was read; read it again")
         try:
             staging.rename(target)
         except OSError:  # a concurrent step (the mapped train tasks, say) fetched the same folder first: keep its copy
@@ -149,7 +151,7 @@ def read_dir(uri: str, whole: bool = False) -> Path:
 def _require_whole(uri: str, files: dict[str, dict]) -> None:
     problem = _why_not_whole(uri, files)
     if problem:
-        raise StepError(f"{uri}: incomplete folder: {problem}")
+        raise IncompleteFolder(f"{uri}: incomplete folder: {problem}")
 
 
 @contextlib.contextmanager
@@ -189,15 +191,11 @@ def write_dir(uri: str) -> Iterator[Path]:
 def _publish_remote(staging: Path, uri: str, marker: str) -> None:
     fs, path = fsspec.core.url_to_fs(uri)
     path = path.rstrip("/")
-    parent, name = path.rsplit("/", 1)
-    hidden = f"{parent}/.{name}{STAGING}{uuid.uuid4().hex[:12]}"
     names = [p.relative_to(staging).as_posix() for p in sorted(staging.rglob("*")) if p.is_file()]
-    fs.put([str(staging / n) for n in names], [f"{hidden}/{n}" for n in names])
     _remove_remote(fs, path)
     if names:
-        fs.copy([f"{hidden}/{n}" for n in names], [f"{path}/{n}" for n in names])  # on the server
+        fs.put([str(staging / n) for n in names], [f"{path}/{n}" for n in names])
     fs.pipe_file(f"{path}/{MARKER}", marker.encode())  # last: from here on the folder is whole
-    fs.rm(hidden, recursive=True)
     fs.invalidate_cache(path)
 
 
@@ -223,13 +221,6 @@ def read_json(uri: str) -> dict:
 def write_json(path: Path, data) -> Path:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     return path
-
-
-def exists(uri: str) -> bool:
-    if not is_remote(uri):
-        return _local(uri).exists()
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs.exists(path)
 
 
 def write_file(uri: str, data: bytes) -> None:

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, SAMPLE, tree_snapshot
 from s3server import free_ports, seaweedfs
 from sd_tasks import dataset, storage
-from sd_tasks.errors import StepError
+from sd_tasks.errors import IncompleteFolder, StepError
 
 BUCKET = "dreamline"
 
@@ -188,7 +188,7 @@ import fsspec
 from sd_tasks import storage
 
 phase, uri, after = sys.argv[1], sys.argv[2], int(sys.argv[3])
-method = {"upload": "_put_file", "delete-old": "_rm", "copy": "_cp_file", "marker": "_pipe_file"}[phase]
+method = {"delete-old": "_rm", "upload": "_put_file", "marker": "_pipe_file"}[phase]
 s3 = fsspec.get_filesystem_class("s3")
 original, calls = getattr(s3, method), []
 
@@ -208,7 +208,7 @@ with storage.write_dir(uri) as out:
 """
 
 
-@pytest.mark.parametrize("phase", ["upload", "delete-old", "copy", "marker"])
+@pytest.mark.parametrize("phase", ["delete-old", "upload", "marker"])
 def test_a_writer_killed_while_publishing_to_s3_leaves_no_folder_a_reader_takes_for_whole(s3, tmp_path, phase):
     from sd_tasks import train
 
@@ -217,26 +217,18 @@ def test_a_writer_killed_while_publishing_to_s3_leaves_no_folder_a_reader_takes_
         with storage.write_dir(f"{output}/checkpoint-{step}") as out:
             (out / "old.bin").write_bytes(b"old")
     uri = f"{output}/checkpoint-4"
-    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, phase, uri, "5" if phase in ("upload", "copy") else "0"],
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, phase, uri, "5" if phase == "upload" else "0"],
                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
     _clear_fsspec_instances()
-    if phase == "upload":  # the new files went to a staging prefix only: the old folder is untouched and whole
-        assert storage.is_whole(uri)
-        assert sorted(p.name for p in storage.read_dir(uri, whole=True).iterdir()) == [storage.MARKER, "old.bin"]
-        assert [c["step"] for c in train.list_checkpoints(output)] == [2, 4]
-    else:  # the old folder was being replaced: neither it nor the new one is whole, and no reader takes it
-        left = [k.rsplit("/", 1)[1] for k in keys(s3, f"runs/killed-{phase}/train/checkpoint-4/")]
-        assert left == {"delete-old": ["old.bin"], "marker": [f"part-{i:02d}.bin" for i in range(30)]}.get(phase, left)
-        assert phase != "copy" or 5 <= len(left) < 30, left  # cut short part-way through the copy
-        assert not storage.is_whole(uri)
-        with pytest.raises(StepError, match="incomplete folder: no completion marker"):
-            storage.read_dir(uri, whole=True)
-        assert [c["step"] for c in train.list_checkpoints(output)] == [2]
-    # A staging prefix left behind is hidden from readers of the parent folder.
-    assert sorted(p.name for p in storage.read_dir(output).iterdir()) == ["checkpoint-2", "checkpoint-4"]
-
+    left = [k.rsplit("/", 1)[1] for k in keys(s3, f"runs/killed-{phase}/train/checkpoint-4/")]
+    assert left == {"delete-old": ["old.bin"], "marker": [f"part-{i:02d}.bin" for i in range(30)]}.get(phase, left)
+    assert phase != "upload" or 5 <= len(left) < 30, left  # cut short part-way through the upload
+    assert not storage.is_whole(uri)  # neither the old folder nor the new one, and no reader takes it for either
+    with pytest.raises(IncompleteFolder, match="incomplete folder: no completion marker"):
+        storage.read_dir(uri, whole=True)
+    assert [c["step"] for c in train.list_checkpoints(output)] == [2]
     # The writer run again (a retried task) publishes the whole new folder.
     with storage.write_dir(uri) as out:
         (out / "new.bin").write_bytes(b"new")
@@ -254,7 +246,7 @@ def test_a_folder_that_lost_a_file_is_not_whole_and_a_rewritten_one_is_fetched_a
     s3.delete_object(Bucket=BUCKET, Key="runs/manual__4/shard/latents.safetensors")
     _clear_fsspec_instances()
     assert not storage.is_whole(uri)
-    with pytest.raises(StepError, match="incomplete folder: latents.safetensors is missing"):
+    with pytest.raises(IncompleteFolder, match="incomplete folder: latents.safetensors is missing"):
         storage.read_dir(uri)  # a marked folder must match its marker, whoever reads it
 
     with storage.write_dir(uri) as out:  # rewritten in place: the local copy of the old one is not reused
@@ -264,6 +256,23 @@ def test_a_folder_that_lost_a_file_is_not_whole_and_a_rewritten_one_is_fetched_a
     assert second != first and (second / "latents.safetensors").read_bytes() == b"y" * 100
     storage.remove(uri)
     assert keys(s3, "runs/manual__4/shard/") == []
+
+    with storage.write_dir(uri):  # an output with no files is whole too
+        pass
+    assert storage.is_whole(uri) and keys(s3, "runs/manual__4/shard/") == [f"runs/manual__4/shard/{storage.MARKER}"]
+
+
+def test_a_step_reading_an_incomplete_folder_fails_in_one_line_with_an_exit_code_that_retries(s3, tmp_path):
+    uri = f"s3://{BUCKET}/runs/manual__6/resized"
+    with storage.write_dir(uri) as out:
+        storage.write_json(out / "manifest.json", {"records": []})
+        (out / "images").mkdir()
+        (out / "images" / "a.png").write_bytes(b"png")
+    s3.delete_object(Bucket=BUCKET, Key="runs/manual__6/resized/images/a.png")
+    proc = subprocess.run([sys.executable, "-m", "sd_tasks", "encode", "--images", uri, "--output",
+                           f"s3://{BUCKET}/cache/encode", "--base-model", "m"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [  # its writer's retry rewrites it: not final
+        f"error: encode: {uri}: incomplete folder: images/a.png is missing"]
 
 
 def test_steps_reading_the_same_uri_at_once_share_one_copy(s3, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO
 from sd_tasks import storage
-from sd_tasks.errors import StepError
+from sd_tasks.errors import IncompleteFolder
 
 # Killed after the marker was written into the staging folder and before the rename that publishes it.
 KILLED_BEFORE_RENAME = """
@@ -36,7 +36,7 @@ def test_a_local_folder_is_published_whole_with_its_marker(tmp_path):
 
     (tmp_path / "out" / "metrics.json").write_text('{"changed": true}')
     assert storage.why_not_whole(str(tmp_path / "out")) == "metrics.json has 17 bytes, not the 2 written"
-    with pytest.raises(StepError, match=r"out: incomplete folder: metrics.json has 17 bytes"):
+    with pytest.raises(IncompleteFolder, match=r"out: incomplete folder: metrics.json has 17 bytes"):
         storage.read_dir(str(tmp_path / "out"))
 
 
@@ -45,7 +45,7 @@ def test_a_folder_without_a_marker_is_input_but_not_a_whole_output(tmp_path):
     (tmp_path / "photos" / "a.jpg").write_bytes(b"jpg")
     assert storage.read_dir(str(tmp_path / "photos")) == tmp_path / "photos"  # a user's folder of photos
     assert not storage.is_whole(str(tmp_path / "photos"))
-    with pytest.raises(StepError, match="photos: incomplete folder: no completion marker"):
+    with pytest.raises(IncompleteFolder, match="photos: incomplete folder: no completion marker"):
         storage.read_dir(str(tmp_path / "photos"), whole=True)
 
 
