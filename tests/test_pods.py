@@ -114,6 +114,11 @@ def test_pods_run_restricted(manifests):
                                             "privileged": False, "readOnlyRootFilesystem": True,
                                             "runAsNonRoot": True}, what
         assert mount(pod, "scratch") == "/tmp"  # the one writable place besides the volumes
+        [scratch] = [v for v in pod["spec"]["volumes"] if v["name"] == "scratch"]
+        resources = container(pod)["resources"]
+        # requested, so the scheduler places the pod where the disk is, and bounded, so it cannot fill the node's
+        assert scratch["emptyDir"]["sizeLimit"] == resources["requests"]["ephemeral-storage"] == \
+            resources["limits"]["ephemeral-storage"], what
 
 
 def test_pods_are_labelled_by_dag_task_run_and_map_index(manifests):
@@ -145,6 +150,10 @@ def test_train_pods_get_the_production_recipe(manifests):
                                                    "must be an MLflow tracking server"),
     ("MLFLOW_TRACKING_URI", "https://me:pw@mlflow", "MLFLOW_TRACKING_URI: holds credentials; put them in the Secret"),
     ("DREAMLINE_BASE_MODEL", "/home/me/sdxl", "DREAMLINE_BASE_MODEL=/home/me/sdxl: a path on this machine"),
+    ("DREAMLINE_DATASET_REPO", "https://oauth2:ghp_x@github.com/me/data.git",
+     "DREAMLINE_DATASET_REPO: holds credentials; put them in the Secret named by DREAMLINE_GIT_SECRET"),
+    ("DREAMLINE_IMAGE", "registry.example.com/dreamline/worker:latest", "pin the worker image by tag or digest"),
+    ("DREAMLINE_IMAGE", "registry.example.com:5000/dreamline/worker", "pin the worker image by tag or digest"),
 ])
 def test_a_kubernetes_deployment_refuses_what_a_pod_could_not_use(tmp_path, setting, value, message):
     settings = tmp_path / "bad.env"

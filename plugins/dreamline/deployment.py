@@ -89,6 +89,13 @@ class Deployment:
         if not is_remote_git(self.dataset_repo):
             raise DeploymentError(f"DREAMLINE_DATASET_REPO={self.dataset_repo}: in kubernetes mode it must be a "
                                   f"Git URL the pods can clone (https://, ssh:// or git@host:path)")
+        if re.match(r"https?://[^/]*@", self.dataset_repo):  # it would show in the form, pod specs and logs
+            raise DeploymentError("DREAMLINE_DATASET_REPO: holds credentials; put them in the Secret named by "
+                                  "DREAMLINE_GIT_SECRET (GIT_CONFIG_* with an http.extraHeader)")
+        if "@sha256:" not in self.image and (":" not in self.image.rsplit("/", 1)[-1]
+                                             or self.image.endswith(":latest")):
+            raise DeploymentError(f"DREAMLINE_IMAGE={self.image}: pin the worker image by tag or digest, so that "
+                                  f"the pods run the code this DAG was deployed with")
         if not re.match(r"https?://", self.tracking_uri):
             raise DeploymentError(f"MLFLOW_TRACKING_URI={self.tracking_uri}: in kubernetes mode it must be an "
                                   f"MLflow tracking server (http(s)://host:port), not a file or database")

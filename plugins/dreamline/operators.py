@@ -122,7 +122,8 @@ def _kubernetes_operator():
         def __init__(self, *, step: str, options: dict[str, Any], profile: str = "cpu", **kwargs):
             p = PROFILES[profile]
             d = DEPLOYMENT
-            limits = {"cpu": p.cpu, "memory": p.memory} | ({"nvidia.com/gpu": str(p.gpus)} if p.gpus else {})
+            requests = {"cpu": p.cpu, "memory": p.memory, "ephemeral-storage": p.scratch}
+            limits = requests | ({"nvidia.com/gpu": str(p.gpus)} if p.gpus else {})
             volumes, mounts = pod_volumes(step, p, k8s)
             restricted = k8s.V1SecurityContext(allow_privilege_escalation=False, privileged=False,
                                                read_only_root_filesystem=True, run_as_non_root=True,
@@ -141,8 +142,7 @@ def _kubernetes_operator():
                 + ([k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=d.s3_secret))] if d.s3_secret else [])
                 + [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=n, optional=True))
                    for n in d.optional_secrets],
-                container_resources=k8s.V1ResourceRequirements(requests={"cpu": p.cpu, "memory": p.memory},
-                                                               limits=limits),
+                container_resources=k8s.V1ResourceRequirements(requests=requests, limits=limits),
                 volumes=volumes,
                 volume_mounts=mounts,
                 node_selector=p.node_selector or None,
@@ -208,7 +208,7 @@ def pod_environment(step: str) -> dict[str, str]:
 def pod_volumes(step: str, profile, k8s) -> tuple[list, list]:
     """Scratch /tmp (the root filesystem is read-only), /dev/shm in memory on GPU pods (Docker's 64 MiB default
     starves data loaders and NCCL), and the model cache for steps that load a model."""
-    volumes = [k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource())]
+    volumes = [k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=profile.scratch))]
     mounts = [k8s.V1VolumeMount(name="scratch", mount_path="/tmp")]
     if profile.shm:
         volumes.append(k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory",

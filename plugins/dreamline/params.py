@@ -136,7 +136,7 @@ def evaluation_params() -> dict[str, Param]:
                                  values_display={"auto": "auto: float16 on a CUDA GPU, float32 on the CPU",
                                                  "float16": "float16", "bfloat16": "bfloat16", "float32": "float32"},
                                  title="Inference precision", description="Of the pipelines that generate evaluation "
-                                 "and class images. SDXL's own VAE decodes in float32 whatever this says.",
+                                 "and class images. In float16, SDXL's own VAE upcasts itself to float32 to decode.",
                                  section=EVALUATION),
         "vae": Param("", type="string", title="VAE",
                      description="Decode with this VAE instead of the base model's (Hugging Face id or folder), e.g. "

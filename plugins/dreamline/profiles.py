@@ -16,6 +16,9 @@ class Profile:
     node_selector: dict = field(default_factory=dict)
     startup_timeout_seconds: int = 600  # GPU nodes can take minutes to scale up; KPO's default is 120 s
     shm: str | None = None  # size of a memory-backed /dev/shm (counted in `memory`)
+    # Scratch disk (/tmp): fetched inputs (an encode cache, a sweep's evaluation images), outputs before upload, and
+    # the Hugging Face cache when no model-cache volume is set. Requested, so the scheduler places it, and limited.
+    scratch: str = "20Gi"
 
 
 PROFILES = {
@@ -23,8 +26,8 @@ PROFILES = {
     "cpu": Profile(cpu="1", memory="4Gi"),
     # encode, train, evaluate: one GPU, enough host memory to load SDXL
     "gpu": Profile(cpu="8", memory="48Gi", gpus=1, node_selector={"dreamline.io/pool": "gpu"},
-                   startup_timeout_seconds=1800, shm="8Gi"),
+                   startup_timeout_seconds=1800, shm="8Gi", scratch="100Gi"),
     # data-parallel training over a node's GPUs (run under `accelerate launch`)
     "gpu-x4": Profile(cpu="32", memory="192Gi", gpus=4, node_selector={"dreamline.io/pool": "gpu"},
-                      startup_timeout_seconds=1800, shm="32Gi"),
+                      startup_timeout_seconds=1800, shm="32Gi", scratch="200Gi"),
 }
