@@ -149,8 +149,13 @@ def test_up_prints_where_everything_is_and_a_second_up_starts_nothing(stack):
     assert f"admin / {settings.secrets['airflow_admin_password']}" in out
     for name in ("stack.json", "stack.env", "s3/identities.json", "airflow/passwords.json"):
         assert (stack["folder"] / name).stat().st_mode & 0o077 == 0, f"{name} is readable by others"
+    assert stack["folder"].stat().st_mode & 0o077 == 0  # logs and records: the stack's user's alone
     pids = {p.name: p.read_text() for p in (stack["folder"] / "pids").iterdir()}
     assert len(pids) == 7
+    # no secret in a command line, which every local user can read in /proc
+    secrets = [v for v in settings.secrets.values() if len(v) >= 8]
+    for process in leftovers(stack["folder"]):
+        assert not [v for v in secrets if v in " ".join(process.cmdline())], process.cmdline()[:4]
     again = stack_cli(stack["folder"], "up", "--no-sample")
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("already running") == 7, again.stdout

@@ -76,13 +76,14 @@ class Processes:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {service.name}\n".encode())
             log.flush()
             try:
-                popen = subprocess.Popen(service.argv, env={**service.env, MARK: str(self.folder)}, cwd=service.cwd, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                popen = subprocess.Popen(service.argv, env={**service.env, MARK: str(self.folder)}, cwd=service.cwd,
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
             except OSError as exc:
                 raise StackError(f"{service.name}: cannot run {service.argv[0]}: {exc.strerror}") from None
         process = psutil.Process(popen.pid)
         self._record(service.name).write_text(json.dumps(
-            {"pid": popen.pid, "create_time": process.create_time(), "argv": service.argv}) + "\n")
+            {"pid": popen.pid, "create_time": process.create_time()}) + "\n")
         self.wait_healthy(service, popen)
         return process
 

@@ -62,8 +62,10 @@ def mlflow_service(stack: Stack) -> Service:
     # it sets up its tables, artifacts in transit) stay in its own folder.
     tmp = stack.path("mlflow", "tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    env = {**stack.base_env(), **stack.s3_env(), "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint, "TMPDIR": str(tmp)}
-    argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", stack.database_url("mlflow"),
+    # The database URL (it holds the password) goes by environment, not argv, which every local user can read.
+    env = {**stack.base_env(), **stack.s3_env(), "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint, "TMPDIR": str(tmp),
+           "MLFLOW_BACKEND_STORE_URI": stack.database_url("mlflow")}
+    argv = [sys.executable, "-m", "mlflow", "server",
             "--artifacts-destination", f"s3://{stack.bucket}/mlflow", "--host", HOST,
             "--port", str(stack.ports["mlflow"]), "--workers", "2"]
     return Service(name="mlflow", argv=argv, env=env, log=stack.path("mlflow", "mlflow.log"),

@@ -68,8 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def locked(folder: Path) -> Iterator[None]:
-    """One `up` or `down` at a time per stack folder."""
+    """One `up` or `down` at a time per stack folder (private to its user: logs and records name the services)."""
     folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
     with open(folder / ".lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
