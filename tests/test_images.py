@@ -398,8 +398,10 @@ def test_every_file_the_dockerfile_copies_is_in_the_build_context():
 
 # ---------------------------------------------------------------------------------------------------------------
 # The worker with a read-only root filesystem, as its pods run: only /tmp (an emptyDir; HOME and TMPDIR) and
-# HF_HOME (a volume) are writable. A user and mount namespace remounts / read-only around the real steps.
-SANDBOX = "mount --bind /tmp /tmp && mount -o remount,ro,bind / && exec \"$@\""
+# HF_HOME (a volume) are writable. A user and mount namespace remounts / read-only around the real steps, and the
+# checkout too (a CI clone may lie under /tmp), as the image's code is.
+SANDBOX = (f"mount --bind /tmp /tmp && mount -o remount,ro,bind / && mount --bind '{REPO}' '{REPO}' && "
+           f"mount -o remount,ro,bind '{REPO}' && exec \"$@\"")
 
 
 def sandbox_available() -> bool:
