@@ -10,8 +10,9 @@ Failures end with one line on stderr, `error: <step>: <reason>`, and an exit cod
 step again could help: 65 (sysexits' EX_DATAERR) for a `StepError` (bad input, or a run that cannot succeed as
 asked, like a diverging learning rate: final), 2 for bad arguments (argparse's; final), 1 for an `IncompleteFolder`
 (an input whose writer was stopped: its retry rewrites it) and for anything else (a bug or the environment, as for
-any uncaught Python exception: its traceback goes first, and a retry may succeed), 130 when interrupted. The final codes are distinct from 1 on purpose: 1 is also what Python, torchrun and `accelerate launch`
-return for any failure, so it must mean "maybe retry".
+any uncaught Python exception: its traceback goes first, and a retry may succeed), 130 when interrupted. The final
+codes are distinct from 1 on purpose: 1 is also what Python, torchrun and `accelerate launch` return for any
+failure, so it must mean "maybe retry".
 """
 from __future__ import annotations
 

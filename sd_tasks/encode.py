@@ -95,7 +95,8 @@ def model_fingerprint(base_model: str, with_unet: bool = False, parts: list[str]
     if not path.is_dir():
         return base_model
     digest = hashlib.sha256()
-    parts = parts or ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] + ["unet", "scheduler"] * with_unet
+    parts = parts or (["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+                      + ["unet", "scheduler"] * with_unet)
     for sub in parts:
         for f in sorted((path / sub).rglob("*")):
             if f.is_file():

@@ -270,7 +270,8 @@ def test_a_step_reading_an_incomplete_folder_fails_in_one_line_with_an_exit_code
         (out / "images" / "a.png").write_bytes(b"png")
     s3.delete_object(Bucket=BUCKET, Key="runs/manual__6/resized/images/a.png")
     proc = subprocess.run([sys.executable, "-m", "sd_tasks", "encode", "--images", uri, "--output",
-                           f"s3://{BUCKET}/cache/encode", "--base-model", "m"], cwd=REPO, capture_output=True, text=True)
+                           f"s3://{BUCKET}/cache/encode", "--base-model", "m"],
+                          cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.splitlines() == [  # its writer's retry rewrites it: not final
         f"error: encode: {uri}: incomplete folder: images/a.png is missing"]
 

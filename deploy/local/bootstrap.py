@@ -40,7 +40,8 @@ def ensure_models(stack: Stack) -> None:
     env = stack.deployment_env()
     if (Path(env["DREAMLINE_BASE_MODEL"]) / "model_index.json").exists():
         return
-    _step(stack, "tiny-model", [env["DREAMLINE_BASE_MODEL"], "--evaluators", str(Path(env["DREAMLINE_CLIP_MODEL"]).parent)],
+    evaluators = str(Path(env["DREAMLINE_CLIP_MODEL"]).parent)
+    _step(stack, "tiny-model", [env["DREAMLINE_BASE_MODEL"], "--evaluators", evaluators],
           stack.path("models", "tiny-model.log"))
 
 

@@ -133,7 +133,8 @@ class Stack:
         return env
 
     def s3_env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": self.secrets["s3_access_key"], "AWS_SECRET_ACCESS_KEY": self.secrets["s3_secret_key"],
+        return {"AWS_ACCESS_KEY_ID": self.secrets["s3_access_key"],
+                "AWS_SECRET_ACCESS_KEY": self.secrets["s3_secret_key"],
                 "AWS_ENDPOINT_URL_S3": self.s3_endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
 
     def scratch_env(self) -> dict[str, str]:

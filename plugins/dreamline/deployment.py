@@ -22,7 +22,7 @@ Kubernetes only (see docs/deployment.md for the objects they name):
 | DREAMLINE_IMAGE_PULL_POLICY | IfNotPresent | Always, IfNotPresent or Never |
 | DREAMLINE_IMAGE_PULL_SECRETS | (none) | comma-separated Secret names for a private registry |
 | DREAMLINE_CONFIGMAP | dreamline-config | ConfigMap of the pods' non-secret settings (S3 endpoint, region) |
-| DREAMLINE_S3_SECRET | dreamline-s3 | Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; empty: a cloud role instead |
+| DREAMLINE_S3_SECRET | dreamline-s3 | Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; empty: a cloud role |
 | DREAMLINE_MLFLOW_SECRET | dreamline-mlflow | optional Secret with MLFLOW_TRACKING_USERNAME/PASSWORD (or _TOKEN) |
 | DREAMLINE_HF_SECRET | dreamline-hf | optional Secret with HF_TOKEN, for gated models |
 | DREAMLINE_GIT_SECRET | dreamline-git | optional Secret with GIT_CONFIG_* credentials for a private data registry |
