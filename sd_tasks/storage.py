@@ -171,9 +171,10 @@ def write_dir(uri: str) -> Iterator[Path]:
             if not path.is_symlink():
                 path.chmod(0o755 if path.is_dir() else 0o644)
         (staging / MARKER).unlink(missing_ok=True)
-        marker = json.dumps(_marker(_listing(str(staging))), indent=1, sort_keys=True) + "\n"
+        files = _listing(str(staging))
+        marker = json.dumps(_marker(files), indent=1, sort_keys=True) + "\n"
         if is_remote(uri):
-            _publish_remote(staging, uri, marker)
+            _publish_remote(staging, list(files), uri, marker)
         else:
             (staging / MARKER).write_text(marker)
             (staging / MARKER).chmod(0o644)
@@ -188,10 +189,9 @@ def write_dir(uri: str) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _publish_remote(staging: Path, uri: str, marker: str) -> None:
+def _publish_remote(staging: Path, names: list[str], uri: str, marker: str) -> None:
     fs, path = fsspec.core.url_to_fs(uri)
     path = path.rstrip("/")
-    names = [p.relative_to(staging).as_posix() for p in sorted(staging.rglob("*")) if p.is_file()]
     _remove_remote(fs, path)
     if names:
         fs.put([str(staging / n) for n in names], [f"{path}/{n}" for n in names])

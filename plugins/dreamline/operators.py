@@ -64,7 +64,7 @@ class LocalStepOperator(BaseOperator):
 
     def __init__(self, *, step: str, options: dict[str, Any], profile: str = "cpu", **kwargs):
         super().__init__(**kwargs)
-        self.step, self.options, self.profile_name, self.profile = step, options, profile, PROFILES[profile]
+        self.step, self.options, self.profile = step, options, PROFILES[profile]
 
     def execute(self, context) -> dict:
         argv = [sys.executable, "-m", "sd_tasks", *step_argv(self.step, self.options)]
@@ -192,11 +192,15 @@ def _kubernetes_operator():
     return KubernetesStepOperator
 
 
+def uses_model_cache(step: str) -> bool:
+    return bool(DEPLOYMENT.model_cache_pvc) and step in MODEL_STEPS
+
+
 def pod_environment(step: str) -> dict[str, str]:
     """A pod's literal environment: where things are inside the pod, never a credential (those come from the
     deployment's Secrets, the endpoints from its ConfigMap). The tracking URI is the one Deployment.check
     accepted."""
-    cache = DEPLOYMENT.model_cache_pvc and step in MODEL_STEPS
+    cache = uses_model_cache(step)
     return {"DREAMLINE_EXECUTOR": "kubernetes", "DREAMLINE_HOME": "/tmp/dreamline",
             "MLFLOW_TRACKING_URI": DEPLOYMENT.tracking_uri,
             "HOME": "/tmp", "TMPDIR": "/tmp", "SD_TASKS_CACHE": "/tmp/sd_tasks-cache",
@@ -214,7 +218,7 @@ def pod_volumes(step: str, profile, k8s) -> tuple[list, list]:
         volumes.append(k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory",
                                                                                      size_limit=profile.shm)))
         mounts.append(k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
-    if DEPLOYMENT.model_cache_pvc and step in MODEL_STEPS:
+    if uses_model_cache(step):
         volumes.append(k8s.V1Volume(name="model-cache", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
             claim_name=DEPLOYMENT.model_cache_pvc)))
         mounts.append(k8s.V1VolumeMount(name="model-cache", mount_path=MODEL_CACHE_MOUNT))

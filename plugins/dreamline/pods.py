@@ -66,9 +66,10 @@ def planned_pods(conf: dict, images: int = 5, champion: bool = True, run_id: str
         "encode_class_images": {"cache": DEPLOYMENT.cache_dir("encode") + "/<encode_class_images.key>"},
     }
     encode_cache = DEPLOYMENT.cache_dir("encode") + "/<encode.key>"
+    shards = plan.encode_shard_options(params, run, images)
     computed = {  # options the DAG computes in TaskFlow tasks rather than templates; a list: mapped
-        "encode": plan.encode_shard_options(params, run, images),
-        "merge_cache": {"cache": encode_cache, "num_shards": len(plan.encode_shard_options(params, run, images))},
+        "encode": shards,
+        "merge_cache": {"cache": encode_cache, "num_shards": len(shards)},
         "train": plan.training_options(params, run, results["dataset"], encode_cache,
                                        "<mlflow_run.run_id>", results["encode_class_images"]["cache"]
                                        if params["prior_preservation"] else None),
