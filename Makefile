@@ -47,11 +47,12 @@ stack-status: $(STAMP)
 ui: $(STAMP)
 	$(PY) scripts/ui.py
 
-# The manifest of every pod one DAG run would launch in kubernetes mode, e.g. make pods CONF='{"max_steps": 200}'
+# The manifest of every pod one DAG run would launch in kubernetes mode, e.g. make pods SUBJECT=backpack CONF='{"max_steps": 200}'
 SETTINGS ?= deploy/kubernetes/dreamline.env
+SUBJECT ?= dog
 CONF ?= {}
 pods: $(STAMP)
-	@PYTHONPATH=plugins $(PY) -m dreamline.pods --settings $(SETTINGS) --conf '$(CONF)'
+	@PYTHONPATH=plugins $(PY) -m dreamline.pods --settings $(SETTINGS) --subject $(SUBJECT) --conf '$(CONF)'
 
 install: $(STAMP)
 

@@ -47,6 +47,7 @@ STEPS: dict[str, tuple[str, str]] = {
     "train": ("sd_tasks.train", "train DreamBooth-LoRA on the encode cache, checkpoint every N steps"),
     "evaluate": ("sd_tasks.evaluate", "generate fixed-seed images for a checkpoint and score them"),
     "select": ("sd_tasks.select", "score every evaluated checkpoint and pick the best"),
+    "lineage": ("sd_tasks.lineage", "say whether anything changed since the champion or challenger was trained"),
     "champion": ("sd_tasks.register:champion", "fetch the current champion's LoRA for re-evaluation"),
     "register": ("sd_tasks.register", "register the selected LoRA; promote it to champion only if it is better"),
 }
@@ -139,8 +140,8 @@ def build_parser(step: str, config_type: type) -> argparse.ArgumentParser:
             kwargs["type"] = kind
             if not f.metadata.get("positional"):
                 kwargs["metavar"] = f.metadata.get("metavar", kind.__name__.upper())
-            if is_list:
-                kwargs["nargs"] = "+"
+            if is_list:  # `--prompts a b` or `--prompts=a --prompts=b` (the form Airflow passes)
+                kwargs["nargs"], kwargs["action"] = "+", "extend"
         if _required(f):
             kwargs["help"] += " (required)"
         else:

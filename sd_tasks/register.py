@@ -26,6 +26,9 @@ from sd_tasks.train import CHECKPOINT_INFO, LORA_WEIGHTS
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCORES = ("score", "dino", "clip_i", "clip_t", "preservation")
+# What a version was trained from (sd_tasks.lineage compares a new run's with it): version tag -> what it names
+LINEAGE = {"lineage.dataset_hash": "dataset content", "lineage.recipe_hash": "recipe",
+           "lineage.base_model": "base model", "lineage.code_version": "code version"}
 
 
 @dataclass
@@ -38,6 +41,7 @@ class RegisterConfig:
     output: str = option("URI to write registration.json to")
     parent_run_id: str | None = option("MLflow parent run of the pipeline run; closed as FINISHED", None)
     experiment: str = option("MLflow experiment for a standalone registration", "dreamline")
+    recipe_hash: str = option("fingerprint of the recipe the pipeline ran (its lineage; see sd_tasks.lineage)", "")
 
 
 def run(config: RegisterConfig) -> dict:
@@ -54,6 +58,7 @@ def run(config: RegisterConfig) -> dict:
         "base_model": info["base_model"], "learning_rate": f"{best['learning_rate']:g}", "step": str(best["step"]),
         "training_run_id": str(best["run_id"]), "eval.suite": str(best.get("suite")),
         **{f"score.{k}": f"{best[k]:.6f}" for k in SCORES if best.get(k) is not None},
+        **lineage_tags(dataset["hash"], config.recipe_hash, info["base_model"]),
     }
     version = existing_version(client, config.model_name, run_key) or log_version(config, best, info, tags)
     promote, reason = decide(client, config.model_name, version, best, selection.get("champion"))
@@ -156,7 +161,14 @@ def report(name: str, selection: dict, result: dict) -> str:
         "",
         "Image grids (rows: learning rate, columns: step) and metric plots are under `review/`.",
     ]
+    if selection.get("missing"):
+        lines += ["", f"Not evaluated (their evaluate task failed): {', '.join(selection['missing'])}."]
     return "\n".join(lines) + "\n"
+
+
+def lineage_tags(dataset_hash: str, recipe_hash: str, base_model: str) -> dict[str, str]:
+    return {"lineage.dataset_hash": dataset_hash, "lineage.recipe_hash": recipe_hash,
+            "lineage.base_model": base_model, "lineage.code_version": code_version()}
 
 
 def code_version() -> str:

@@ -9,6 +9,7 @@ apart, for `register` to compare against. With a parent MLflow run, the run gets
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ class SelectConfig:
     weight_flexibility: float = option("weight of prompt fidelity (CLIP-T)", 1.0)
     weight_preservation: float = option("weight of preservation of the base model", 0.5)
     parent_run_id: str | None = option("MLflow run to log the grids and plots to", None)
+    expected: list[str] = option("evaluation folders the pipeline planned (URIs): those that are not whole are "
+                                 "reported as missing (their evaluate task failed) and the rest selected from", [])
 
 
 def run(config: SelectConfig) -> dict:
@@ -48,13 +51,19 @@ def run(config: SelectConfig) -> dict:
         raise StepError(f"{config.evaluations}: no metrics.json of a checkpoint found; did evaluate run?")
     ranking = sorted(candidates, key=lambda r: (-r["score"], r["step"], r["learning_rate"]))
     champion = next((r for r in rows if r["champion_version"]), None)
+    found = {f.relative_to(folder).as_posix() for f in evaluations}
+    root = config.evaluations.rstrip("/") + "/"
+    missing = [uri.removeprefix(root) for uri in config.expected if uri.removeprefix(root) not in found]
+    if missing:
+        print(f"warning: not evaluated, selected from the rest: {', '.join(missing)}", file=sys.stderr)
     selection = {"selected": ranking[0], "runners_up": ranking[1:3], "table": candidates, "champion": champion,
-                 "weights": weights}
+                 "weights": weights, "missing": missing}
     with write_dir(config.output) as out:
         write_json(out / "selection.json", selection)
     if config.parent_run_id:
         log_review(config.parent_run_id, evaluations, candidates)
-    return {"selection": f"{config.output}/selection.json", "selected": ranking[0], "candidates": len(candidates)}
+    return {"selection": f"{config.output}/selection.json", "selected": ranking[0], "candidates": len(candidates),
+            "missing": missing}
 
 
 def weighted_score(metrics: dict, weights: dict) -> float:

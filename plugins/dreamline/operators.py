@@ -1,8 +1,17 @@
 """Run an `sd_tasks` step from Airflow: as a local subprocess or as a Kubernetes pod, with the same argv.
 
 A task says which step and with which options (a dict, templated, mappable with `.expand(options=...)`); both
-operators turn that into `python -m sd_tasks <step> --flag value ...` via `step_argv` and push the step's one-line
+operators turn that into `python -m sd_tasks <step> --flag=value ...` via `step_argv` and push the step's one-line
 JSON result to XCom. `StepOperator` is the one the deployment selects (DREAMLINE_EXECUTOR).
+
+Values keep their types: a form value is given as `param("name")`, which Airflow's templater resolves to the run's
+validated value when the task runs, not rendered through Jinja (native rendering would make the dataset version
+"1.10" the number 1.1, and plain rendering every number a string); Jinja templates are only for strings built
+from the run (its folder, an earlier task's result). And a value can never become a
+flag: every option is passed as `--flag=value`, so a prompt that starts with `--` is still a prompt.
+
+A step that refuses its input (exit 65 or 2) raises `StepRefused` and fails at once; anything else (a crash, a
+kill, a preempted pod) raises `StepCrashed` and is retried with backoff (`STEP_RETRY_POLICY`).
 """
 from __future__ import annotations
 
@@ -12,30 +21,64 @@ import subprocess
 import sys
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from dataclasses import dataclass
+from datetime import timedelta
+
+from airflow.sdk import BaseOperator, ExceptionRetryPolicy, RetryAction, RetryRule
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from dreamline.deployment import DEPLOYMENT, MODEL_CACHE_MOUNT, REPO_ROOT
-from dreamline.profiles import PROFILES
+from dreamline.profiles import PROFILES, step_resources
 
 # sd_tasks.cli.FINAL_EXIT_CODES (a test keeps them equal): Airflow's components do not have sd_tasks on their path.
 FINAL_EXIT_CODES = frozenset({65, 2})
 
 
+@dataclass(frozen=True)
+class param:  # noqa: N801 (reads as a function in the DAG's options)
+    """An option whose value is the run's form value `name`, typed as the form validated it. Airflow's templater
+    calls `resolve` on any value that has one."""
+
+    name: str
+
+    def resolve(self, context) -> Any:
+        return context["params"][self.name]
+
+    def __repr__(self) -> str:  # what the UI shows before the task runs
+        return f"params.{self.name}"
+
+
+@dataclass(frozen=True)
+class each_result:  # noqa: N801
+    """An option whose value is `key` of every item of an earlier task's result (a list of dicts)."""
+
+    task_id: str
+    key: str
+
+    def resolve(self, context) -> list:
+        return [item[self.key] for item in context["ti"].xcom_pull(task_ids=self.task_id) or []]
+
+    def __repr__(self) -> str:
+        return f"{self.task_id}[*].{self.key}"
+
+
 def step_argv(step: str, options: dict[str, Any]) -> list[str]:
     """`sd_tasks` arguments for a step: {"max_steps": 20, "prompts": ["a", "b"], "debug": False} becomes
-    [step, "--max-steps", "20", "--prompts", "a", "b", "--no-debug"]. None values are left out."""
+    [step, "--max-steps=20", "--prompts=a", "--prompts=b", "--no-debug"]. None values are left out. The `=` form
+    keeps every value a value, even one that starts with `--`."""
     argv = [step]
     for name, value in options.items():
         if value is None:
             continue
+        if isinstance(value, (param, each_result)):
+            raise TypeError(f"{step}: option {name} is {value!r}, not rendered yet")
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + name.replace("_", "-"))
         elif isinstance(value, (list, tuple)):
-            argv += [flag, *map(str, value)]
+            argv += [f"{flag}={item}" for item in value]
         else:
-            argv += [flag, str(value)]
+            argv.append(f"{flag}={value}")
     return argv
 
 
@@ -50,10 +93,27 @@ def parse_result(lines: list[str]) -> dict | None:
     return None
 
 
+class StepRefused(AirflowException):
+    """The step refused its input, or its run cannot succeed as asked (bad images, a diverging learning rate)."""
+
+
+class StepCrashed(AirflowException):
+    """The step crashed, was killed or lost its pod: running it again may succeed (every step is safe to rerun)."""
+
+
 def step_failure(exit_code: int | None, message: str) -> AirflowException:
-    """The step refused its input or its run cannot succeed as asked (bad images, a diverging learning rate): fail
-    at once, since a retry would only repeat it. Anything else (a crash, a kill, a preempted pod) may be retried."""
-    return AirflowFailException(message) if exit_code in FINAL_EXIT_CODES else AirflowException(message)
+    return StepRefused(message) if exit_code in FINAL_EXIT_CODES else StepCrashed(message)
+
+
+# Retries that fit the error: refused input fails at once, since a retry would only repeat it; a crash or a lost
+# pod is retried (train resumes from its latest checkpoint and continues its own MLflow run). Other errors, such as
+# a pod that never started, take the task's own retries.
+STEP_RETRY_POLICY = ExceptionRetryPolicy(rules=[
+    RetryRule(exception=StepRefused, action=RetryAction.FAIL, reason="the step refused its input"),
+    RetryRule(exception=StepCrashed, action=RetryAction.RETRY, reason="the step crashed or was stopped"),
+])
+STEP_RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True,
+                "max_retry_delay": timedelta(minutes=15), "retry_policy": STEP_RETRY_POLICY}
 
 
 class LocalStepOperator(BaseOperator):
@@ -63,7 +123,7 @@ class LocalStepOperator(BaseOperator):
     ui_color = "#e8f1fb"
 
     def __init__(self, *, step: str, options: dict[str, Any], profile: str = "cpu", **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{**step_resources(step, profile), **STEP_RETRIES, **kwargs})
         self.step, self.options, self.profile = step, options, PROFILES[profile]
 
     def execute(self, context) -> dict:
@@ -120,6 +180,7 @@ def _kubernetes_operator():
         template_fields = (*KubernetesPodOperator.template_fields, "options")
 
         def __init__(self, *, step: str, options: dict[str, Any], profile: str = "cpu", **kwargs):
+            kwargs = {**step_resources(step, profile), **STEP_RETRIES, **kwargs}
             p = PROFILES[profile]
             d = DEPLOYMENT
             requests = {"cpu": p.cpu, "memory": p.memory, "ephemeral-storage": p.scratch}
@@ -241,6 +302,13 @@ def base_container_exit_code(pod, container: str) -> int | None:
     base = next((s for s in statuses if s.name == container), None)
     terminated = base and base.state and base.state.terminated
     return terminated.exit_code if terminated else None
+
+
+def partial_step(*, task_id: str, step: str, profile: str = "cpu", **kwargs):
+    """`StepOperator.partial(...)` for a mapped step, with its profile's pool and time limit where the scheduler
+    reads them (a plain StepOperator sets them itself)."""
+    return StepOperator.partial(task_id=task_id, step=step, profile=profile,
+                                **{**step_resources(step, profile), **STEP_RETRIES, **kwargs})
 
 
 def step_operator_class(executor: str = DEPLOYMENT.executor) -> type[BaseOperator]:

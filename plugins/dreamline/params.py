@@ -1,13 +1,19 @@
-"""The trigger form of Dreamline's DAGs: typed Params with titles, descriptions and sections.
+"""The trigger form of Dreamline's DAGs: typed Params with titles, descriptions, sections and the JSON-schema rules
+that refuse bad input in the form.
 
-Defaults are the production recipe (SDXL base, 500 steps, a checkpoint every 100, three learning rates); the
-deployment's environment supplies the model and registry defaults (see `dreamline.deployment`).
+Defaults are the production recipe (SDXL base, 500 steps, a checkpoint every 100, three learning rates), then the
+subject's entry in the subject registry (dreamline.subjects) over it; the deployment's environment supplies the
+model and registry defaults (dreamline.deployment). What JSON schema cannot say (max steps a multiple of the
+checkpoint interval, the number of evaluations) is checked by the DAG's first task (dreamline.plan.check_recipe).
 """
 from __future__ import annotations
+
+import copy
 
 from airflow.sdk import Param
 
 from dreamline.deployment import DEPLOYMENT
+from dreamline.subjects import Subject, SubjectRegistryError
 
 # DreamBench's prompt templates (Ruiz et al. 2023); {instance} becomes "<token> <class>", e.g. "sks dog".
 _COMMON = ["a {instance} in the jungle", "a {instance} in the snow", "a {instance} on the beach",
@@ -33,6 +39,10 @@ DREAMBENCH_PROMPTS = {
 }
 
 
+# An evaluation prompt: contains {instance}, and no other {field} than {instance} and {class_noun}.
+PROMPT_TEMPLATE = r"^(?=.*\{instance\})(?:[^{}]|\{instance\}|\{class_noun\})*$"
+
+
 def evaluation_prompts(params: dict) -> list[str]:
     """The run's evaluation prompts, filled in: the form's list, or DreamBench's 25 for the subject kind."""
     instance = f"{params['instance_token']} {params['class_noun']}"
@@ -40,29 +50,66 @@ def evaluation_prompts(params: dict) -> list[str]:
     return [t.format(instance=instance, class_noun=params["class_noun"]) for t in templates]
 
 
+RUN = "This run"
+MAX_LEARNING_RATES = 8
+MAX_CHECKPOINTS = 20  # per training run; with 8 learning rates, 160 evaluate tasks (Airflow maps at most 1,024)
 SUBJECT = "Subject and data"
 PREPARATION = "Data preparation"
 TRAINING = "Training"
 EVALUATION = "Evaluation and selection"
 
 
-def subject_params() -> dict[str, Param]:
+def dag_params(subject: Subject) -> dict[str, Param]:
+    """The trigger form of a subject's DAG: the production recipe with the subject's registry entry over it."""
+    params = {**run_params(), **subject_params(subject), **training_params(), **evaluation_params(subject.kind)}
+    fixed = {"subject", "instance_token", "class_noun", "subject_kind"}  # said by the entry's own fields
+    for name, value in subject.recipe.items():
+        if name not in params or name in fixed:
+            raise SubjectRegistryError(f"subject {subject.name!r}: recipe.{name} is not a setting of the trigger form"
+                                       f"{' (set it on the subject)' if name in fixed else ''}")
+        param = copy.deepcopy(params[name])
+        try:
+            param.resolve(value)  # the registry's value must pass the form's own rules
+        except Exception as exc:
+            raise SubjectRegistryError(f"subject {subject.name!r}: recipe.{name}={value!r}: "
+                                       f"{str(exc).splitlines()[0]}") from None
+        param.value = value
+        params[name] = param
+    return params
+
+
+def run_params() -> dict[str, Param]:
     return {
-        "subject": Param("dog", type="string", pattern=r"^[a-z0-9][a-z0-9_-]*$", title="Subject",
-                         description="Folder of the subject in the data registry; also names the registered model.",
-                         section=SUBJECT),
-        "instance_token": Param("sks", type="string", title="Instance token",
+        "force": Param(False, type="boolean", title="Train even if nothing changed",
+                       description="A run first compares what it would train (dataset content, recipe, base model, "
+                       "code version) with what the current champion and challenger were trained from, and ends "
+                       "skipped when nothing changed. Tick to train anyway.", section=RUN),
+    }
+
+
+def subject_params(subject: Subject) -> dict[str, Param]:
+    return {
+        "subject": Param(subject.name, type="string", enum=[subject.name], title="Subject",
+                         description="This DAG's subject, from the subject registry: it names the MLflow experiment "
+                         "and the registered model.", section=SUBJECT),
+        "instance_token": Param(subject.token, type="string", pattern=r"^[^\s{}]+$", title="Instance token",
                                 description="Rare token that comes to mean your subject.", section=SUBJECT),
-        "class_noun": Param("dog", type="string", title="Class noun",
+        "class_noun": Param(subject.class_noun, type="string", minLength=1, title="Class noun",
                             description="What the subject is, e.g. dog, backpack, person.", section=SUBJECT),
-        "instance_prompt": Param("a photo of sks dog", type="string", title="Instance prompt",
-                                 description="Caption of every training image.", section=SUBJECT),
-        "class_prompt": Param("a photo of dog", type="string", title="Class prompt",
+        "instance_prompt": Param(f"a photo of {subject.token} {subject.class_noun}", type="string", minLength=1,
+                                 title="Instance prompt", description="Caption of every training image.",
+                                 section=SUBJECT),
+        "class_prompt": Param(f"a photo of {subject.class_noun}", type="string", minLength=1, title="Class prompt",
                               description="Prompt for the class images of prior preservation.", section=SUBJECT),
-        "dataset_repo": Param(DEPLOYMENT.dataset_repo, type="string", title="Data registry",
-                              description="Git URL or path of the DVC data registry.", section=SUBJECT),
-        "dataset_version": Param("main", type="string", title="Dataset version",
-                                 description="Git tag, branch or commit of the data registry to train on.",
+        "dataset_repo": Param(subject.dataset_repo or DEPLOYMENT.dataset_repo, type="string", minLength=1,
+                              title="Data registry", description="Git URL or path of the DVC data registry.",
+                              section=SUBJECT),
+        "dataset_path": Param(subject.dataset_path or subject.name, type="string", pattern=r"^[^/\s][^\s]*$",
+                              title="Dataset folder", description="The subject's folder in the data registry.",
+                              section=SUBJECT),
+        "dataset_version": Param(subject.dataset_version, type="string", pattern=r"^[^\s]+$",
+                                 title="Dataset version", description="Git tag, branch or commit of the data "
+                                 "registry to train on; a branch (main) trains on the newest published version.",
                                  section=SUBJECT),
         "caption_strategy": Param("instance", type="string", enum=["instance", "sidecar", "model"],
                                   values_display={"instance": "Instance prompt for every image",
@@ -70,7 +117,7 @@ def subject_params() -> dict[str, Param]:
                                                   "model": "Captioning model (BLIP)"},
                                   title="Captions", description="Where each image's caption comes from; found "
                                   "captions are appended to the instance prompt.", section=PREPARATION),
-        "caption_model": Param(DEPLOYMENT.caption_model, type="string", title="Captioning model",
+        "caption_model": Param(DEPLOYMENT.caption_model, type="string", minLength=1, title="Captioning model",
                                description="Used when captions come from a model.", section=PREPARATION),
         "crop": Param("center", type="string", enum=["center", "random"], title="Crop",
                       description="Where images are cropped to their bucket.", section=PREPARATION),
@@ -80,7 +127,7 @@ def subject_params() -> dict[str, Param]:
         "flip": Param(False, type="boolean", title="Flip augmentation",
                       description="Also train on mirrored copies (not for asymmetric subjects such as text).",
                       section=PREPARATION),
-        "encode_shard_size": Param(1000, type="integer", minimum=1, title="Encode shard size",
+        "encode_shard_size": Param(1000, type="integer", minimum=1, maximum=100_000, title="Encode shard size",
                                    description="Images per encode task; larger sets are encoded in parallel shards.",
                                    section=PREPARATION),
     }
@@ -88,18 +135,25 @@ def subject_params() -> dict[str, Param]:
 
 def training_params() -> dict[str, Param]:
     return {
-        "base_model": Param(DEPLOYMENT.base_model, type="string", title="Base model",
+        "base_model": Param(DEPLOYMENT.base_model, type="string", minLength=1, title="Base model",
                             description="SDXL pipeline: Hugging Face id or a local diffusers folder.", section=TRAINING),
-        "learning_rates": Param([1e-4, 5e-4, 1e-5], type="array", items={"type": "number", "exclusiveMinimum": 0},
-                                minItems=1, title="Learning rates",
-                                description="One training run per value, run in parallel.", section=TRAINING),
-        "max_steps": Param(500, type="integer", minimum=1, title="Max steps", section=TRAINING),
+        "learning_rates": Param([1e-4, 5e-4, 1e-5], type="array",
+                                items={"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                                minItems=1, maxItems=MAX_LEARNING_RATES, uniqueItems=True, title="Learning rates",
+                                description="One training run per value, run in parallel; each value once, "
+                                "above 0 and at most 1.", section=TRAINING),
+        "max_steps": Param(500, type="integer", minimum=1, maximum=100_000, title="Max steps",
+                           description="Optimizer steps of each training run; a multiple of the checkpoint "
+                           "interval.", section=TRAINING),
         "checkpointing_steps": Param(100, type="integer", minimum=1, title="Checkpoint interval",
-                                     description="Steps between checkpoints; every checkpoint is evaluated.",
-                                     section=TRAINING),
-        "rank": Param(4, type="integer", minimum=1, maximum=256, title="LoRA rank", section=TRAINING),
-        "resolution": Param(1024, type="integer", minimum=64, multipleOf=8, title="Resolution",
-                            description="Training and evaluation image side, in pixels.", section=TRAINING),
+                                     description=f"Steps between checkpoints; every checkpoint is evaluated, so at "
+                                     f"most {MAX_CHECKPOINTS} per training run.", section=TRAINING),
+        "rank": Param(4, type="integer", minimum=1, maximum=256, title="LoRA rank",
+                      description="Rank of the LoRA matrices: capacity (and file size) of what is learned.",
+                      section=TRAINING),
+        "resolution": Param(1024, type="integer", minimum=64, maximum=2048, multipleOf=64, title="Resolution",
+                            description="Training and evaluation image side, in pixels: a multiple of 64 (SDXL's "
+                            "buckets), 1024 for SDXL.", section=TRAINING),
         "mixed_precision": Param("auto", type="string", enum=["auto", "bf16", "fp16", "no"],
                                  values_display={"auto": "auto: bf16 on a CUDA GPU, fp32 on the CPU",
                                                  "bf16": "bf16", "fp16": "fp16 (with loss scaling)",
@@ -114,24 +168,31 @@ def training_params() -> dict[str, Param]:
                                     description="Train on class images generated by the base model too, so the "
                                     "class keeps its variety (DreamBooth's prior-preservation loss).",
                                     section=TRAINING),
-        "num_class_images": Param(100, type="integer", minimum=1, title="Class images",
+        "num_class_images": Param(100, type="integer", minimum=1, maximum=10_000, title="Class images",
                                   description="How many class images to generate (once; they are cached).",
                                   section=TRAINING),
-        "prior_loss_weight": Param(1.0, type="number", minimum=0, title="Prior loss weight", section=TRAINING),
-        "seed": Param(0, type="integer", minimum=0, title="Seed", section=TRAINING),
+        "prior_loss_weight": Param(1.0, type="number", minimum=0, title="Prior loss weight",
+                                   description="Weight of the class images' loss beside the subject's.",
+                                   section=TRAINING),
+        "seed": Param(0, type="integer", minimum=0, maximum=2**31 - 1, title="Seed",
+                      description="Seeds training noise and order, and the evaluation images.", section=TRAINING),
     }
 
 
-def evaluation_params() -> dict[str, Param]:
+def evaluation_params(kind: str = "live") -> dict[str, Param]:
     return {
-        "subject_kind": Param("live", type="string", enum=["object", "live"],
+        "subject_kind": Param(kind, type="string", enum=["object", "live"],
                               values_display={"object": "Object (backpack, toy, ...)", "live": "Live subject (pet, ...)"},
                               title="Subject kind", description="Picks DreamBench's prompt set.", section=EVALUATION),
-        "evaluation_prompts": Param([], type="array", items={"type": "string"}, title="Evaluation prompts",
-                                    description="Empty: DreamBench's 25 prompts for the subject kind. `{instance}` "
-                                    "becomes '<token> <class>', `{class_noun}` the class.", section=EVALUATION),
-        "images_per_prompt": Param(4, type="integer", minimum=1, title="Images per prompt", section=EVALUATION),
-        "inference_steps": Param(25, type="integer", minimum=1, title="Inference steps", section=EVALUATION),
+        "evaluation_prompts": Param([], type="array", items={"type": "string", "pattern": PROMPT_TEMPLATE},
+                                    maxItems=100, title="Evaluation prompts",
+                                    description="Empty: DreamBench's 25 prompts for the subject kind. Each prompt "
+                                    "contains `{instance}`, which becomes '<token> <class>'; `{class_noun}` becomes "
+                                    "the class; no other braces.", section=EVALUATION),
+        "images_per_prompt": Param(4, type="integer", minimum=1, maximum=64, title="Images per prompt",
+                                   description="Fixed-seed images per prompt and checkpoint.", section=EVALUATION),
+        "inference_steps": Param(25, type="integer", minimum=1, maximum=200, title="Inference steps",
+                                 description="Denoising steps of each evaluation image.", section=EVALUATION),
         "inference_dtype": Param("auto", type="string", enum=["auto", "float16", "bfloat16", "float32"],
                                  values_display={"auto": "auto: float16 on a CUDA GPU, float32 on the CPU",
                                                  "float16": "float16", "bfloat16": "bfloat16", "float32": "float32"},
@@ -142,8 +203,12 @@ def evaluation_params() -> dict[str, Param]:
                      description="Decode with this VAE instead of the base model's (Hugging Face id or folder), e.g. "
                      "madebyollin/sdxl-vae-fp16-fix, which stays in float16. Empty: the base model's.",
                      section=EVALUATION),
-        "clip_model": Param(DEPLOYMENT.clip_model, type="string", title="CLIP model", section=EVALUATION),
-        "dino_model": Param(DEPLOYMENT.dino_model, type="string", title="DINO model", section=EVALUATION),
+        "clip_model": Param(DEPLOYMENT.clip_model, type="string", minLength=1, title="CLIP model",
+                            description="Scores CLIP-I (subject) and CLIP-T (prompt): Hugging Face id or folder.",
+                            section=EVALUATION),
+        "dino_model": Param(DEPLOYMENT.dino_model, type="string", minLength=1, title="DINO model",
+                            description="Scores DINO subject fidelity: Hugging Face id or folder.",
+                            section=EVALUATION),
         "weight_accuracy": Param(1.0, type="number", minimum=0, title="Weight: subject fidelity",
                                  description="How much DINO and CLIP-I count in the score.", section=EVALUATION),
         "weight_flexibility": Param(1.0, type="number", minimum=0, title="Weight: prompt fidelity",

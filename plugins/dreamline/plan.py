@@ -5,10 +5,69 @@ would launch without running one.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import string
 
 from dreamline.deployment import DEPLOYMENT
-from dreamline.params import evaluation_prompts
+from dreamline.params import MAX_CHECKPOINTS, evaluation_prompts
+
+# Form settings that do not change what a run trains or how it is judged: left out of the recipe's fingerprint.
+NOT_RECIPE = frozenset({"force", "subject", "dataset_repo", "dataset_path", "dataset_version", "encode_shard_size"})
+MAX_MAPPED = 1024  # Airflow's [core] max_map_length
+
+
+class RecipeError(ValueError):
+    """A trigger-form combination the JSON schema cannot refuse; the message is one line."""
+
+
+def check_recipe(params: dict) -> dict:
+    """Refuse, in one line, what the form's JSON schema cannot say; return the numbers a run will launch."""
+    every, steps = params["checkpointing_steps"], params["max_steps"]
+    if steps % every:
+        raise RecipeError(f"max_steps {steps} is not a multiple of the checkpoint interval {every}: the last steps "
+                          f"would not be evaluated (try {steps - steps % every or every} or {steps + every - steps % every})")
+    if steps // every > MAX_CHECKPOINTS:
+        raise RecipeError(f"max_steps {steps} / checkpoint interval {every} = {steps // every} checkpoints per "
+                          f"learning rate; at most {MAX_CHECKPOINTS} (each is evaluated): raise the interval")
+    folders: dict[str, float] = {}
+    for lr in params["learning_rates"]:
+        name = run_name(lr)
+        if name in folders:
+            raise RecipeError(f"learning rates {folders[name]!r} and {lr!r} would share the run folder {name}: "
+                              f"use values that differ in their first 6 significant digits")
+        folders[name] = lr
+    for template in params["evaluation_prompts"]:
+        fields = [f for _, f, spec, conv in string.Formatter().parse(template) if f is not None
+                  and (f not in ("instance", "class_noun") or spec or conv)] if _parses(template) else [None]
+        if fields or "{instance}" not in template:
+            raise RecipeError(f"evaluation prompt {template!r}: contains {{instance}} and no other field than "
+                              f"{{instance}} and {{class_noun}}")
+    evaluations = len(params["learning_rates"]) * (steps // every) + 1  # and the champion
+    if evaluations > MAX_MAPPED:
+        raise RecipeError(f"{evaluations} evaluations would exceed Airflow's {MAX_MAPPED} mapped tasks")
+    return {"training_runs": len(params["learning_rates"]), "evaluations": evaluations,
+            "recipe_hash": recipe_hash(params)}
+
+
+def _parses(template: str) -> bool:
+    try:
+        list(string.Formatter().parse(template))
+        return True
+    except ValueError:  # a lone { or }
+        return False
+
+
+def recipe_hash(params: dict) -> str:
+    """Fingerprint of everything in the form that changes what is trained or how it is judged."""
+    recipe = {k: v for k, v in sorted(params.items()) if k not in NOT_RECIPE}
+    return "sha256:" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def run_name(learning_rate: float) -> str:
+    """A training run's folder under the run folder, and its evaluations' prefix."""
+    return f"lr-{learning_rate:g}"
 
 
 def encode_shard_options(params: dict, run: str, images: int) -> list[dict]:
@@ -23,7 +82,7 @@ def training_options(params: dict, run: str, dataset: dict, cache: str, parent_r
     """One `train` options dict per learning rate."""
     return [{
         "cache": cache, "class_cache": class_cache, "prior_loss_weight": params["prior_loss_weight"],
-        "output": f"{run}/train/lr-{lr:g}", "base_model": params["base_model"],
+        "output": f"{run}/train/{run_name(lr)}", "base_model": params["base_model"],
         "learning_rate": lr, "max_steps": params["max_steps"], "checkpointing_steps": params["checkpointing_steps"],
         "rank": params["rank"], "mixed_precision": params["mixed_precision"],
         "gradient_checkpointing": params["gradient_checkpointing"], "seed": params["seed"],
@@ -42,7 +101,7 @@ def evaluation_options(params: dict, run: str, training_results: list[dict], cha
              "images_per_prompt": params["images_per_prompt"], "num_inference_steps": params["inference_steps"],
              "resolution": params["resolution"], "dtype": params["inference_dtype"], "vae": params["vae"] or None,
              "seed": params["seed"], "cache": DEPLOYMENT.cache_dir("evaluations")}
-    candidates = [(c["uri"], f"lr-{r['learning_rate']:g}/step-{c['step']}")
+    candidates = [(c["uri"], f"{run_name(r['learning_rate'])}/step-{c['step']}")
                   for r in training_results for c in r["checkpoints"]]
     if champion["checkpoint"]:
         candidates.append((champion["checkpoint"], f"champion-v{champion['version']}"))

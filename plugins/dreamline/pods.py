@@ -1,14 +1,15 @@
 """`make pods`: the manifest of every pod one run of the DAG would launch in kubernetes mode, for a given conf,
 without a cluster or a database.
 
-    python -m dreamline.pods --settings deploy/kubernetes/dreamline.env --conf '{"learning_rates": [1e-4]}'
+    python -m dreamline.pods --settings deploy/kubernetes/dreamline.env --subject dog --conf '{"max_steps": 200}'
 
 The deployment settings come from the file (KEY=VALUE lines, as Airflow's environment would hold them) over the
 environment. The DAG is parsed as Airflow parses it; the trigger form's Params are merged with the conf and
 validated; each step task's templated options are rendered with Airflow's own template environment, and mapped
 tasks get the options the DAG would compute (dreamline.plan) from predicted results of the tasks before them: the
-dataset has `--images` images, training writes every checkpoint, and a champion exists unless `--no-champion`.
-Values known only at run time appear as `<task.field>`.
+dataset has `--images` images, something changed since the champion was trained (so the run trains), training
+writes every checkpoint, and a champion exists unless `--no-champion`. Values known only at run time appear as
+`<task.field>`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-DAG_ID = "sdxl_dreambooth_lora"
 
 
 def read_settings(path: str) -> dict[str, str]:
@@ -36,8 +36,8 @@ def read_settings(path: str) -> dict[str, str]:
     return settings
 
 
-def planned_pods(conf: dict, images: int = 5, champion: bool = True, run_id: str = "manual__2026-01-01T02:00:00")\
-        -> list[tuple[str, object]]:
+def planned_pods(conf: dict, images: int = 5, champion: bool = True, run_id: str = "manual__2026-01-01T02:00:00",
+                 subject: str = "dog") -> list[tuple[str, object]]:
     """[(what, V1Pod)] in the order the DAG runs them. Needs DREAMLINE_EXECUTOR=kubernetes in the environment
     before dreamline is first imported."""
     from airflow.dag_processing.dagbag import DagBag
@@ -50,16 +50,25 @@ def planned_pods(conf: dict, images: int = 5, champion: bool = True, run_id: str
     bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
     if bag.import_errors:
         raise SystemExit(f"error: the DAG does not parse: {bag.import_errors}")
-    dag = bag.dags[DAG_ID]
+    if f"lora_{subject}" not in bag.dags:
+        raise SystemExit(f"error: no subject {subject!r} in the subject registry; subjects: "
+                         f"{', '.join(d.removeprefix('lora_') for d in bag.dags if d.startswith('lora_'))}")
+    dag = bag.dags[f"lora_{subject}"]
     merged = copy.deepcopy(dag.params)
     merged.update(conf)  # each value checked against its Param's schema, as the trigger form does
     params = merged.validate()
-    run = DEPLOYMENT.run_dir(DAG_ID, run_id)
+    try:
+        recipe = plan.check_recipe(params)  # what the DAG's first task refuses
+    except plan.RecipeError as exc:
+        raise SystemExit(f"error: --conf: {exc}") from None
+    run = DEPLOYMENT.run_dir(dag.dag_id, run_id)
     trained = [{"learning_rate": lr, "checkpoints": [
-        {"step": s, "uri": f"{run}/train/lr-{lr:g}/checkpoint-{s}"} for s in checkpoint_steps(params)]}
+        {"step": s, "uri": f"{run}/train/{plan.run_name(lr)}/checkpoint-{s}"} for s in checkpoint_steps(params)]}
         for lr in params["learning_rates"]]
     current = {"checkpoint": f"{run}/champion" if champion else None, "version": 1 if champion else None}
+    evaluations = plan.evaluation_options(params, run, trained, current)
     results = {  # what the tasks that templates pull from would return
+        "recipe": recipe, "checkpoint_evaluations": evaluations,
         "dataset": {"rev": params["dataset_version"], "commit": "<dataset.commit>", "hash": "<dataset.hash>"},
         "mlflow_run": {"run_id": "<mlflow_run.run_id>"},
         "class_images": {"images": DEPLOYMENT.cache_dir("class-images") + "/<class_images.key>"},
@@ -73,7 +82,7 @@ def planned_pods(conf: dict, images: int = 5, champion: bool = True, run_id: str
         "train": plan.training_options(params, run, results["dataset"], encode_cache,
                                        "<mlflow_run.run_id>", results["encode_class_images"]["cache"]
                                        if params["prior_preservation"] else None),
-        "evaluate": plan.evaluation_options(params, run, trained, current),
+        "evaluate": evaluations,
     }
     skipped = set() if params["prior_preservation"] else {"class_images", "encode_class_images"}
     operator = step_operator_class("kubernetes")
@@ -117,6 +126,7 @@ def in_run_order(dag) -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dreamline.pods", description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", help="KEY=VALUE file of deployment settings (over the environment)")
+    parser.add_argument("--subject", default="dog", help="whose DAG (the subject registry's name)")
     parser.add_argument("--conf", default="{}", help="the DAG run's conf, as JSON")
     parser.add_argument("--images", type=int, default=5, help="images in the dataset (sets the encode shards)")
     parser.add_argument("--no-champion", action="store_true", help="no registered champion to re-evaluate")
@@ -137,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with contextlib.redirect_stdout(sys.stderr):  # Airflow's log lines: stdout is the manifests alone
-            pods = planned_pods(conf, args.images, not args.no_champion)
+            pods = planned_pods(conf, args.images, not args.no_champion, subject=args.subject)
     except DeploymentError as exc:
         print(f"error: {args.settings or 'environment'}: {exc}", file=sys.stderr)
         return 2
