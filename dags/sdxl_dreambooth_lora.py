@@ -42,6 +42,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from dreamline import plan, subjects
 from dreamline.deployment import DEPLOYMENT
+from dreamline.notify import on_failure, on_promotion
 from dreamline.operators import StepOperator, each_result, param, partial_step
 from dreamline.params import dag_params
 
@@ -76,6 +77,7 @@ def lora_dag(subject: subjects.Subject):
         doc_md=__doc__,
         params=dag_params(subject),
         user_defined_macros={"run_dir": DEPLOYMENT.run_dir},
+        default_args={"on_failure_callback": on_failure},  # to the `dreamline_webhook` connection, if there is one
         tags=["dreamline", "sdxl", "lora", f"subject:{subject.name}"],
     )
     def lora():
@@ -200,7 +202,7 @@ def lora_dag(subject: subjects.Subject):
             "weight_accuracy": param("weight_accuracy"), "weight_flexibility": param("weight_flexibility"),
             "weight_preservation": param("weight_preservation"), "parent_run_id": PARENT_RUN_ID,
         })
-        registered = StepOperator(task_id="register", step="register", options={
+        registered = StepOperator(task_id="register", step="register", on_success_callback=on_promotion, options={
             "selection": f"{RUN}/select", "dataset": f"{RUN}/dataset", "output": f"{RUN}/register",
             "model_name": MODEL, "parent_run_id": PARENT_RUN_ID,
             "recipe_hash": "{{ ti.xcom_pull(task_ids='recipe')['recipe_hash'] }}",

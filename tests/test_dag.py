@@ -40,39 +40,60 @@ def test_dagbag_imports_without_errors_or_ml_libraries(tmp_path, executor):
                           env=airflow_env(tmp_path, **settings), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out == {"errors": {}, "dags": ["sdxl_dreambooth_lora"], "heavy": []}
+    assert out == {"errors": {}, "heavy": [],
+                   "dags": ["lora_backpack", "lora_dog"] + (["publish_dataset"] if executor == "local" else [])}
 
 
 @pytest.fixture(scope="module")
-def dag():
+def bag():
     from airflow.dag_processing.dagbag import DagBag
 
-    return DagBag(dag_folder=str(REPO / "dags")).dags["sdxl_dreambooth_lora"]
+    return DagBag(dag_folder=str(REPO / "dags"))
 
 
-def test_schedule_and_run_policy(dag):
-    assert dag.timetable.expression == "0 2 * * *"
+@pytest.fixture(scope="module")
+def dag(bag):
+    return bag.dags["lora_dog"]
+
+
+def test_schedule_and_run_policy(dag, bag):
+    # dog: nightly at 02:00 or when a new dataset version is published; backpack: nightly only
+    assert dag.timetable.timetable.expression == "0 2 * * *"
+    assert [a.uri for a in dag.timetable.asset_condition.objects] == ["dreamline://datasets/dog"]
+    assert bag.dags["lora_backpack"].timetable.expression == "30 2 * * *"
     assert dag.catchup is False and dag.max_active_runs == 1
+    assert dag.dagrun_timeout.total_seconds() == 20 * 3600  # a hung night fails before the next begins
     assert dag.doc_md and dag.doc_md.lstrip().startswith("### SDXL DreamBooth-LoRA")
 
 
-def test_trigger_form_params_are_typed_titled_and_sectioned(dag):
+def test_every_param_has_a_type_title_description_and_section(dag):
     params = dag.params
-    wanted = {"subject", "instance_prompt", "class_prompt", "dataset_version", "learning_rates", "max_steps",
-              "checkpointing_steps", "rank", "resolution", "base_model", "evaluation_prompts"}
+    wanted = {"force", "subject", "instance_prompt", "class_prompt", "dataset_version", "learning_rates",
+              "max_steps", "checkpointing_steps", "rank", "resolution", "base_model", "evaluation_prompts"}
     assert wanted <= set(params.keys())
     for name in params.keys():
         schema = params.get_param(name).schema
         assert schema.get("type") and schema.get("title") and schema.get("section"), name
+        assert len(params.get_param(name).description or "") > 10, name
     assert params["learning_rates"] == [1e-4, 5e-4, 1e-5]
     assert (params["max_steps"], params["checkpointing_steps"]) == (500, 100)
 
 
+def test_each_subject_gets_its_registry_entry_as_its_form_defaults(dag, bag):
+    backpack = bag.dags["lora_backpack"].params
+    assert (dag.params["subject"], dag.params["instance_prompt"], dag.params["subject_kind"]) == \
+        ("dog", "a photo of sks dog", "live")
+    assert (backpack["subject"], backpack["instance_prompt"], backpack["class_prompt"], backpack["subject_kind"]) == \
+        ("backpack", "a photo of zwx backpack", "a photo of backpack", "object")
+    assert backpack["learning_rates"] == [1e-4, 5e-4]  # the entry's recipe over the production default
+
+
 def test_training_is_mapped_over_learning_rates_and_evaluation_over_checkpoints(dag):
     tasks = dag.task_dict
-    assert {"mlflow_run", "dataset", "validate", "caption", "resize", "encode_shards", "encode", "cache_to_merge",
-            "merge_cache", "prior_preservation_on", "class_images", "encode_class_images", "training_runs", "train", "champion",
-            "checkpoint_evaluations", "evaluate", "select", "register", "close_mlflow_run"} == set(tasks)
+    assert {"recipe", "dataset", "champion", "lineage", "anything_to_train", "mlflow_run", "validate", "caption",
+            "resize", "encode_shards", "encode", "cache_to_merge", "merge_cache", "prior_preservation_on",
+            "class_images", "encode_class_images", "training_runs", "train", "checkpoint_evaluations", "evaluate",
+            "select", "register", "close_mlflow_run"} == set(tasks)
     assert tasks["close_mlflow_run"].is_teardown and "register" in tasks["close_mlflow_run"].upstream_task_ids
     assert tasks["train"].__class__.__name__ == "MappedOperator"
     assert tasks["evaluate"].__class__.__name__ == "MappedOperator"
@@ -81,3 +102,27 @@ def test_training_is_mapped_over_learning_rates_and_evaluation_over_checkpoints(
     assert tasks["training_runs"].trigger_rule == "none_failed"  # runs when prior preservation is skipped
     assert tasks["register"].upstream_task_ids == {"select"}
     assert tasks["select"].upstream_task_ids == {"evaluate"}
+    assert tasks["select"].trigger_rule == "all_done_min_one_success"  # from the evaluations that succeeded
+
+
+def test_the_first_tasks_decide_before_any_gpu_work(dag):
+    tasks = dag.task_dict
+    assert tasks["recipe"].upstream_task_ids == set()
+    assert tasks["dataset"].upstream_task_ids == tasks["champion"].upstream_task_ids == {"recipe"}
+    assert tasks["anything_to_train"].upstream_task_ids == {"lineage", "champion"}  # champion fails early
+    downstream = tasks["anything_to_train"].get_flat_relative_ids(upstream=False)
+    gpu = {t.task_id for t in dag.tasks if getattr(t, "pool", None) == "gpu"}
+    assert gpu == {"encode", "class_images", "encode_class_images", "train", "evaluate"} and gpu <= downstream
+
+
+def test_gpu_steps_take_gpu_pool_slots_and_every_step_has_a_time_limit_and_retries(dag):
+    for task in dag.tasks:
+        step = getattr(task, "step", None) or getattr(task, "partial_kwargs", {}).get("step")
+        if step is None:
+            continue  # a TaskFlow task, seconds of Python in Airflow
+        assert task.execution_timeout is not None, task.task_id
+        assert task.retries == 2 and task.retry_exponential_backoff, task.task_id
+        assert task.retry_policy is not None, task.task_id
+    assert dag.task_dict["train"].pool == "gpu" and dag.task_dict["train"].pool_slots == 1
+    assert dag.task_dict["train"].execution_timeout.total_seconds() == 8 * 3600
+    assert dag.task_dict["register"].pool == "default_pool"

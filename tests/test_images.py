@@ -317,7 +317,7 @@ class Blocker(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Blocker())
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
-dag = bag.dags.get("sdxl_dreambooth_lora")
+dag = bag.dags.get("lora_dog")
 pod = dag.task_dict["validate"].build_pod_request_obj(dry_run=True) if dag else None
 print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "dags": sorted(bag.dags),
                   "image": pod.spec.containers[0].image if pod else None,
@@ -353,7 +353,7 @@ def test_the_dag_parses_and_builds_pods_with_only_the_airflow_images_packages(ai
     blocked = blocked_modules(airflow_packages)
     assert {"torch", "diffusers", "mlflow", "dvc"} <= set(blocked)  # the blocker would catch the ML stack
     out = parse_dag_with_only(airflow_packages, tmp_path)
-    assert out == {"errors": {}, "dags": ["sdxl_dreambooth_lora"],
+    assert out == {"errors": {}, "dags": ["lora_backpack", "lora_dog"],
                    "image": "registry.example.com/dreamline/worker:test", "blocked_loaded": []}
 
 

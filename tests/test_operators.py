@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException
 from PIL import Image
 
 from dreamline import operators
-from dreamline.operators import LocalStepOperator, parse_result, step_argv, step_operator_class
+from dreamline.operators import (LocalStepOperator, StepCrashed, StepRefused, parse_result, step_argv,
+                                 step_operator_class)
 from sd_tasks import cli, train
 
 TRAIN_OPTIONS = {"cache": "s3://b/run/encoded", "output": "s3://b/run/train/lr-0.0001", "base_model": "m",
@@ -17,7 +18,7 @@ TRAIN_OPTIONS = {"cache": "s3://b/run/encoded", "output": "s3://b/run/train/lr-0
 
 def test_step_argv_parses_back_to_the_same_config():
     argv = step_argv("train", TRAIN_OPTIONS)
-    assert argv[:3] == ["train", "--cache", "s3://b/run/encoded"] and "--parent-run-id" not in argv
+    assert argv[:2] == ["train", "--cache=s3://b/run/encoded"] and not any("--parent-run-id" in a for a in argv)
     parser = cli.build_parser("train", train.TrainConfig)
     config = cli.make_config(train.TrainConfig, parser.parse_args(argv[1:]), parser)
     assert config == train.TrainConfig(**{k: v for k, v in TRAIN_OPTIONS.items() if v is not None})
@@ -34,14 +35,14 @@ def test_local_operator_runs_the_step_and_returns_its_result(tmp_path, home):
     Image.new("RGB", (80, 80), (1, 2, 3)).save(images / "a.jpg")
     op = LocalStepOperator(task_id="validate", step="validate",
                            options={"input": str(images), "output": str(tmp_path / "out")})
-    assert op.execute({}) == {"report": f"{tmp_path / 'out'}/report.json", "accepted": 1, "rejected": 0}
+    assert op.execute({"params": {}}) == {"report": f"{tmp_path / 'out'}/report.json", "accepted": 1, "rejected": 0}
 
 
 def test_local_operator_fails_with_the_steps_one_line_error_and_no_retry_for_bad_input(tmp_path, home):
     op = LocalStepOperator(task_id="validate", step="validate",
                            options={"input": str(tmp_path / "missing"), "output": str(tmp_path / "out")})
-    with pytest.raises(AirflowFailException, match=r"^error: validate: .*missing: no such directory$"):
-        op.execute({})
+    with pytest.raises(StepRefused, match=r"^error: validate: .*missing: no such directory$"):
+        op.execute({"params": {}})
 
 
 def test_local_operator_leaves_other_failures_to_retries(tmp_path, home):
@@ -50,9 +51,8 @@ def test_local_operator_leaves_other_failures_to_retries(tmp_path, home):
     Image.new("RGB", (80, 80)).save(images / "a.png")
     op = LocalStepOperator(task_id="validate", step="validate",  # the output's parent is a file: an OSError
                            options={"input": str(images), "output": "/dev/null/out", "min_images": 1})
-    with pytest.raises(AirflowException, match=r"^error: validate: FileExistsError") as failure:
-        op.execute({})
-    assert type(failure.value) is AirflowException  # not AirflowFailException: the retries apply
+    with pytest.raises(StepCrashed, match=r"^error: validate: FileExistsError"):
+        op.execute({"params": {}})
 
 
 class FakeKubernetesApi:
@@ -89,7 +89,7 @@ def test_a_failed_pod_is_final_only_when_the_step_refused(exit_code, final):
     op.__dict__["client"] = FakeKubernetesApi(remote)
     with pytest.raises(AirflowException, match="returned a failure") as failure:
         op.cleanup(pod, remote)
-    assert isinstance(failure.value, AirflowFailException) == final
+    assert type(failure.value) is (StepRefused if final else StepCrashed)  # STEP_RETRY_POLICY: fail / retry
 
 
 def test_kubernetes_pod_gets_the_same_argv_gpu_and_result_file():

@@ -1,0 +1,100 @@
+"""The trigger form refuses bad input before a run starts (its Params' JSON schema, as the UI and the REST API apply
+it); the first task refuses what JSON schema cannot say; values reach the steps with their types, never as flags."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+from airflow.sdk.definitions.param import ParamValidationError
+
+from conftest import REPO
+from dreamline import plan
+from dreamline.operators import STEP_RETRY_POLICY, StepCrashed, StepRefused, step_argv
+from sd_tasks import caption, cli, evaluate
+
+
+@pytest.fixture(scope="module")
+def dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(REPO / "dags")).dags["lora_dog"]
+
+
+def form(dag, **conf) -> dict:
+    """The run's params as Airflow validates a trigger's conf."""
+    params = copy.deepcopy(dag.params)
+    params.update(conf)
+    return params.validate()
+
+
+@pytest.mark.parametrize("conf", [
+    {"learning_rates": [1e-4, 1e-4]},  # one training run per value: a duplicate would share its folder and run
+    {"learning_rates": [0]}, {"learning_rates": [-1e-4]}, {"learning_rates": [2.0]}, {"learning_rates": []},
+    {"resolution": 1000},  # not a multiple of 64
+    {"evaluation_prompts": ["a photo of a dog"]},  # no {instance}
+    {"evaluation_prompts": ["a {instance} in {place}"]},  # an unknown field: it would fail after training
+    {"evaluation_prompts": ["a {instance.__class__}"]}, {"evaluation_prompts": ["a {instance:>40}"]},
+    {"dataset_version": ""}, {"dataset_version": "main --force"},
+    {"subject": "cat"},  # another subject's lineage is not this DAG's
+    {"max_steps": "500"}, {"force": "yes"},  # the wrong type
+])
+def test_the_form_refuses(dag, conf):
+    with pytest.raises(ParamValidationError):
+        form(dag, **conf)
+
+
+@pytest.mark.parametrize("conf, message", [
+    ({"max_steps": 450}, "not a multiple of the checkpoint interval"),
+    ({"max_steps": 5000, "checkpointing_steps": 10}, "500 checkpoints per learning rate; at most 20"),
+    ({"learning_rates": [1e-4, 1.0000001e-4]}, "would share the run folder lr-0.0001"),
+])
+def test_the_first_task_refuses_what_json_schema_cannot_say(dag, conf, message):
+    with pytest.raises(plan.RecipeError, match=message):
+        plan.check_recipe(form(dag, **conf))
+
+
+def test_a_good_form_passes_and_its_recipe_fingerprint_ignores_what_does_not_change_training(dag):
+    checked = plan.check_recipe(form(dag))
+    assert checked["training_runs"] == 3 and checked["evaluations"] == 3 * 5 + 1
+    same = plan.check_recipe(form(dag, force=True, dataset_version="dog-v2", encode_shard_size=10))
+    other = plan.check_recipe(form(dag, max_steps=400))
+    assert same["recipe_hash"] == checked["recipe_hash"] != other["recipe_hash"]
+
+
+def rendered_options(dag, task_id: str, **conf) -> dict:
+    """A task's options as Airflow renders them when the task runs."""
+    task = dag.task_dict[task_id]
+    context = {"params": form(dag, **conf), "run_id": "manual__1", "dag": dag, "ti": None, "task": task}
+    return task.render_template(task.options, context, dag.get_template_env())
+
+
+def test_values_keep_their_types(dag):
+    options = rendered_options(dag, "dataset", dataset_version="1.10")
+    assert options["rev"] == "1.10" and step_argv("dataset", options)[2] == "--rev=1.10"
+    assert rendered_options(dag, "dataset", dataset_version="None")["rev"] == "None"  # not None: not left out
+    resize = rendered_options(dag, "resize", resolution=128, no_upscale=True)
+    assert resize["resolution"] == 128 and resize["no_upscale"] is True
+    assert "--no-upscale" in step_argv("resize", resize) and "--resolution=128" in step_argv("resize", resize)
+
+
+def test_a_value_that_looks_like_a_flag_stays_a_value(dag, tmp_path):
+    options = rendered_options(dag, "caption", instance_prompt="--cache /tmp/x")
+    argv = step_argv("caption", options)
+    parser = cli.build_parser("caption", caption.CaptionConfig)
+    assert cli.make_config(caption.CaptionConfig, parser.parse_args(argv[1:]), parser).instance_prompt == \
+        "--cache /tmp/x"
+    params = form(dag, evaluation_prompts=["--cache /tmp/x {instance}", "a {instance}"])
+    [first, *_] = plan.evaluation_options(params, str(tmp_path), [{"learning_rate": 1e-4, "checkpoints": [
+        {"step": 100, "uri": "c"}]}], {"checkpoint": None})
+    argv = step_argv("evaluate", first)
+    parser = cli.build_parser("evaluate", evaluate.EvaluateConfig)
+    config = cli.make_config(evaluate.EvaluateConfig, parser.parse_args(argv[1:]), parser)
+    assert config.prompts == ["--cache /tmp/x sks dog", "a sks dog"]
+    assert config.cache == first["cache"]  # the prompt did not set --cache
+
+
+def test_retries_fit_the_error():
+    refused = STEP_RETRY_POLICY.evaluate(StepRefused("error: validate: no images"), 1, 3)
+    crashed = STEP_RETRY_POLICY.evaluate(StepCrashed("error: train: killed"), 1, 3)
+    other = STEP_RETRY_POLICY.evaluate(TimeoutError("pod did not start"), 1, 3)
+    assert (refused.action.value, crashed.action.value, other.action.value) == ("fail", "retry", "default")
