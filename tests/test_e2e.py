@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 
@@ -18,28 +19,62 @@ CONF = {"subject": "dog", "dataset_version": "dog-v1", "learning_rates": [1e-3, 
         "prior_preservation": True, "num_class_images": 2}
 
 
+# Two subjects in one registry, as a deployment's dags/subjects.yaml would list them.
+SUBJECTS = """
+subjects:
+  dog: {token: sks, class_noun: dog, kind: live, dataset: {path: dog, version: dog-v1}}
+  backpack: {token: zwx, class_noun: backpack, kind: object, dataset: {path: backpack, version: backpack-v1}}
+"""
+BACKPACK_CONF = {**{k: v for k, v in CONF.items() if k not in ("subject", "dataset_version", "prior_preservation",
+                                                                 "num_class_images", "encode_shard_size")},
+                 "learning_rates": [1e-3]}
+
+
 @pytest.fixture(scope="module")
-def dag_run(tmp_path_factory, models, registry):
+def nights(tmp_path_factory, models, registry):
+    """Through `airflow dags test`: the dog trained (one learning rate diverging), the dog again with nothing
+    changed, and a second subject, the backpack; with a webhook listening for failures."""
+    from sd_tasks.dataset import PublishConfig, publish
+    from test_notify import Receiver
+
     home = tmp_path_factory.mktemp("e2e-home")
+    publish(PublishConfig(source=str(REPO / "sample_data" / "backpack"), repo=str(registry), path="backpack",
+                          tag="backpack-v1"))
+    (home / "subjects.yaml").write_text(SUBJECTS)
+    webhook = Receiver()
     env = {**os.environ, "DREAMLINE_HOME": str(home), "AIRFLOW_HOME": str(home / "airflow"),
            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "DREAMLINE_DATASET_REPO": str(registry),
-           "DREAMLINE_BASE_MODEL": models["sdxl"], "DREAMLINE_CLIP_MODEL": models["clip"],
-           "DREAMLINE_DINO_MODEL": models["dino"]}
+           "DREAMLINE_SUBJECTS": str(home / "subjects.yaml"), "DREAMLINE_BASE_MODEL": models["sdxl"],
+           "DREAMLINE_CLIP_MODEL": models["clip"], "DREAMLINE_DINO_MODEL": models["dino"],
+           "AIRFLOW_CONN_DREAMLINE_WEBHOOK": f"http://127.0.0.1:{webhook.port}/hooks/dreamline"}
     env.pop("MLFLOW_TRACKING_URI", None)
     airflow = [sys.executable, "-m", "airflow"]
     subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True, cwd=REPO)
-    proc = subprocess.run([*airflow, "dags", "test", "sdxl_dreambooth_lora", "-c", json.dumps(CONF)], env=env,
-                          capture_output=True, text=True, cwd=REPO)
-    (home / "dags-test.log").write_text(proc.stdout + proc.stderr)
-    runs = subprocess.run([*airflow, "dags", "list-runs", "sdxl_dreambooth_lora", "-o", "json"], env=env,
-                          capture_output=True, text=True, check=True, cwd=REPO)
-    listing = next(line for line in reversed(runs.stdout.splitlines()) if line.startswith("["))  # after log lines
-    run_id = json.loads(listing)[0]["run_id"]
-    tasks = subprocess.run([*airflow, "tasks", "states-for-dag-run", "sdxl_dreambooth_lora", run_id, "-o", "json"],
-                           env=env, capture_output=True, text=True, check=True, cwd=REPO)
-    states = json.loads(next(line for line in reversed(tasks.stdout.splitlines()) if line.startswith("[")))
-    return {"home": home, "proc": proc, "runs": json.loads(listing), "tasks": states}
+
+    def night(name: str, dag_id: str, conf: dict) -> dict:
+        proc = subprocess.run([*airflow, "dags", "test", dag_id, "-c", json.dumps(conf)], env=env,
+                              capture_output=True, text=True, cwd=REPO)
+        (home / f"{name}.log").write_text(proc.stdout + proc.stderr)
+        with sqlite3.connect(home / "airflow" / "airflow.db") as db:
+            (run_id, state), = db.execute("SELECT run_id, state FROM dag_run WHERE dag_id = ? ORDER BY id DESC "
+                                          "LIMIT 1", (dag_id,)).fetchall()
+            tasks = [{"task_id": t, "map_index": m, "state": s, "try_number": n} for t, m, s, n in db.execute(
+                "SELECT task_id, map_index, state, try_number FROM task_instance WHERE dag_id = ? AND run_id = ?",
+                (dag_id, run_id))]
+        return {"proc": proc, "run_id": run_id, "state": state, "tasks": tasks, "log": proc.stdout + proc.stderr}
+
+    try:
+        runs = {"dog": night("dog", "lora_dog", CONF), "dog-again": night("dog-again", "lora_dog", CONF),
+                "backpack": night("backpack", "lora_backpack", BACKPACK_CONF)}
+    finally:
+        webhook.close()
+    return {"home": home, **runs, "webhook": webhook.requests}
+
+
+@pytest.fixture(scope="module")
+def dag_run(nights):
+    return {"home": nights["home"], **nights["dog"]}
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +94,15 @@ def client(dag_run):
 
 def test_dag_run_succeeds(dag_run):
     assert dag_run["proc"].returncode == 0, dag_run["proc"].stdout[-3000:]
-    assert [r["state"] for r in dag_run["runs"]] == ["success"], (dag_run["home"] / "dags-test.log").read_text()[-5000:]
+    assert dag_run["state"] == "success", dag_run["log"][-5000:]
 
 
 def test_a_diverging_learning_rate_fails_its_own_task_and_the_sweep_goes_on(dag_run):
     train = {t["map_index"]: t["state"] for t in dag_run["tasks"] if t["task_id"] == "train"}
     assert sorted(train.values()) == ["failed", "success", "success"], train
-    log = (dag_run["home"] / "dags-test.log").read_text()
+    log = dag_run["log"]
     assert "training diverged" in log and "not evaluated, their training failed: lr=1e+06" in log
-    evaluated = sorted(p.name for p in (dag_run["home"] / "runs").glob("*/*/eval/*/*"))
+    evaluated = sorted(p.name for p in (dag_run["home"] / "runs" / "lora_dog").glob("*/eval/*/*"))
     assert evaluated == ["step-2", "step-2", "step-4", "step-4"]  # lr 1e-3 and 1e-4; lr 1e6 left no result
 
 
@@ -75,7 +110,8 @@ def test_encode_was_sharded_and_merged_and_class_images_were_encoded(dag_run):
     manifests = [json.loads((c / "manifest.json").read_text()) for c in (dag_run["home"] / "cache" / "encode").iterdir()]
     instance = next(m for m in manifests if len(m["shards"]) == 3)
     assert instance["shards"] == [f"shard-0000{i}-of-00003" for i in range(3)] and len(instance["records"]) == 5
-    [prior] = [m for m in manifests if m is not instance]
+    [prior] = [m for m in manifests if m is not instance and "sks" not in m["records"][0]["caption"]
+               and "zwx" not in m["records"][0]["caption"]]  # not the backpack's cache either
     assert [r["caption"] for r in prior["records"]] == ["a photo of dog"] * 2
 
 
@@ -128,3 +164,44 @@ def test_registered_lora_loads_back_and_generates_offline(dag_run, client):
     images = model.predict({"prompt": ["a photo of sks dog"]},
                            params={"num_inference_steps": 2, "height": 64, "width": 64})
     assert images[0][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_refused_step_fails_at_once_and_the_webhook_hears_of_it(nights):
+    [diverged] = [t for t in nights["dog"]["tasks"] if t["task_id"] == "train" and t["state"] == "failed"]
+    assert diverged["try_number"] == 1  # exit 65: StepRefused, no retry
+    [posted] = [r["body"] for r in nights["webhook"]]  # the one failure of the three nights
+    assert (posted["event"], posted["dag_id"], posted["task_id"], posted["map_index"], posted["try_number"]) == \
+        ("failure", "lora_dog", "train", diverged["map_index"], 1)
+    assert posted["error"].startswith("error: train: ") and "training diverged" in posted["error"]
+    assert f"/dags/lora_dog/runs/{nights['dog']['run_id']}/tasks/train" in posted["log_url"]
+
+
+def test_a_night_with_nothing_changed_ends_skipped_in_seconds_without_training(nights, client):
+    again = nights["dog-again"]
+    assert again["state"] == "success", again["log"][-3000:]
+    states = {t["task_id"]: t["state"] for t in again["tasks"]}
+    assert {k: states[k] for k in ("recipe", "dataset", "champion", "lineage", "anything_to_train")} == dict.fromkeys(
+        ("recipe", "dataset", "champion", "lineage", "anything_to_train"), "success")
+    assert {s for t, s in states.items() if t not in ("recipe", "dataset", "champion", "lineage",
+                                                       "anything_to_train")} == {"skipped"}
+    assert "nothing to train: nothing changed since v1 (champion) was trained: same dataset content, recipe, " \
+           "base model, code version" in again["log"]
+    parents = [r for r in client.search_runs([client.get_experiment_by_name("dog").experiment_id])
+               if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1  # no MLflow run was opened for the skipped night
+    assert len(client.search_model_versions("name = 'dog-sdxl-lora'")) == 1
+
+
+def test_two_subjects_have_separate_lineage(nights, client):
+    assert nights["backpack"]["state"] == "success", nights["backpack"]["log"][-3000:]
+    dog = client.get_model_version_by_alias("dog-sdxl-lora", "champion")
+    backpack = client.get_model_version_by_alias("backpack-sdxl-lora", "champion")
+    assert (backpack.version, backpack.tags["dataset.path"], backpack.tags["dataset.rev"]) == ("1", "backpack",
+                                                                                               "backpack-v1")
+    assert backpack.tags["lineage.dataset_hash"] != dog.tags["lineage.dataset_hash"]
+    assert backpack.tags["lineage.recipe_hash"] != dog.tags["lineage.recipe_hash"]
+    runs = client.search_runs([client.get_experiment_by_name("backpack").experiment_id])
+    assert runs and all(r.data.tags["dataset.path" if "dataset.path" in r.data.tags else "dataset.rev"]
+                        .startswith("backpack") for r in runs)
+    folders = sorted(p.name for p in (nights["home"] / "runs").iterdir())
+    assert folders == ["lora_backpack", "lora_dog"]

@@ -138,10 +138,10 @@ def training_params() -> dict[str, Param]:
         "base_model": Param(DEPLOYMENT.base_model, type="string", minLength=1, title="Base model",
                             description="SDXL pipeline: Hugging Face id or a local diffusers folder.", section=TRAINING),
         "learning_rates": Param([1e-4, 5e-4, 1e-5], type="array",
-                                items={"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                                items={"type": "number", "exclusiveMinimum": 0},
                                 minItems=1, maxItems=MAX_LEARNING_RATES, uniqueItems=True, title="Learning rates",
                                 description="One training run per value, run in parallel; each value once, "
-                                "above 0 and at most 1.", section=TRAINING),
+                                "above 0.", section=TRAINING),
         "max_steps": Param(500, type="integer", minimum=1, maximum=100_000, title="Max steps",
                            description="Optimizer steps of each training run; a multiple of the checkpoint "
                            "interval.", section=TRAINING),

@@ -1,0 +1,117 @@
+"""The subject registry (a YAML file or an Airflow Variable) and the lineage check that lets a night skip a subject
+whose data, recipe, base model and code are what its model was trained from."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from dreamline import subjects
+from dreamline.subjects import SubjectRegistryError
+from test_dag import PARSE, airflow_env
+
+
+def test_the_shipped_registry_lists_the_sample_subjects():
+    dog, backpack = subjects.load(str(REPO / "dags" / "subjects.yaml"))
+    assert (dog.name, dog.dag_id, dog.model_name, dog.on_new_data) == ("dog", "lora_dog", "dog-sdxl-lora", True)
+    assert (backpack.kind, backpack.token, backpack.dataset_path) == ("object", "zwx", "backpack")
+    assert dog.dataset_asset().uri != backpack.dataset_asset().uri
+    assert all((REPO / "sample_data" / s.dataset_path).is_dir() for s in (dog, backpack))
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("cat: {token: sks}", "subject 'cat': class_noun is required"),
+    ("Cat: {class_noun: cat}", "subject 'Cat': names are lower-case"),
+    ("cat: {class_noun: cat, kind: animal}", "kind 'animal': use live or object"),
+    ("cat: {class_noun: cat, colour: red}", "unknown settings colour"),
+    ("cat: {class_noun: cat, dataset: {version: 1.10}}", "dataset.version must be a Git tag, branch or commit in "
+                                                         "quotes"),
+    ("cat: {class_noun: cat, schedule: 5}", "schedule is a cron expression in quotes, or null"),
+    ("cat: {class_noun: cat, token: 'two words'}", "token must be one word"),
+])
+def test_a_wrong_entry_is_refused_in_one_line_naming_the_file_and_subject(tmp_path, entry, message):
+    path = tmp_path / "subjects.yaml"
+    path.write_text(f"subjects:\n  {entry}\n")
+    with pytest.raises(SubjectRegistryError, match=message) as refused:
+        subjects.load(str(path))
+    assert str(refused.value).startswith(f"{path}: ") and "\n" not in str(refused.value)
+
+
+def parse_dags(tmp_path, registry: str, **env) -> dict:
+    proc = subprocess.run([sys.executable, "-c", PARSE, str(REPO / "dags")], capture_output=True, text=True,
+                          env=airflow_env(tmp_path, DREAMLINE_SUBJECTS=registry, **env), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_recipe_that_breaks_the_forms_rules_fails_dag_parsing_naming_the_setting(tmp_path):
+    path = tmp_path / "subjects.yaml"
+    path.write_text("subjects:\n  cat: {class_noun: cat, recipe: {learning_rates: [0.0001, 0.0001]}}\n")
+    out = parse_dags(tmp_path, str(path))
+    [error] = out["errors"].values()
+    assert out["dags"] == ["publish_dataset"] and "subject 'cat': recipe.learning_rates=[0.0001, 0.0001]" in error
+
+
+def test_the_registry_can_be_an_airflow_variable(tmp_path):
+    registry = {"subjects": {"cat": {"class_noun": "cat", "schedule": None},
+                             "teapot": {"class_noun": "teapot", "recipe": {"max_steps": 300}}}}
+    out = parse_dags(tmp_path, "variable:dreamline_subjects", AIRFLOW_VAR_DREAMLINE_SUBJECTS=json.dumps(registry))
+    assert out["errors"] == {} and out["dags"] == ["lora_cat", "lora_teapot", "publish_dataset"]
+
+
+def test_two_subjects_never_share_a_run_folder_experiment_model_or_asset(tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from dreamline.deployment import DEPLOYMENT
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    dog, backpack = bag.dags["lora_dog"], bag.dags["lora_backpack"]
+    run_id = "scheduled__2026-11-24T02:00:00+00:00"  # both nights share run ids: the folder is per DAG
+    assert DEPLOYMENT.run_dir(dog.dag_id, run_id) != DEPLOYMENT.run_dir(backpack.dag_id, run_id)
+    assert (dog.params["subject"], backpack.params["subject"]) == ("dog", "backpack")  # experiment and model name
+
+
+# -- the lineage step, on a real MLflow registry -------------------------------------------------------------------
+
+def register_version(client, name: str, alias: str, tags: dict) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # it exists
+    version = client.create_model_version(name, source="file:///tmp/lora", tags=tags).version
+    client.set_registered_model_alias(name, alias, version)
+    return version
+
+
+def test_lineage_says_nothing_changed_until_the_dataset_does(home, tmp_path):
+    from sd_tasks import lineage, tracking
+    from sd_tasks.register import lineage_tags
+    from sd_tasks.storage import write_dir, write_json
+
+    def dataset(content_hash: str) -> str:
+        uri = str(tmp_path / content_hash.replace(":", "-"))
+        with write_dir(uri) as out:
+            write_json(out / "dataset.json", {"hash": content_hash})
+        return uri
+
+    client = tracking.client()
+    name = "lineage-test-sdxl-lora"
+    check = lambda data, recipe="sha256:r", base="base": lineage.run(lineage.LineageConfig(  # noqa: E731
+        model_name=name, dataset=dataset(data), recipe_hash=recipe, base_model=base))
+    first = check("sha256:d1")
+    assert first["changed"] and first["reason"] == f"no version of {name} yet"
+    register_version(client, name, "champion", lineage_tags("sha256:d1", "sha256:r", "base"))
+    unchanged = check("sha256:d1")
+    assert not unchanged["changed"] and unchanged["same_as"] == "v1 (champion)"
+    assert unchanged["reason"].startswith("nothing changed since v1 (champion) was trained: same dataset content")
+    assert check("sha256:d2")["reason"] == "v1 (champion): dataset content changed"  # a new dataset version
+    assert check("sha256:d1", recipe="sha256:r2")["reason"] == "v1 (champion): recipe changed"
+    assert check("sha256:d1", base="other")["changed"]
+    # a challenger that lost was trained from d2: training it again would only repeat it
+    register_version(client, name, "challenger", lineage_tags("sha256:d2", "sha256:r", "base"))
+    assert check("sha256:d2")["same_as"] == "v2 (challenger)"
