@@ -214,6 +214,13 @@ def test_select_weights_and_ties_go_to_the_earlier_step(tmp_path):
     assert best() == (5e-4, 100)
     assert best(weight_accuracy=0.0) == (1e-4, 100)  # prompt fidelity only: tie between steps 100 and 200
 
+    # The evaluations the DAG planned: one never ran, one was killed; select works from the rest and names them.
+    planned = [str(tmp_path / "eval" / n) for n in ("0.0001-100", "0.0005-100", "killed", "0.001-200")]
+    out = select.run(select.SelectConfig(evaluations=str(tmp_path / "eval"), output=str(tmp_path / "s"),
+                                         expected=planned))
+    assert out["missing"] == ["killed", "0.001-200"] and out["selected"]["learning_rate"] == 5e-4
+    assert json.loads((tmp_path / "s" / "selection.json").read_text())["missing"] == ["killed", "0.001-200"]
+
 
 def test_metric_math_on_known_embeddings():
     from sd_tasks.metrics import mean_matched_cosine, mean_pairwise_cosine
