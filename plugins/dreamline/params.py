@@ -199,7 +199,9 @@ def evaluation_params(kind: str = "live") -> dict[str, Param]:
                                  title="Inference precision", description="Of the pipelines that generate evaluation "
                                  "and class images. In float16, SDXL's own VAE upcasts itself to float32 to decode.",
                                  section=EVALUATION),
-        "vae": Param("", type="string", title="VAE",
+        # Optional, so null: the trigger form takes an empty text field for a missing value, and refuses it where the
+        # type does not admit null.
+        "vae": Param(None, type=["null", "string"], title="VAE",
                      description="Decode with this VAE instead of the base model's (Hugging Face id or folder), e.g. "
                      "madebyollin/sdxl-vae-fp16-fix, which stays in float16. Empty: the base model's.",
                      section=EVALUATION),
