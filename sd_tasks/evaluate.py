@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -230,10 +231,30 @@ def log_to_mlflow(run_id: str, step: int, scores: dict, generated, prompts: list
     client = tracking.client()
     for name, value in scores.items():
         client.log_metric(run_id, f"eval/{name}", value, step=step)
+    if any(all(image is not None for image in images) for images in generated):
+        _mark_images_logged(client, run_id)
     for j, images in enumerate(generated):
         if all(image is not None for image in images):
             client.log_image(run_id, image_row(images), key=f"eval/prompt-{j:02d}", step=step)
     client.log_text(run_id, json.dumps(prompts, indent=1), "eval/prompts.json")
+
+
+def _mark_images_logged(client, run_id: str, tries: int = 3) -> None:
+    """Set the tag MLflow's `log_image` sets, before it does. Evaluations of the checkpoints of one training run
+    log to that one run, at once when the gpu pool lets them: the first `log_image` of each would insert the tag,
+    and with a database store one of them fails on the duplicate key. Once the tag is there, setting it updates it.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_IMAGES
+
+    for attempt in range(1, tries + 1):
+        try:
+            client.set_tag(run_id, MLFLOW_LOGGED_IMAGES, True)
+            return
+        except MlflowException:  # the other evaluation inserted it first: set it again, now an update
+            if attempt == tries:
+                raise
+            time.sleep(attempt)
 
 
 def image_row(images: list[Image.Image]) -> Image.Image:

@@ -1,8 +1,10 @@
-"""What the DAG needs besides the services: the S3 bucket, the offline tiny models and the data registry.
+"""What the DAGs need besides the services: the S3 bucket, the offline tiny models, the data registry and Airflow's
+`gpu` pool; and the subjects (DAGs) of the stack's subject registry.
 
 Each is done once and is skipped when already there. The models and the dataset are made by the project's own
 step CLI (`python -m sd_tasks tiny-model`, `publish-dataset`) with the steps' environment, so they come out as a
 user's would: the registry is a Git repo in the stack folder (registry/repo) whose DVC remote is s3://<bucket>/dvc.
+The pool is made as an operator would, with `airflow pools set`.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from deploy.local.processes import StackError
 from deploy.local.settings import REPO, SAMPLE_SUBJECT, Stack
 
 SAMPLE_PATH, SAMPLE_TAG = "dog", "dog-v1"
+GPU_POOL = "gpu"  # the pool of the DAGs' GPU steps (plugins/dreamline/profiles.py)
 
 
 def s3_client(stack: Stack):
@@ -60,6 +63,31 @@ def publish_sample(stack: Stack) -> None:
     _step(stack, "publish-dataset", ["--source", str(SAMPLE_SUBJECT), "--repo", str(stack.registry),
                                      "--path", SAMPLE_PATH, "--tag", SAMPLE_TAG, "--remote", f"s3://{stack.bucket}/dvc"],
           stack.path("registry", "publish.log"))
+
+
+def ensure_pool(stack: Stack) -> None:
+    """Airflow's `gpu` pool with the stack's slots, deferred tasks counted (a deferred pod still holds its GPU);
+    without it the scheduler never runs a GPU step. `pools set` creates it or updates its size."""
+    log = stack.path("airflow", "pools.log")
+    with open(log, "ab") as out:
+        proc = subprocess.run([sys.executable, "-m", "airflow", "pools", "set", GPU_POOL, str(stack.gpu_slots),
+                               "GPU slots", "--include-deferred"], env=stack.airflow_process_env(),
+                              cwd=stack.path("airflow"), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise StackError(f"airflow pools set {GPU_POOL} failed with status {proc.returncode}; see {log}")
+
+
+def subject_names(source: str | None) -> list[str] | None:
+    """The subjects of a subject registry file (None: the repo's dags/subjects.yaml), read as the DAGs read it;
+    None for a registry in an Airflow Variable. A registry that cannot be read raises ValueError naming why."""
+    if source and source.startswith("variable:"):
+        return None
+    plugins = str(REPO / "plugins")
+    if plugins not in sys.path:
+        sys.path.append(plugins)
+    from dreamline import subjects  # plain Python and YAML: no Airflow import
+
+    return [subject.name for subject in subjects.load(source or str(subjects.DEFAULT_REGISTRY))]
 
 
 def _step(stack: Stack, step: str, args: list[str], log: Path) -> None:

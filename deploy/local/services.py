@@ -74,7 +74,7 @@ def mlflow_service(stack: Stack) -> Service:
 
 
 def airflow_service(stack: Stack, component: str) -> Service:
-    env = {**stack.base_env(), **stack.deployment_env(), **stack.airflow_env()}
+    env = stack.airflow_process_env()
     argv = [sys.executable, "-m", "airflow", component]
     if component in ("scheduler", "triggerer"):
         argv.append("--skip-serve-logs")
@@ -139,3 +139,24 @@ def heartbeat_since(stack: Stack, component: str, since: datetime | None) -> str
     if since is not None and datetime.fromisoformat(beat) < since:
         return f"{component}'s last heartbeat is from before it started"
     return None
+
+
+def pool_status(stack: Stack, pool: str) -> str:
+    """One line on an Airflow pool, from the REST API as the admin: its slots and what holds them."""
+    base = stack.airflow_url
+    try:
+        login = json.dumps({"username": "admin", "password": stack.secrets["airflow_admin_password"]}).encode()
+        request = urllib.request.Request(f"{base}/auth/token", data=login, headers={"Content-Type": "application/json"})
+        with _NO_PROXY.open(request, timeout=10) as response:
+            token = json.load(response)["access_token"]
+        request = urllib.request.Request(f"{base}/api/v2/pools/{pool}", headers={"Authorization": f"Bearer {token}"})
+        with _NO_PROXY.open(request, timeout=10) as response:
+            p = json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return "missing: GPU steps never run; `make stack` creates it"
+        return f"unknown ({base} answered {exc.code})"
+    except (OSError, ValueError, KeyError) as exc:
+        return f"unknown ({exc})"
+    return (f"{p['slots']} slots{', deferred tasks counted' if p['include_deferred'] else ''}: {p['running_slots']} "
+            f"running, {p['queued_slots']} queued, {p['deferred_slots']} deferred, {p['open_slots']} open")

@@ -54,6 +54,10 @@ class Stack:
     seaweedfs_ports: dict[str, int]
     bucket: str = "dreamline"
     schedules: bool = True  # False: the scheduler creates no scheduled runs (Airflow's use_job_schedule)
+    # The subject registry the DAGs are made from (DREAMLINE_SUBJECTS): a YAML file or `variable:NAME`; None: the
+    # repo's dags/subjects.yaml.
+    subjects: str | None = None
+    gpu_slots: int = 2  # slots of Airflow's `gpu` pool: how many GPU steps (encode, train, evaluate) run at once
     secrets: dict[str, str] = field(default_factory=lambda: {
         "postgres_password": _secret(), "airflow_db_password": _secret(), "mlflow_db_password": _secret(),
         "s3_access_key": "DL" + secrets.token_hex(9).upper(), "s3_secret_key": secrets.token_urlsafe(30),
@@ -90,13 +94,15 @@ class Stack:
             raise ValueError(f"{file}: not a stack settings file ({exc})") from None
 
     @classmethod
-    def create(cls, folder: Path, ports: dict[str, int | None], schedules: bool) -> Stack:
+    def create(cls, folder: Path, ports: dict[str, int | None], schedules: bool, subjects: str | None = None,
+               gpu_slots: int = 2) -> Stack:
         chosen = {name: ports.get(name) or default for name, default in DEFAULT_PORTS.items()}
         if len(set(chosen.values())) < len(chosen):
             raise ValueError(f"two services were given the same port: {chosen}")
         taken = tuple(chosen.values()) + (chosen["s3"] + GRPC_OFFSET,)
         internal = dict(zip(SEAWEEDFS_INTERNAL, free_port_pairs(len(SEAWEEDFS_INTERNAL), taken=taken)))
-        return cls(folder=folder, ports=chosen, seaweedfs_ports=internal, schedules=schedules)
+        return cls(folder=folder, ports=chosen, seaweedfs_ports=internal, schedules=schedules, subjects=subjects,
+                   gpu_slots=gpu_slots)
 
     def save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -162,9 +168,14 @@ class Stack:
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "HF_HUB_OFFLINE": "1",
             "DVC_NO_ANALYTICS": "1",
+            **({"DREAMLINE_SUBJECTS": self.subjects} if self.subjects else {}),
             **self.s3_env(),
             **self.scratch_env(),
         }
+
+    def airflow_process_env(self) -> dict[str, str]:
+        """The environment of Airflow's components and of `airflow` commands run for the stack."""
+        return {**self.base_env(), **self.deployment_env(), **self.airflow_env()}
 
     def airflow_env(self) -> dict[str, str]:
         """Airflow's configuration, the same for its four components (and the `airflow` CLI)."""

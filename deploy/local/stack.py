@@ -2,10 +2,11 @@
 
 `up` starts, in order and each only once it answers, PostgreSQL, SeaweedFS (S3), the MLflow tracking server and
 Airflow's api-server, scheduler, dag-processor and triggerer (LocalExecutor: the DAG's steps run as local
-processes), makes the bucket, the offline tiny models and a DVC data registry holding the sample subject, prints
-the URLs and the login, and returns; the services keep running. Services already running are left alone, so a
-second `up` starts no duplicates. If one fails to come up, `up` stops what it started and prints one line naming
-the service and its log.
+processes), makes the bucket, the offline tiny models, a DVC data registry holding the sample subject and
+Airflow's `gpu` pool, prints the URLs and the login, and returns; the services keep running. The DAGs are those of
+the subject registry given with --subjects (default: the repo's dags/subjects.yaml): `lora_<subject>` each, and
+`publish_dataset`. Services already running are left alone, so a second `up` starts no duplicates. If one fails to
+come up, `up` stops what it started and prints one line naming the service and its log.
 
 `down` stops every service (SIGTERM, SIGINT for PostgreSQL; SIGKILL for whatever is left after --timeout) and then
 any process still carrying the stack's mark in its environment; state stays on disk for the next `up`.
@@ -27,7 +28,7 @@ from typing import Iterator
 from deploy.local import bootstrap
 from deploy.local.processes import Processes, StackError, end, leftovers
 from deploy.local.seaweedfs import GRPC_OFFSET, is_free
-from deploy.local.services import services
+from deploy.local.services import pool_status, services
 from deploy.local.settings import DEFAULT_PORTS, REPO, Stack
 
 PORT_FLAGS = {"airflow": "--airflow-port", "mlflow": "--mlflow-port", "s3": "--s3-port", "postgres": "--postgres-port"}
@@ -58,6 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            help="off: the scheduler creates no scheduled runs, only triggered ones (default on)")
     up_parser.add_argument("--no-sample", dest="sample", action="store_false",
                            help="leave the data registry empty instead of publishing sample_data/dog as dog-v1")
+    up_parser.add_argument("--subjects", metavar="FILE", default=None,
+                           help="the subject registry the DAGs are made from (DREAMLINE_SUBJECTS): a YAML file, or "
+                                "variable:NAME for an Airflow Variable (default: dags/subjects.yaml, then kept)")
+    up_parser.add_argument("--gpu-slots", type=int, default=None, metavar="N",
+                           help="slots of Airflow's gpu pool, how many GPU steps run at once (default: "
+                                "$DREAMLINE_GPU_SLOTS, else 2 on the first up, then kept)")
     down_parser = commands.add_parser("down", help="stop the services; state stays on disk")
     down_parser.set_defaults(command=down)
     down_parser.add_argument("--timeout", type=float, default=30.0,
@@ -83,7 +90,7 @@ def up(folder: Path, args: argparse.Namespace) -> int:
     started_at = time.monotonic()
     with locked(folder):
         procs = Processes(folder)
-        stack = configured(folder, args, procs)
+        stack, pool_changed = configured(folder, args, procs)
         print(f"Dreamline stack in {folder}", flush=True)
         started = []
         try:
@@ -99,7 +106,7 @@ def up(folder: Path, args: argparse.Namespace) -> int:
                     process = procs.start(service)
                     print(f"  {service.name:<22} up in {time.monotonic() - began:4.0f} s (pid {process.pid})",
                           flush=True)
-                prepare_after(stack, service.name, args.sample)
+                prepare_after(stack, service.name, args.sample, pool=pool_changed or service in started)
         except BaseException:
             for service in reversed(started):  # leave no half-started stack behind
                 procs.stop(service.name, service.stop_signal, timeout=15)
@@ -109,17 +116,22 @@ def up(folder: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def configured(folder: Path, args: argparse.Namespace, procs: Processes) -> Stack:
-    """The stack's settings: created on the first `up`; ports or schedules asked for differently later are taken
-    only while nothing runs."""
+def configured(folder: Path, args: argparse.Namespace, procs: Processes) -> tuple[Stack, bool]:
+    """The stack's settings, and whether the gpu pool's size was asked for: created on the first `up`; ports,
+    schedules or a subject registry asked for differently later are taken only while nothing runs (the Airflow
+    components read them when they start); the pool's size is taken at any time."""
     requested = {service: getattr(args, f"{service}_port") for service in PORT_FLAGS}
     schedules = None if args.schedules is None else args.schedules == "on"
+    subjects = registry_source(args.subjects)
+    slots = gpu_slots(args.gpu_slots)
     stack = Stack.load(folder)
     if stack is None:
-        stack = Stack.create(folder, requested, schedules=True if schedules is None else schedules)
+        stack = Stack.create(folder, requested, schedules=True if schedules is None else schedules,
+                             subjects=subjects, gpu_slots=2 if slots is None else slots)
     else:
         changes = {s: p for s, p in requested.items() if p is not None and p != stack.ports[s]}
-        if changes or (schedules is not None and schedules != stack.schedules):
+        if (changes or (schedules is not None and schedules != stack.schedules)
+                or (subjects is not None and subjects != stack.subjects)):
             running = [s.name for s in services(stack) if procs.running(s.name)]
             if running:
                 raise StackError(f"{folder}: the stack is running ({', '.join(running)}) with other settings; "
@@ -127,10 +139,34 @@ def configured(folder: Path, args: argparse.Namespace, procs: Processes) -> Stac
             stack.ports.update(changes)
             if schedules is not None:
                 stack.schedules = schedules
+            if subjects is not None:
+                stack.subjects = subjects
             if len(set(stack.ports.values())) < len(stack.ports):
                 raise ValueError(f"two services were given the same port: {stack.ports}")
+        if slots is not None:
+            stack.gpu_slots = slots
     stack.save()
-    return stack
+    return stack, slots is not None
+
+
+def registry_source(value: str | None) -> str | None:
+    """--subjects as the DAGs will read it: an absolute path to a registry that reads well, or variable:NAME."""
+    if value is None or value.startswith("variable:"):
+        return value
+    path = Path(value).expanduser().resolve()
+    bootstrap.subject_names(str(path))  # refuses, in one line, a registry the DAGs could not be made from
+    return str(path)
+
+
+def gpu_slots(value: int | None) -> int | None:
+    if value is None and os.environ.get("DREAMLINE_GPU_SLOTS"):
+        try:
+            value = int(os.environ["DREAMLINE_GPU_SLOTS"])
+        except ValueError:
+            raise ValueError(f"DREAMLINE_GPU_SLOTS={os.environ['DREAMLINE_GPU_SLOTS']!r}: not a number") from None
+    if value is not None and value < 1:
+        raise ValueError(f"gpu slots: {value}; at least 1, else no GPU step ever runs")
+    return value
 
 
 def check_ports_free(stack: Stack, name: str) -> None:
@@ -148,8 +184,9 @@ def check_ports_free(stack: Stack, name: str) -> None:
                              f"(if it is this stack's, run `make stack-down` first)")
 
 
-def prepare_after(stack: Stack, name: str, sample: bool) -> None:
-    """What a service's users need once it answers (each step skips itself when done before)."""
+def prepare_after(stack: Stack, name: str, sample: bool, pool: bool) -> None:
+    """What a service's users need once it answers (each step skips itself when done before; the gpu pool is set
+    when the api-server was started now, or its size was asked for)."""
     if name == "postgres":
         from deploy.local.postgres import ensure_database
 
@@ -162,17 +199,27 @@ def prepare_after(stack: Stack, name: str, sample: bool) -> None:
         bootstrap.ensure_models(stack)
         if sample:
             bootstrap.publish_sample(stack)
+    elif name == "airflow-api-server" and pool:  # before the scheduler: GPU steps wait for the pool forever
+        bootstrap.ensure_pool(stack)
 
 
 def summary(stack: Stack) -> str:
     rel = os.path.relpath(stack.folder)
     folder = rel if not rel.startswith("..") else str(stack.folder)
+    try:
+        names = bootstrap.subject_names(stack.subjects)
+        dags = ", ".join(f"lora_{n}" for n in names) if names is not None else f"lora_<subject> for {stack.subjects}"
+    except ValueError as exc:  # the dag-processor reports it as an import error too
+        dags = f"(none: {exc})"
     return "\n".join([
         f"  Airflow   {stack.airflow_url}   login: admin / {stack.secrets['airflow_admin_password']}",
         f"  MLflow    {stack.mlflow_url}",
         f"  S3        {stack.s3_endpoint}   bucket {stack.bucket}; keys in {folder}/stack.env",
         f"  Postgres  127.0.0.1:{stack.ports['postgres']}   databases airflow, mlflow",
-        f"  DAG sdxl_dreambooth_lora: unpause and trigger it in the UI; data registry {stack.registry}"
+        f"  DAGs      {dags}, publish_dataset: unpause and trigger them in the UI",
+        f"            subject registry {stack.subjects or REPO / 'dags' / 'subjects.yaml'}; "
+        f"pool {bootstrap.GPU_POOL}: {stack.gpu_slots} slots",
+        f"  Data      registry {stack.registry}"
         + ("" if bootstrap.has_version(stack, bootstrap.SAMPLE_TAG) else " (empty: publish-dataset into it)"),
         "" if stack.schedules else "  Scheduled runs are off (--schedules off): only triggered runs happen.",
         f"Use it from a shell: set -a; . {folder}/stack.env; set +a",
@@ -221,6 +268,7 @@ def status(folder: Path, args: argparse.Namespace) -> int:
         healthy &= process is not None and reason is None
         print(f"  {service.name:<22} {state:<28} {service.url}")
     if healthy:
+        print(f"  {'pool ' + bootstrap.GPU_POOL:<22} {pool_status(stack, bootstrap.GPU_POOL)}")
         print(summary(stack))
     return 0 if healthy else 3
 
