@@ -303,7 +303,11 @@ def test_helm_values_take_settings_from_the_configmap_and_credentials_from_exist
     settings_file = configmap_command[6].removeprefix("--from-env-file=")
     assert settings_file == str(SETTINGS.relative_to(REPO))
     assert re.search(rf"^SETTINGS \?= {re.escape(settings_file)}$", (REPO / "Makefile").read_text(), re.M)
-    assert yaml.safe_load(values["extraEnvFrom"]) == [{"configMapRef": {"name": "dreamline-settings"}}]
+    assert yaml.safe_load(values["extraEnvFrom"]) == [{"configMapRef": {"name": "dreamline-settings"}},
+                                                      {"secretRef": {"name": "dreamline-webhook", "optional": True}}]
+    # the optional webhook connection (plugins/dreamline/notify.py): a Secret the docs create, in Airflow's namespace
+    assert any(w[:6] == ["kubectl", "-n", AIRFLOW_NAMESPACE, "create", "secret", "generic"] and w[6] ==
+               "dreamline-webhook" and "AIRFLOW_CONN_DREAMLINE_WEBHOOK" in " ".join(w) for w in documented_commands())
     # each credential of the chart: an existing Secret with the key the chart reads, created by the docs
     chart_keys = {values["data"]["metadataSecretName"]: "connection", values["fernetKeySecretName"]: "fernet-key",
                   values["apiSecretKeySecretName"]: "api-secret-key", values["jwtSecretName"]: "jwt-secret"}
