@@ -1,8 +1,10 @@
 """`make demo`: the shipped sample subject through the real Airflow DAG to a registered LoRA in MLflow.
 
 Sets up the embedded deployment under DREAMLINE_HOME (offline tiny models, a DVC data registry holding
-sample_data/dog, Airflow's database), runs `sdxl_dreambooth_lora` with `airflow dags test` at demo size, and prints
-what came out. The Makefile exports the environment (DREAMLINE_HOME, AIRFLOW_HOME, model paths).
+sample_data/dog, Airflow's database and its `gpu` pool), runs the DAG (DAG_ID) with `airflow dags test` at demo
+size, printing one line per task instance as it ends (deploy/local/progress.py; the full output goes to
+DREAMLINE_HOME/demo.log), and prints what came out. The Makefile exports the environment (DREAMLINE_HOME,
+AIRFLOW_HOME, model paths).
 """
 from __future__ import annotations
 
@@ -16,10 +18,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from deploy.local.pools import ensure_gpu_pool  # noqa: E402
+from deploy.local.progress import RunWatcher  # noqa: E402
 from sd_tasks.dataset import PublishConfig, publish  # noqa: E402
 from sd_tasks.select import format_table  # noqa: E402
 
 DAG_ID = "sdxl_dreambooth_lora"
+QUIET = 60  # seconds without a task ending before the demo says what is still running
 DATASET_TAG = "dog-v1"
 # Demo size: the production recipe's shape (three learning rates, several checkpoints each) at 64 px.
 DEMO_CONF = {
@@ -33,16 +38,48 @@ def main() -> int:
     started = time.monotonic()
     step("offline models", ensure_models, home)
     step("data registry", ensure_dataset, home)
-    step("airflow database", lambda: run([sys.executable, "-m", "airflow", "db", "migrate"], quiet=True))
-    print(f"==> airflow dags test {DAG_ID} (log: {home / 'demo.log'})", flush=True)
-    with open(home / "demo.log", "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "airflow", "dags", "test", DAG_ID, "-c", json.dumps(DEMO_CONF)],
-                              stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    if proc.returncode != 0:
+    step("airflow database", ensure_airflow)
+    if dags_test(home / "demo.log") != 0:
         print(f"error: the DAG run failed; see {home / 'demo.log'}", file=sys.stderr)
         return 1
     summarize(home, time.monotonic() - started)
     return 0
+
+
+def dags_test(log_path: Path) -> int:
+    """`airflow dags test` with its output in `log_path`, and a line per task instance as it ends, from Airflow's
+    database (why there: deploy/local/progress.py); after QUIET seconds without one, what is still running."""
+    print(f"==> airflow dags test {DAG_ID} (log: {log_path})", flush=True)
+    try:
+        watcher = RunWatcher.for_airflow(DAG_ID)  # before the run: it watches the DAG's next one
+    except Exception as exc:  # progress is a nicety: the demo runs without it
+        print(f"  (no per-task progress: {exc})", flush=True)
+        watcher = None
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "airflow", "dags", "test", DAG_ID, "-c", json.dumps(DEMO_CONF)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        last_line = time.monotonic()
+        while True:
+            exited = proc.poll() is not None  # before polling: whatever the run wrote is in the database by then
+            for ended in watcher.poll() if watcher else []:
+                print(ended.line(), flush=True)
+                last_line = time.monotonic()
+            if exited:
+                break
+            if watcher and time.monotonic() - last_line > QUIET:
+                for name, seconds in watcher.running():
+                    print(f"  {name:<34} {'running':<15} {seconds:>6.0f} s so far", flush=True)
+                last_line = time.monotonic()
+            time.sleep(1)
+    if watcher:
+        watcher.close()
+    return proc.returncode
+
+
+def ensure_airflow() -> None:
+    """Airflow's database, migrated, with the `gpu` pool the DAG's GPU steps run in (DREAMLINE_GPU_SLOTS, 1)."""
+    run([sys.executable, "-m", "airflow", "db", "migrate"], quiet=True)
+    ensure_gpu_pool(dict(os.environ), cwd=REPO)
 
 
 def step(name: str, func, *args) -> None:

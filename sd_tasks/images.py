@@ -198,6 +198,11 @@ def default_workers() -> int:
     quota (a Kubernetes CPU limit), where os.cpu_count() would count every core of the node."""
     if os.environ.get("SD_TASKS_WORKERS", "").strip().isdigit() and int(os.environ["SD_TASKS_WORKERS"]) > 0:
         return int(os.environ["SD_TASKS_WORKERS"])
+    return usable_cpus()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), capped by a cgroup CPU quota."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

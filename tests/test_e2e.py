@@ -97,6 +97,20 @@ def test_dag_run_succeeds(dag_run):
     assert dag_run["state"] == "success", dag_run["log"][-5000:]
 
 
+def test_the_demo_progress_reads_every_task_instance_off_the_runs_database(dag_run):
+    """deploy/local/progress.py (make demo's per-task lines) on a real run's database: Airflow's own columns."""
+    from deploy.local.progress import RunWatcher, airflow_database_url
+
+    url = airflow_database_url({"AIRFLOW_HOME": str(dag_run["home"] / "airflow")})
+    ended = RunWatcher(url, dag_run["runs"][0]["dag_id"], after=0).poll()
+    final = {(e.task_id, e.map_index): e.state for e in ended}  # in end order: a retry's last attempt wins
+    listed = {(t["task_id"], int(t["map_index"]) if t["map_index"] not in ("", None) else -1): t["state"]
+              for t in dag_run["tasks"]}  # the CLI lists an unmapped task's map index as ""
+    assert final == listed
+    assert [e.name for e in ended if e.state == "failed"] == ["train [lr=1000000.0]"]
+    assert all(e.seconds is not None and e.seconds >= 0 for e in ended)
+
+
 def test_a_diverging_learning_rate_fails_its_own_task_and_the_sweep_goes_on(dag_run):
     train = {t["map_index"]: t["state"] for t in dag_run["tasks"] if t["task_id"] == "train"}
     assert sorted(train.values()) == ["failed", "success", "success"], train

@@ -67,6 +67,12 @@ class Processes:
 
     def start(self, service: Service) -> psutil.Process:
         """Start the service detached; wait until it is healthy or fail with one line naming it and its log."""
+        popen = self.launch(service)
+        self.wait_healthy(service, popen)
+        return psutil.Process(popen.pid)
+
+    def launch(self, service: Service) -> subprocess.Popen:
+        """Start the service detached and record it, without waiting for it to answer."""
         service.cwd.mkdir(parents=True, exist_ok=True)
         service.log.parent.mkdir(parents=True, exist_ok=True)
         if service.before_start:
@@ -84,8 +90,7 @@ class Processes:
         process = psutil.Process(popen.pid)
         self._record(service.name).write_text(json.dumps(
             {"pid": popen.pid, "create_time": process.create_time()}) + "\n")
-        self.wait_healthy(service, popen)
-        return process
+        return popen
 
     def wait_healthy(self, service: Service, popen: subprocess.Popen | None = None) -> None:
         """Until the service's health check passes; one line naming it and its log when it exits or times out."""

@@ -91,7 +91,7 @@ def airflow_service(stack: Stack, component: str) -> Service:
     def health() -> str | None:
         if component == "api-server":
             return http_ok(f"{stack.airflow_url}/api/v2/monitor/health")
-        return heartbeat_since(stack, component.replace("-", "_"), started[-1] if started else None)
+        return heartbeat_since(stack.airflow_url, component.replace("-", "_"), started[-1] if started else None)
 
     return Service(name=f"airflow-{component}", argv=argv, env=env, log=home / f"{component}.log", cwd=home,
                    health=health, timeout=240, before_start=before_start,
@@ -124,10 +124,10 @@ def http_ok(url: str) -> str | None:
         return f"no answer at {url} ({getattr(exc, 'reason', exc)})"
 
 
-def heartbeat_since(stack: Stack, component: str, since: datetime | None) -> str | None:
-    """None once Airflow's health report has a heartbeat of `component` from after `since` (an older one is a
-    previous process's); `since` None: any recent heartbeat."""
-    url = f"{stack.airflow_url}/api/v2/monitor/health"
+def heartbeat_since(airflow_url: str, component: str, since: datetime | None) -> str | None:
+    """None once the health report of the api-server at `airflow_url` has a heartbeat of `component` from after
+    `since` (an older one is a previous process's); `since` None: any recent heartbeat."""
+    url = f"{airflow_url}/api/v2/monitor/health"
     try:
         with _NO_PROXY.open(url, timeout=5) as response:
             report = json.load(response).get(component) or {}
