@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,13 +24,15 @@ from deploy.local.progress import RunWatcher  # noqa: E402
 from sd_tasks.dataset import PublishConfig, publish  # noqa: E402
 from sd_tasks.select import format_table  # noqa: E402
 
-DAG_ID = "sdxl_dreambooth_lora"
+DAG_ID = "lora_dog"  # the sample subject's DAG (dags/subjects.yaml)
 QUIET = 60  # seconds without a task ending before the demo says what is still running
 DATASET_TAG = "dog-v1"
 # Demo size: the production recipe's shape (three learning rates, several checkpoints each) at 64 px.
+# A second `make demo` finds nothing changed and skips training; `make demo FORCE=1` trains anyway.
 DEMO_CONF = {
     "subject": "dog", "dataset_version": DATASET_TAG, "learning_rates": [1e-4, 5e-4, 1e-5], "max_steps": 20,
     "checkpointing_steps": 10, "resolution": 64, "images_per_prompt": 2, "inference_steps": 4,
+    "force": os.environ.get("FORCE", "") not in ("", "0"),
 }
 
 
@@ -113,6 +116,11 @@ def run(argv: list[str], quiet: bool = False) -> None:
 
 def summarize(home: Path, seconds: float) -> None:
     run_dir = max((home / "runs" / DAG_ID).iterdir(), key=lambda p: p.stat().st_mtime)
+    if not (run_dir / "select" / "selection.json").exists():  # the run found nothing to train
+        said = re.findall(r"nothing to train: [^\n]*?\)", (home / "demo.log").read_text())
+        print(f"\nDreamline demo finished in {seconds:.0f} s: {said[-1] if said else 'nothing to train'}.\n"
+              f"`make demo FORCE=1` trains again anyway.")
+        return
     selection = json.loads((run_dir / "select" / "selection.json").read_text())
     registration = json.loads((run_dir / "register" / "registration.json").read_text())
     dataset = json.loads((run_dir / "dataset" / "dataset.json").read_text())
