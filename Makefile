@@ -23,17 +23,22 @@ export DVC_NO_ANALYTICS ?= 1
 export DREAMLINE_STACK ?= $(CURDIR)/.stack
 STACK_ARGS ?=
 
-.PHONY: demo test test-stack stack stack-down stack-status ui pods install clean
+.PHONY: demo test test-stack test-browser stack stack-down stack-status ui pods install clean
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest tests -m "not stack"
+	$(PY) -m pytest tests -m "not stack and not browser"
 
 # The whole stack from nothing in a temp folder, a DAG run through the REST API, then torn down (-s: its timings).
 test-stack: $(STAMP)
 	$(PY) -m pytest tests/test_stack.py -m stack -s
+
+# The trigger form and the run's graph in Debian's chromium against a real Airflow (apt-get install chromium
+# chromium-driver). DREAMLINE_SCREENSHOTS=docs/images make test-browser also refreshes the README's screenshots.
+test-browser: $(STAMP)
+	$(PY) -m pytest tests/test_browser.py -m browser
 
 stack: $(STAMP)
 	$(PY) -m deploy.local.stack up $(STACK_ARGS)
