@@ -21,9 +21,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 
@@ -133,7 +133,7 @@ def _wait_until_ready(server: AirflowServer, dag_id: str | None, timeout: float)
             if dag_id is None:
                 return
             waiting_for = f"DAG {dag_id} to be parsed"
-            status, answer = server.api("GET", f"/dags/{dag_id}")
+            status, _ = server.api("GET", f"/dags/{dag_id}")
             if status == 200:
                 errors = server.api("GET", "/importErrors")[1].get("import_errors", [])
                 if errors:
