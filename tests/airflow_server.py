@@ -96,11 +96,12 @@ def airflow_env(folder: Path, port: int) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def airflow_server(folder: Path, env: dict[str, str], dag_id: str | None = None,
+def airflow_server(folder: Path, env: dict[str, str], dag_id: str | None = None, pools: dict[str, int] | None = None,
                    timeout: float = START_TIMEOUT) -> Iterator[AirflowServer]:
     """Start Airflow with its home in `folder` (created) and `env` over this process's environment; yield once the
-    UI answers, the login is known and, with `dag_id`, that DAG is parsed without errors; stop it afterwards,
-    components and task processes included."""
+    UI answers, the login is known, `pools` exist ({name: slots}, deferred tasks counted: the DAG's `gpu` pool, or
+    its GPU steps never run) and, with `dag_id`, that DAG is parsed without errors; stop it afterwards, components
+    and task processes included."""
     folder.mkdir(parents=True, exist_ok=True)
     [port] = free_ports(1)
     full_env = {**os.environ, **env, **airflow_env(folder, port)}
@@ -111,6 +112,10 @@ def airflow_server(folder: Path, env: dict[str, str], dag_id: str | None = None,
     server = AirflowServer(url=f"http://{HOST}:{port}", home=folder, log=log, proc=proc)
     try:
         _wait_until_ready(server, dag_id, timeout)
+        for name, slots in (pools or {}).items():
+            status, answer = server.api("POST", "/pools", {"name": name, "slots": slots, "include_deferred": True})
+            if status not in (200, 201):
+                raise RuntimeError(f"Airflow refused the pool {name}: {status} {answer}")
         yield server
     finally:
         stop(server)

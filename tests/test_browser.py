@@ -9,7 +9,7 @@ a tiny recipe and checks the run's conf, and opens the run's graph. `make test-b
 screenshots (otherwise they go to the test's temp folder).
 
 What depends on the DAG and its form is in the constants below: the DAG id, the sections and the fields' titles
-(plugins/dreamline/params.py).
+(plugins/dreamline/params.py), the refused values and their messages.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from conftest import REPO
 
 pytestmark = pytest.mark.browser
 
-DAG_ID = "sdxl_dreambooth_lora"
-SECTIONS = ["Subject and data", "Data preparation", "Training", "Evaluation and selection"]  # params.py's sections
+DAG_ID = "lora_dog"  # the sample subject's DAG (dags/subjects.yaml)
+SECTIONS = ["This run", "Subject and data", "Data preparation", "Training", "Evaluation and selection"]  # params.py
 # A tiny recipe (as tests/test_e2e.py's), typed into the form: (section, field title, conf key, typed, in the conf)
 RECIPE = [
     ("Subject and data", "Dataset version", "dataset_version", "dog-v1", "dog-v1"),
@@ -40,13 +40,10 @@ RECIPE = [
     ("Evaluation and selection", "Images per prompt", "images_per_prompt", "1", 1),
     ("Evaluation and selection", "Inference steps", "inference_steps", "2", 2),
 ]
-# Refused by the form itself: a required field left empty.
-REQUIRED = ("Subject and data", "Subject")
-# Refused by the server (the form has no check for multipleOf): resolution must be a multiple of 8.
-BAD = ("Training", "Resolution", "100", "Invalid input for param resolution: 100 is not a multiple of 8")
-# Fields that the form marks required although their default (empty) is meant to be valid: VAE is
-# Param("", type="string"), and the UI refuses an empty string for a type without "null" ("This field is required").
-KNOWN_REQUIRED_EMPTY = ["VAE"]
+# Refused by the form itself: a required field (a type without "null") left empty.
+REQUIRED = ("Subject and data", "Dataset version")
+# Refused by the API server (the form has no check for multipleOf), its reason shown in the form.
+BAD = ("Training", "Resolution", "100", "Invalid input for param resolution: 100 is not a multiple of 64")
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 VIEWPORT = {"width": 1400, "height": 1000, "deviceScaleFactor": 1, "mobile": False}
@@ -92,7 +89,7 @@ def airflow(tmp_path_factory, models, registry) -> AirflowServer:
     env = {"DREAMLINE_HOME": str(home), "DREAMLINE_DATASET_REPO": str(registry), "MLFLOW_TRACKING_URI": tracking,
            "DREAMLINE_BASE_MODEL": models["sdxl"], "DREAMLINE_CLIP_MODEL": models["clip"],
            "DREAMLINE_DINO_MODEL": models["dino"], "HF_HUB_OFFLINE": "1"}
-    with airflow_server(home / "airflow", env, dag_id=DAG_ID) as server:
+    with airflow_server(home / "airflow", env, dag_id=DAG_ID, pools={"gpu": 2}) as server:
         yield server
         # Stop cleanly and soon: no new run, and a run still going is marked failed, so Airflow stops its tasks
         # (the scheduler waits for running tasks when it stops).
@@ -256,9 +253,6 @@ def test_the_trigger_form_shows_the_dags_sections(browser, shots):
     assert browser.field("Training", "Learning rates").is_displayed()
 
 
-@pytest.mark.xfail(strict=True, reason="VAE (Param('', type='string')) is required by the form with its empty "
-                   "default: the Trigger button stays disabled until a VAE is typed in (params.py needs "
-                   "type=['null', 'string'] and the DAG to treat None as 'the base model's')")
 def test_the_form_accepts_its_own_defaults(browser):
     browser.open_trigger_form()
     flagged = [name for name in SECTIONS if browser.section_flags_an_error(name)]
@@ -268,8 +262,6 @@ def test_the_form_accepts_its_own_defaults(browser):
 def test_an_empty_required_field_is_refused_in_the_form(browser):
     browser.open_trigger_form()
     section, title = REQUIRED
-    for known in KNOWN_REQUIRED_EMPTY:  # see the xfail above: type something so that only our field is empty
-        browser.type_into(SECTIONS[-1], known, "x")
     browser.type_into(section, title, "")
     row = browser.field(section, title)
     browser.wait(f"'This field is required' under {title!r}", lambda d: "This field is required" in row.text)
@@ -280,8 +272,6 @@ def test_an_empty_required_field_is_refused_in_the_form(browser):
 def test_a_value_the_params_schema_forbids_is_refused_with_its_reason(browser, airflow, shots):
     before = runs(airflow)
     browser.open_trigger_form()
-    for known in KNOWN_REQUIRED_EMPTY:
-        browser.type_into(SECTIONS[-1], known, "x")
     section, title, typed, reason = BAD
     browser.type_into(section, title, typed)
     trigger = browser.trigger_button()
@@ -296,13 +286,10 @@ def test_a_value_the_params_schema_forbids_is_refused_with_its_reason(browser, a
     assert runs(airflow) == before, "a refused trigger created a DAG run"
 
 
-def test_a_tiny_recipe_is_triggered_from_the_form(browser, airflow, models, shots, triggered):
+def test_a_tiny_recipe_is_triggered_from_the_form(browser, airflow, shots, triggered):
     browser.open_trigger_form()
     for section, title, _, typed, _ in RECIPE:
         browser.type_into(section, title, typed)
-    # VAE: the form requires one (see the xfail above); the base model's own VAE folder is what empty means
-    vae = str(Path(models["sdxl"]) / "vae")
-    browser.type_into("Evaluation and selection", "VAE", vae)
     trigger = browser.trigger_button()
     browser.wait("the Trigger button to be enabled", lambda d: trigger.is_enabled())
     for name in SECTIONS:
@@ -319,7 +306,7 @@ def test_a_tiny_recipe_is_triggered_from_the_form(browser, airflow, models, shot
     run_id = urllib.parse.unquote(browser.driver.current_url.split("/runs/", 1)[1].split("/")[0].split("?")[0])
     [run] = [r for r in runs(airflow) if r["dag_run_id"] == run_id]
     assert run["run_type"] == "manual"
-    expected = {key: value for _, _, key, _, value in RECIPE} | {"vae": vae}
+    expected = {key: value for _, _, key, _, value in RECIPE} | {"vae": None}  # left empty: the base model's
     assert {key: run["conf"].get(key) for key in expected} == expected, run["conf"]
     triggered["run_id"] = run_id
 
