@@ -1,13 +1,15 @@
 """A real Airflow for tests that use the UI or the REST API: every component on this machine, its state in a folder.
 
-    with airflow_server(folder, env) as server:     # env: the deployment's DREAMLINE_* variables and so on
+    with airflow_server(folder, env) as server:     # env: DREAMLINE_HOME and the deployment's other variables
         server.url, server.username, server.password
-        server.api("GET", "/dags/sdxl_dreambooth_lora")   # REST API v2 with a token
+        server.api("GET", "/dags/lora_dog")         # REST API v2 with a token
 
-Today it runs `airflow standalone` (api-server, scheduler with the LocalExecutor, dag-processor, triggerer, on
-SQLite) with the repo's dags/ and plugins/, on free loopback ports, scheduled runs off (unpausing a DAG would
-otherwise queue a run for its last interval at once). Changing the launcher is `command()` and, if its login is
-not SimpleAuthManager's generated file, `read_login()`: the rest waits for HTTP answers only.
+It runs `make ui`'s launcher (scripts/ui.py, deploy/local/embedded.py: Airflow's api-server, scheduler with the
+LocalExecutor, dag-processor and triggerer on SQLite, the gpu pool, and an MLflow server over the tracking store)
+with the repo's dags/ and plugins/, on free loopback ports, scheduled runs off (unpausing a DAG would otherwise
+queue a run for its last interval at once). Another launcher (`airflow standalone` worked too) is a change to
+`command()` and, if its login is not SimpleAuthManager's generated file, to `read_login()`: the rest waits for
+HTTP answers only.
 """
 from __future__ import annotations
 
@@ -31,14 +33,15 @@ from deploy.local.seaweedfs import HOST, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 240.0  # seconds until the api-server answers and the DAG is parsed; 20 to 60 s on 2 busy cores
-STOP_TIMEOUT = 30.0  # seconds from SIGTERM to SIGKILL; the components stop in 5 to 10 s
+STOP_TIMEOUT = 60.0  # seconds from SIGTERM to SIGKILL; make ui stops its services in two phases of at most 20 s
 
 
 @dataclass
 class AirflowServer:
     url: str  # http://127.0.0.1:<port>, the UI and the REST API
     home: Path  # AIRFLOW_HOME
-    log: Path  # everything the launcher and its components printed
+    log: Path  # what the launcher printed
+    logs: Path  # the services' logs (make ui's: DREAMLINE_HOME/ui-logs)
     proc: subprocess.Popen
     username: str = ""
     password: str = ""
@@ -58,9 +61,11 @@ class AirflowServer:
         return _http(method, f"{self.url}/api/v2{path}", body, token=self._token, timeout=timeout)
 
 
-def command() -> list[str]:
-    """The launcher: all of Airflow's components in one process tree."""
-    return [sys.executable, "-m", "airflow", "standalone"]
+def command(port: int) -> list[str]:
+    """The launcher, the api-server on `port`: `make ui`'s, which stops its services on SIGTERM."""
+    [mlflow_port] = free_ports(1)
+    return [sys.executable, str(REPO / "scripts" / "ui.py"), "--airflow-port", str(port),
+            "--mlflow-port", str(mlflow_port)]
 
 
 def read_login(home: Path) -> tuple[str, str] | None:
@@ -90,32 +95,28 @@ def airflow_env(folder: Path, port: int) -> dict[str, str]:
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(worker_logs),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(trigger_logs),
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-        # the launcher starts its components as `airflow ...`: the venv's bin first on PATH
+        # a launcher that starts its components as `airflow ...` finds the venv's
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
 
 
 @contextlib.contextmanager
-def airflow_server(folder: Path, env: dict[str, str], dag_id: str | None = None, pools: dict[str, int] | None = None,
+def airflow_server(folder: Path, env: dict[str, str], dag_id: str | None = None,
                    timeout: float = START_TIMEOUT) -> Iterator[AirflowServer]:
     """Start Airflow with its home in `folder` (created) and `env` over this process's environment; yield once the
-    UI answers, the login is known, `pools` exist ({name: slots}, deferred tasks counted: the DAG's `gpu` pool, or
-    its GPU steps never run) and, with `dag_id`, that DAG is parsed without errors; stop it afterwards, components
-    and task processes included."""
+    UI answers, the login is known and, with `dag_id`, that DAG is parsed without errors; stop it afterwards,
+    services and task processes included. The launcher's own output goes to `folder`/launcher.log."""
     folder.mkdir(parents=True, exist_ok=True)
     [port] = free_ports(1)
     full_env = {**os.environ, **env, **airflow_env(folder, port)}
-    log = folder / "airflow.log"
+    log = folder / "launcher.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command(), cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command(port), cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    server = AirflowServer(url=f"http://{HOST}:{port}", home=folder, log=log, proc=proc)
+    server = AirflowServer(url=f"http://{HOST}:{port}", home=folder, log=log,
+                           logs=Path(full_env["DREAMLINE_HOME"]) / "ui-logs", proc=proc)
     try:
         _wait_until_ready(server, dag_id, timeout)
-        for name, slots in (pools or {}).items():
-            status, answer = server.api("POST", "/pools", {"name": name, "slots": slots, "include_deferred": True})
-            if status not in (200, 201):
-                raise RuntimeError(f"Airflow refused the pool {name}: {status} {answer}")
         yield server
     finally:
         stop(server)
@@ -128,7 +129,7 @@ def _wait_until_ready(server: AirflowServer, dag_id: str | None, timeout: float)
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             raise RuntimeError(f"Airflow exited with {server.proc.returncode} while waiting for {waiting_for}:\n"
-                               f"{server.log_tail()}")
+                               f"{server.log_tail()}\n(the services' logs: {server.logs})")
         if not server.password:
             login = read_login(server.home)
             if login:
@@ -146,7 +147,7 @@ def _wait_until_ready(server: AirflowServer, dag_id: str | None, timeout: float)
                 return
         time.sleep(1)
     raise TimeoutError(f"Airflow: no answer after {timeout:.0f} s while waiting for {waiting_for}:\n"
-                       f"{server.log_tail()}")
+                       f"{server.log_tail()}\n(the services' logs: {server.logs})")
 
 
 def stop(server: AirflowServer) -> None:

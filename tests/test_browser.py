@@ -1,6 +1,6 @@
 """The trigger form and the graph as a person sees them: Debian's chromium, driven by Selenium through Debian's
 chromedriver (nothing downloads a browser or a driver), against a real Airflow (tests/airflow_server.py) with the
-repo's DAG.
+repo's DAGs, started as `make ui` starts it.
 
 It logs in, opens the DAG's trigger form and checks its sections, sees a bad value refused (an empty required field
 in the form itself; a resolution the Param's schema forbids by the server, its message shown in the form), triggers
@@ -79,17 +79,11 @@ def shots(tmp_path_factory) -> tuple[Path, bool]:
 def airflow(tmp_path_factory, models, registry) -> AirflowServer:
     browser_or_skip()
     home = tmp_path_factory.mktemp("browser-home")
-    tracking = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
-    # The MLflow store exists before the first run, as after `make demo`: two tasks that start at once on an empty
-    # sqlite store both migrate it, and one fails ("duplicate column name").
-    (home / "mlflow").mkdir()
-    import mlflow
-
-    mlflow.MlflowClient(tracking_uri=tracking).search_experiments()
+    tracking = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"  # make ui's MLflow server creates it before any task
     env = {"DREAMLINE_HOME": str(home), "DREAMLINE_DATASET_REPO": str(registry), "MLFLOW_TRACKING_URI": tracking,
            "DREAMLINE_BASE_MODEL": models["sdxl"], "DREAMLINE_CLIP_MODEL": models["clip"],
            "DREAMLINE_DINO_MODEL": models["dino"], "HF_HUB_OFFLINE": "1"}
-    with airflow_server(home / "airflow", env, dag_id=DAG_ID, pools={"gpu": 2}) as server:
+    with airflow_server(home / "airflow", env, dag_id=DAG_ID) as server:  # with the gpu pool, sized by make ui
         yield server
         # Stop cleanly and soon: no new run, and a run still going is marked failed, so Airflow stops its tasks
         # (the scheduler waits for running tasks when it stops).
@@ -152,7 +146,7 @@ class Page:
             self.driver.save_screenshot(f"{stem}.png")
             Path(f"{stem}.html").write_text(self.driver.page_source)
             pytest.fail(f"UI: waited {timeout:.0f} s for {what} at {self.driver.current_url}; "
-                        f"screenshot {stem}.png, page {stem}.html; Airflow's log: {self.airflow.log}")
+                        f"screenshot {stem}.png, page {stem}.html; Airflow's logs: {self.airflow.logs}")
 
     def find(self, xpath: str, what: str, timeout: float = WAIT):
         """The first visible element at xpath."""
@@ -320,7 +314,7 @@ def test_the_runs_graph_shows_every_task(browser, airflow, shots, triggered):
     wait_for_run = shots[1]  # the README's picture shows a whole run
     if wait_for_run:
         state = wait_until(airflow, run_id, ("success", "failed"), RUN_TIMEOUT)
-        assert state == "success", f"run {run_id} ended {state}; Airflow's log: {airflow.log}"
+        assert state == "success", f"run {run_id} ended {state}; Airflow's logs: {airflow.logs}"
     else:  # it starts: the form's "Unpause on trigger" unpaused the DAG and the scheduler took the run
         wait_until(airflow, run_id, ("running", "success", "failed"), START_TIMEOUT)
     browser.driver.get(f"{airflow.url}/dags/{DAG_ID}/runs/{urllib.parse.quote(run_id)}")
@@ -360,5 +354,5 @@ def wait_until(airflow: AirflowServer, run_id: str, states: tuple[str, ...], tim
         if state in states:
             return state
         time.sleep(3)
-    pytest.fail(f"run {run_id} still {state} after {timeout:.0f} s, not {' or '.join(states)}; Airflow's log: "
-                f"{airflow.log}")
+    pytest.fail(f"run {run_id} still {state} after {timeout:.0f} s, not {' or '.join(states)}; Airflow's logs: "
+                f"{airflow.logs}")
