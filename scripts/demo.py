@@ -117,8 +117,8 @@ def run(argv: list[str], quiet: bool = False) -> None:
 def summarize(home: Path, seconds: float) -> None:
     run_dir = max((home / "runs" / DAG_ID).iterdir(), key=lambda p: p.stat().st_mtime)
     if not (run_dir / "select" / "selection.json").exists():  # the run found nothing to train
-        said = re.findall(r"nothing to train: [^\n]*?\)", (home / "demo.log").read_text())
-        print(f"\nDreamline demo finished in {seconds:.0f} s: {said[-1] if said else 'nothing to train'}.\n"
+        said = re.findall(r"nothing to train: (.*?)(?: \(tick|$)", (home / "demo.log").read_text(), re.M)
+        print(f"\nDreamline demo finished in {seconds:.0f} s with nothing to train: {said[-1] if said else ''}.\n"
               f"`make demo FORCE=1` trains again anyway.")
         return
     selection = json.loads((run_dir / "select" / "selection.json").read_text())
