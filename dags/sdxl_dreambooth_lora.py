@@ -47,7 +47,6 @@ from dreamline.operators import StepOperator, each_result, param, partial_step
 from dreamline.params import dag_params
 
 RUN = "{{ run_dir(dag.dag_id, run_id) }}"  # this DAG run's folder
-MODEL = "{{ params.subject }}-sdxl-lora"
 PARENT_RUN_ID = "{{ ti.xcom_pull(task_ids='mlflow_run')['run_id'] }}"
 # The dataset's lineage, recorded on every MLflow run of the DAG run.
 DATASET_TAGS = [
@@ -94,10 +93,10 @@ def lora_dag(subject: subjects.Subject):
             "output": f"{RUN}/dataset",
         })
         champion = StepOperator(task_id="champion", step="champion", options={
-            "model_name": MODEL, "output": f"{RUN}/champion",
+            "model_name": subject.model_name, "output": f"{RUN}/champion",
         })
         lineage = StepOperator(task_id="lineage", step="lineage", options={
-            "model_name": MODEL, "dataset": f"{RUN}/dataset", "base_model": param("base_model"),
+            "model_name": subject.model_name, "dataset": f"{RUN}/dataset", "base_model": param("base_model"),
             "recipe_hash": "{{ ti.xcom_pull(task_ids='recipe')['recipe_hash'] }}",
         })
 
@@ -204,7 +203,7 @@ def lora_dag(subject: subjects.Subject):
         })
         registered = StepOperator(task_id="register", step="register", on_success_callback=on_promotion, options={
             "selection": f"{RUN}/select", "dataset": f"{RUN}/dataset", "output": f"{RUN}/register",
-            "model_name": MODEL, "parent_run_id": PARENT_RUN_ID,
+            "model_name": subject.model_name, "parent_run_id": PARENT_RUN_ID,
             "recipe_hash": "{{ ti.xcom_pull(task_ids='recipe')['recipe_hash'] }}",
         })
 
