@@ -103,11 +103,12 @@ def lora_dag(subject: subjects.Subject):
         @task.short_circuit
         def anything_to_train(lineage: dict) -> bool:
             """False ends the run here, every later task skipped: nothing changed since the model was trained."""
-            force = get_current_context()["params"]["force"]
-            print(f"{'training' if lineage['changed'] or force else 'nothing to train'}: {lineage['reason']}"
-                  + ("; forced" if force and not lineage["changed"] else "")
-                  + ("" if lineage["changed"] or force else " (tick 'Train even if nothing changed' to train)"))
-            return lineage["changed"] or force
+            reason, force = lineage["reason"], get_current_context()["params"]["force"]
+            if lineage["changed"] or force:
+                print(f"training: {reason}{'' if lineage['changed'] else '; forced'}")
+                return True
+            print(f"nothing to train: {reason} (tick 'Train even if nothing changed' to train)")
+            return False
 
         mlflow_run = StepOperator(task_id="mlflow_run", step="start-run", options={
             "experiment": param("subject"), "run_key": "{{ dag.dag_id }}/{{ run_id }}", "run_name": "{{ run_id }}",
