@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Iterator
 
 from deploy.local.pools import ensure_gpu_pool
-from deploy.local.processes import Processes, Service, StackError, end, leftovers
+from deploy.local.processes import Processes, Service, StackError, end, folder_lock, leftovers
 from deploy.local.seaweedfs import is_free
 from deploy.local.services import AIRFLOW_COMPONENTS, heartbeat_since, http_ok
 from deploy.local.settings import HOST, REPO
@@ -148,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     embedded = Embedded(Path(os.environ["DREAMLINE_HOME"]).resolve(), Path(os.environ["AIRFLOW_HOME"]).resolve(),
                         {"airflow": args.airflow_port, "mlflow": args.mlflow_port}, usable_cpus())
     try:
-        with locked(embedded.folder), stop_on_signals():
+        with folder_lock(embedded.folder, f"another `make ui` is running over {embedded.folder.parent}"), \
+                stop_on_signals():
             return run(embedded)
     except (StackError, ValueError, RuntimeError) as exc:
         print(f"error: make ui: {exc}", file=sys.stderr)
@@ -214,18 +214,6 @@ def stop_all(embedded: Embedded, procs: Processes, services: list[Service], quie
                 list(pool.map(stop, phase))
         if stray := leftovers(embedded.folder):
             end(stray, timeout=STOP_TIMEOUT)
-
-
-@contextlib.contextmanager
-def locked(folder: Path) -> Iterator[None]:
-    """One `make ui` at a time per DREAMLINE_HOME."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StackError(f"another `make ui` is running over {folder.parent}") from None
-        yield
 
 
 @contextlib.contextmanager

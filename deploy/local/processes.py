@@ -13,6 +13,8 @@ stack's stack.env does not, so `down` never ends the user's own processes.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -20,7 +22,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import psutil
 
@@ -29,6 +31,19 @@ MARK = "DREAMLINE_STACK_SERVICE"
 
 class StackError(RuntimeError):
     """A service failed: the message is one line naming the service, the reason and its log file."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, busy: str) -> Iterator[None]:
+    """Hold `folder`'s lock file for the block: one launcher at a time per state folder; `busy` is the error when
+    another holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StackError(busy) from None
+        yield
 
 
 @dataclass

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from deploy.local import bootstrap
-from deploy.local.processes import Processes, StackError, end, leftovers
+from deploy.local.processes import Processes, StackError, end, folder_lock, leftovers
 from deploy.local.seaweedfs import GRPC_OFFSET, is_free
 from deploy.local.services import pool_status, services
 from deploy.local.settings import DEFAULT_PORTS, REPO, Stack
@@ -78,11 +77,7 @@ def locked(folder: Path) -> Iterator[None]:
     """One `up` or `down` at a time per stack folder (private to its user: logs and records name the services)."""
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)
-    with open(folder / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StackError(f"{folder}: another `stack up` or `stack down` is running on this folder") from None
+    with folder_lock(folder, f"{folder}: another `stack up` or `stack down` is running on this folder"):
         yield
 
 
