@@ -2,6 +2,8 @@
 
 A pipeline run owns one parent MLflow run (keyed by the orchestrator's run id) and one nested run per learning
 rate (keyed by parent and learning rate). Looking runs up by key first makes every step safe to retry.
+Each evaluated checkpoint becomes a LoggedModel of its training run, carrying its scores (`log_checkpoint_model`),
+so MLflow's model search ranks the whole sweep.
 """
 from __future__ import annotations
 
@@ -96,3 +98,89 @@ def end(config: EndRunConfig) -> dict:
         c.set_terminated(config.run_id, config.status)
         status = config.status
     return {"run_id": config.run_id, "status": status}
+
+
+CHECKPOINT_MODEL_TYPE = "lora-checkpoint"
+
+
+def checkpoint_model_name(learning_rate: float, step: int) -> str:
+    """`lr-0_0001-step-100`: the training run's folder name (`plan.run_name`) and the step. MLflow forbids `.` (and
+    `/`, `:`, `%`, quotes) in a LoggedModel's name, so the learning rate's `.` becomes `_`; the exact value is the
+    model's `learning_rate` param."""
+    return f"lr-{learning_rate:g}-step-{step}".replace(".", "_")
+
+
+def log_checkpoint_model(run_id: str, name: str | None = None, *, step: int, learning_rate: float, uri: str,
+                         metrics: dict[str, float], params: dict | None = None, tags: dict | None = None,
+                         prefix: str = "eval/") -> str:
+    """Record one evaluated LoRA checkpoint as an MLflow LoggedModel of its training run and log its scores; return
+    the model id. MLflow's model search and comparison (`search_logged_models`, the experiment's Models tab) then
+    rank the checkpoints of the whole sweep by any of these metrics.
+
+    The model (type `lora-checkpoint`, default name `checkpoint_model_name(learning_rate, step)`) is created in the
+    run's experiment with `source_run_id=run_id`, params `learning_rate`, `step`, `checkpoint` (= `uri`) and
+    `params`, tags `tags`; it is also logged as an output of the run at `step` (as `log_model` does), so the run
+    lists it. Its weights stay at `uri`: no artifacts are copied into MLflow.
+
+    Metrics: each `metrics[name]` is logged once as `<prefix><name>` (`eval/dino`, ...) at `step`, with the model's
+    id. With a model id, MLflow writes the metric to the run's metric history AND to the model (one `log_batch`
+    call, the same key, value, step and timestamp), so the run's charts and the model agree. This function is thus
+    *the* place that logs these metrics to the run: a caller that also logs `eval/<name>` to the run itself would
+    put a second entry at that step in the run's history.
+
+    Safe to retry: the model is found by name and source run in the run's experiment before one is created, a
+    param it already has is left alone, and a metric the run or the model already has at this step is not logged
+    anew. Such a metric is re-logged as it was (its value and timestamp) with the model id, which is how MLflow's
+    own `log_model` links a run's earlier metrics to a model: the store drops the exact duplicate, and whichever of
+    run or model lacked it (a run that logged `eval/...` before this function existed, or an attempt interrupted
+    between the two writes) gets it. So the run's history has one entry per metric and step, and when a retry
+    scores differently the first value stands on both. Last, the model is finalized READY. Concurrent calls for
+    the same checkpoint are not guarded against (a retry follows its failed attempt).
+    """
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+    from mlflow.utils.time import get_current_time_millis
+
+    c = client()
+    run = c.get_run(run_id)
+    name = name or checkpoint_model_name(learning_rate, step)
+    model = _find_checkpoint_model(c, run.info.experiment_id, run_id, name)
+    wanted_params = {"learning_rate": f"{learning_rate:g}", "step": str(step), "checkpoint": uri,
+                     **{k: str(v) for k, v in (params or {}).items()}}
+    if model is None:
+        model = c.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                      params=wanted_params, tags=tags, model_type=CHECKPOINT_MODEL_TYPE)
+    else:
+        if missing := {k: v for k, v in wanted_params.items() if k not in (model.params or {})}:
+            c.log_model_params(model.model_id, missing)
+        if tags:
+            c.set_logged_model_tags(model.model_id, tags)
+    model_id = model.model_id
+
+    if not any(o.model_id == model_id for o in run.outputs.model_outputs):
+        c.log_outputs(run_id, [LoggedModelOutput(model_id, step=step)])
+
+    on_model = {(m.key, m.step): m for m in model.metrics or [] if m.run_id in (None, run_id)}
+    batch = []
+    now = get_current_time_millis()
+    for metric, value in metrics.items():
+        key = f"{prefix}{metric}"
+        in_run = next((m for m in c.get_metric_history(run_id, key) if m.step == step), None)
+        earlier = in_run or on_model.get((key, step))
+        if in_run and (key, step) in on_model:
+            continue
+        batch.append(Metric(key, earlier.value if earlier else float(value), earlier.timestamp if earlier else now,
+                            step, model_id=model_id, run_id=run_id))
+    if batch:
+        c.log_batch(run_id, metrics=batch)
+
+    if model.status != LoggedModelStatus.READY:
+        c.finalize_logged_model(model_id, LoggedModelStatus.READY)
+    return model_id
+
+
+def _find_checkpoint_model(c, experiment: str, run_id: str, name: str):
+    """The oldest live LoggedModel of this name from this run, or None."""
+    found = c.search_logged_models([experiment], filter_string=f"name = '{name}' AND source_run_id = '{run_id}'",
+                                   order_by=[{"field_name": "creation_timestamp", "ascending": True}],
+                                   max_results=1)
+    return found[0] if found else None
