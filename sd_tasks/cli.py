@@ -50,6 +50,8 @@ STEPS: dict[str, tuple[str, str]] = {
     "lineage": ("sd_tasks.lineage", "say whether anything changed since the champion or challenger was trained"),
     "champion": ("sd_tasks.register:champion", "fetch the current champion's LoRA for re-evaluation"),
     "register": ("sd_tasks.register", "register the selected LoRA; promote it to champion only if it is better"),
+    "promote": ("sd_tasks.promotion:promote", "make an approved version champion, recording who approved it"),
+    "rollback": ("sd_tasks.promotion:rollback", "put an earlier version back as champion, recording who and why"),
 }
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_CRASHED, EXIT_INTERRUPTED = 65, 2, 1, 130
