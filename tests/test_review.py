@@ -136,3 +136,13 @@ def test_log_review_logs_labelled_grids_to_the_mlflow_run(home, tmp_path):
         assert grid.size == review.plan((TILE, TILE), PROMPTS[0], row_labels, columns).size
     text = Path(client.download_artifacts(run_id, "review/grids.txt", str(tmp_path))).read_text()
     assert f"prompt-01: {PROMPTS[1]}" in text and "lr 5e-5, lr 1e-4, champion v3, base model" in text
+
+
+def test_tall_sweeps_are_held_to_the_pixel_cap_and_usual_ones_stay_native():
+    columns = [f"step {100 * s}" for s in range(1, 7)]
+    tall = review.fit((1024, 1024), "a prompt", [f"lr {k}e-5" for k in range(1, 9)] + ["base model"], columns)
+    width, height = tall.size
+    assert width <= review.MAX_GRID_WIDTH and 0.9 * review.MAX_GRID_PIXELS < width * height <= review.MAX_GRID_PIXELS
+    usual = review.fit((1024, 1024), "a prompt", ["lr 5e-5", "lr 1e-4", "lr 2e-4", "champion v3", "base model"],
+                       columns[:4])
+    assert usual.tile == (1024, 1024)  # 3 learning rates x 4 checkpoints: every pixel the evaluation made
