@@ -6,6 +6,10 @@ Scores (the DreamBooth paper's, plus one for what the user fears losing):
 - preservation: the base model kept: images for the class prompt with the LoRA vs without it, same seeds
   (mean matched DINO cosine; 1 means the class looks exactly as before).
 
+Every score is also kept per image (per prompt and seed), so two evaluations on one suite can be compared image by
+image (sd_tasks.compare). Without `--checkpoint` the base model alone is evaluated: the yardstick that scores are
+normalised by, so that metrics moving by hundredths and by tenths weigh what the user's weights say.
+
 The seeds depend only on the prompt and image index, so every checkpoint of every learning rate (and the base
 model, and the champion being defended) is judged on the same starting noise. The suite, everything that decides
 the images and the scores (the instance images by content, not by where they lie), has a fingerprint: scores compare
@@ -31,13 +35,16 @@ from sd_tasks.cli import option
 from sd_tasks.dataset import content_hash
 from sd_tasks.encode import model_fingerprint
 from sd_tasks.errors import StepError
-from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, mean_matched_cosine, mean_pairwise_cosine
+from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, matched_cosines, mean_cosines
 from sd_tasks.models import device, inference_dtype, load_pipeline
 from sd_tasks.storage import is_whole, join, read_dir, read_json, write_dir, write_json
 from sd_tasks.train import CHECKPOINT_INFO, LORA_WEIGHTS
 
-WORST = {"clip_t": -1.0, "clip_i": -1.0, "dino": -1.0, "preservation": -1.0}
-SCORING_VERSION = 1  # raise when a change here or in sd_tasks.metrics changes scores: kept evaluations expire
+METRICS = ("dino", "clip_i", "clip_t", "preservation")
+IMAGE_METRICS = ("dino", "clip_i", "clip_t")  # per generated image; preservation is per class image
+BASE_INFO = {"step": None, "learning_rate": None, "run_id": None, "champion_version": None, "base_model": None}
+SUITE_FIELDS = ("prompts", "class_prompts", "seeds", "class_seeds")  # written beside a result, not part of it
+SCORING_VERSION = 2  # raise when a change here or in sd_tasks.metrics changes scores: kept evaluations expire
 
 
 @dataclass
@@ -45,10 +52,11 @@ class EvaluateConfig:
     """Generate images with a LoRA checkpoint for fixed prompts and seeds; score DINO, CLIP-I, CLIP-T and
     preservation."""
 
-    checkpoint: str = option("a checkpoint-<step> folder written by train (URI)")
     output: str = option("URI to write images/ and metrics.json to")
     instance_images: str = option("resize's output: the real subject images to compare with (URI)")
     prompts: list[str] = option("evaluation prompts, literal")
+    checkpoint: str | None = option("a checkpoint-<step> folder written by train (URI); omitted: the base model "
+                                    "alone (needs --base-model), the yardstick scores are normalised by", None)
     class_prompts: list[str] = option("prompts without the subject, for preservation (e.g. 'a photo of dog')", [])
     clip_model: str = option("CLIP model id or folder", "openai/clip-vit-large-patch14")
     dino_model: str = option("DINO ViT model id or folder", "facebook/dino-vits16")
@@ -69,20 +77,23 @@ class EvaluateConfig:
 
 def run(config: EvaluateConfig) -> dict:
     config = replace(config, dtype=inference_dtype(config.dtype))  # the suite names the dtype that ran
-    checkpoint = read_dir(config.checkpoint)
-    info = read_json(f"{config.checkpoint}/{CHECKPOINT_INFO}")
+    if config.checkpoint is None and not config.base_model:
+        raise StepError("--checkpoint or --base-model: evaluating the base model alone needs --base-model")
+    checkpoint = read_dir(config.checkpoint) if config.checkpoint else None
+    info = read_json(f"{config.checkpoint}/{CHECKPOINT_INFO}") if checkpoint else BASE_INFO
     base_model = config.base_model or info["base_model"]
     suite = suite_fingerprint(config, base_model)
-    kept = config.cache and join(config.cache, f"{file_digest(checkpoint / LORA_WEIGHTS)}-{suite}")
+    weights = file_digest(checkpoint / LORA_WEIGHTS) if checkpoint else "base"
+    kept = config.cache and join(config.cache, f"{weights}-{suite}")
     if kept and is_whole(kept):
         return reuse(kept, config, info)
     images = Generator(base_model, config)
     generated = images.for_prompts(config.prompts, checkpoint)
-    preserved = images.for_prompts(config.class_prompts, checkpoint)
     base = images.for_prompts(config.class_prompts, None)
+    preserved = images.for_prompts(config.class_prompts, checkpoint) if checkpoint else base
     broken = any(image is None for row in generated + preserved for image in row)
-    scores = WORST if broken else score(generated, preserved, base, load_instance_images(config.instance_images),
-                                        config)
+    scores = worst(config) if broken else score(generated, preserved, base,
+                                                load_instance_images(config.instance_images), config)
     result = {**checkpoint_fields(info, config), "suite": suite, "broken": broken, **scores}
     with write_dir(config.output) as out:
         (out / "images").mkdir()
@@ -93,17 +104,17 @@ def run(config: EvaluateConfig) -> dict:
                         image.save(out / "images" / f"{kind}{j:02d}-{k}.png")
         write_metrics(out, result, config)
     if info.get("run_id"):
-        log_to_mlflow(info["run_id"], info["step"], scores, generated, config.prompts)
+        log_to_mlflow(info, config, means(scores), generated)
     if kept:  # after logging: a kept evaluation has been logged
         with write_dir(kept) as out:
             shutil.copytree(read_dir(config.output), out, dirs_exist_ok=True)
-    return result
+    return summary(result)
 
 
 def reuse(kept: str, config: EvaluateConfig, info: dict) -> dict:
     """The kept evaluation of these LoRA weights on this suite, as this checkpoint's."""
     metrics = read_json(f"{kept}/metrics.json")
-    result = {**{k: v for k, v in metrics.items() if k not in ("prompts", "class_prompts")},
+    result = {**{k: v for k, v in metrics.items() if k not in SUITE_FIELDS},
               **checkpoint_fields(info, config), "cached": True}
     with write_dir(config.output) as out:
         shutil.copytree(read_dir(kept, whole=True) / "images", out / "images")
@@ -112,19 +123,35 @@ def reuse(kept: str, config: EvaluateConfig, info: dict) -> dict:
         images = read_dir(config.output) / "images"
         generated = [[Image.open(f) if (f := images / f"p{j:02d}-{k}.png").exists() else None
                       for k in range(config.images_per_prompt)] for j in range(len(config.prompts))]
-        log_to_mlflow(info["run_id"], info["step"], {k: result[k] for k in WORST if k in result}, generated,
-                      config.prompts)
-    return result
+        log_to_mlflow(info, config, means(result), generated)
+    return summary(result)
 
 
 def checkpoint_fields(info: dict, config: EvaluateConfig) -> dict:
     """What a result says about the checkpoint it scores (from its dreamline.json)."""
     return {"step": info["step"], "learning_rate": info["learning_rate"], "run_id": info.get("run_id"),
-            "champion_version": info.get("champion_version"), "checkpoint": config.checkpoint}
+            "champion_version": info.get("champion_version"), "checkpoint": config.checkpoint,
+            "base": config.checkpoint is None}
 
 
 def write_metrics(out: Path, result: dict, config: EvaluateConfig) -> None:
-    write_json(out / "metrics.json", {**result, "prompts": config.prompts, "class_prompts": config.class_prompts})
+    write_json(out / "metrics.json", {**result, "prompts": config.prompts, "class_prompts": config.class_prompts,
+                                      "seeds": [seeds(config, j) for j in range(len(config.prompts))],
+                                      "class_seeds": [seeds(config, j) for j in range(len(config.class_prompts))]})
+
+
+def seeds(config: EvaluateConfig, prompt_index: int) -> list[int]:
+    """The seeds of one prompt's images: they depend only on the base seed, the prompt's place and the image's."""
+    return [config.seed + 1000 * prompt_index + k for k in range(config.images_per_prompt)]
+
+
+def means(result: dict) -> dict[str, float]:
+    return {k: result[k] for k in METRICS if result.get(k) is not None}
+
+
+def summary(result: dict) -> dict:
+    """The step's JSON line: the means, not the per-image lists (those are in metrics.json)."""
+    return {k: v for k, v in result.items() if k not in ("per_image", "per_class_image")}
 
 
 def suite_fingerprint(config: EvaluateConfig, base_model: str) -> str:
@@ -209,34 +236,65 @@ def load_instance_images(uri: str) -> list[Image.Image]:
 
 
 def score(generated, preserved, base, real: list[Image.Image], config: EvaluateConfig) -> dict:
+    """Mean scores, and the same per image (nested per prompt, then seed) so evaluations can be paired."""
     flat = [image for row in generated for image in row]
     flat_prompts = [p for p, row in zip(config.prompts, generated) for _ in row]
     clip, dino = ClipEmbedder(config.clip_model), DinoEmbedder(config.dino_model)
-    clip_generated = clip.images(flat)
-    scores = {
-        "clip_t": mean_matched_cosine(clip_generated, clip.texts(flat_prompts)),
-        "clip_i": mean_pairwise_cosine(clip_generated, clip.images(real)),
-        "dino": mean_pairwise_cosine(dino.images(flat), dino.images(real)),
+    clip_generated, dino_base = clip.images(flat), None
+    per_image = {
+        "clip_t": matched_cosines(clip_generated, clip.texts(flat_prompts)),
+        "clip_i": mean_cosines(clip_generated, clip.images(real)),
+        "dino": mean_cosines(dino.images(flat), dino.images(real)),
     }
+    scores = {"per_image": {k: nest(v, config.images_per_prompt) for k, v in per_image.items()}}
     if config.class_prompts:
         with_lora = [image for row in preserved for image in row]
-        without = [image for row in base for image in row]
-        scores["preservation"] = mean_matched_cosine(dino.images(with_lora), dino.images(without))
-    return scores
+        dino_base = dino.images([image for row in base for image in row])
+        preservation = matched_cosines(dino.images(with_lora), dino_base)
+        scores["per_class_image"] = {"preservation": nest(preservation, config.images_per_prompt)}
+        per_image["preservation"] = preservation
+        if config.checkpoint is None:  # how alike two draws of the class are: preservation's yardstick
+            scores["class_similarity"] = off_diagonal_mean(dino_base, config.images_per_prompt)
+    return {**{k: float(np.mean(v)) for k, v in per_image.items()}, **scores}
 
 
-def log_to_mlflow(run_id: str, step: int, scores: dict, generated, prompts: list[str]) -> None:
-    """Stepped metrics and one image row per prompt on the training run, without reopening (and so without
-    changing the status of) that run."""
+def worst(config: EvaluateConfig) -> dict:
+    """The lowest possible scores, per image too: a broken checkpoint loses every pairing."""
+    rows = lambda count: [[-1.0] * config.images_per_prompt for _ in range(count)]  # noqa: E731
+    result = {k: -1.0 for k in IMAGE_METRICS} | {"per_image": {k: rows(len(config.prompts)) for k in IMAGE_METRICS}}
+    if config.class_prompts:
+        result |= {"preservation": -1.0, "per_class_image": {"preservation": rows(len(config.class_prompts))}}
+    return result
+
+
+def nest(values: list[float], per_prompt: int) -> list[list[float]]:
+    return [values[i:i + per_prompt] for i in range(0, len(values), per_prompt)]
+
+
+def off_diagonal_mean(embeddings: torch.Tensor, per_prompt: int) -> float | None:
+    """Mean cosine of two different images of the same class prompt (None with one image per prompt)."""
+    if per_prompt < 2:
+        return None
+    sims = []
+    for start in range(0, len(embeddings), per_prompt):
+        block = embeddings[start:start + per_prompt] @ embeddings[start:start + per_prompt].T
+        sims.append((block.sum() - block.diagonal().sum()).item() / (per_prompt * (per_prompt - 1)))
+    return float(np.mean(sims))
+
+
+def log_to_mlflow(info: dict, config: EvaluateConfig, scores: dict, generated) -> None:
+    """On the training run, without reopening (and so without changing the status of) it: the checkpoint as an
+    MLflow LoggedModel carrying its scores (also the run's stepped `eval/*` metrics), and one image row per prompt."""
+    run_id, step = info["run_id"], info["step"]
+    tracking.log_checkpoint_model(run_id, step=step, learning_rate=info["learning_rate"], uri=config.checkpoint,
+                                  metrics=scores)
     client = tracking.client()
-    for name, value in scores.items():
-        client.log_metric(run_id, f"eval/{name}", value, step=step)
     if any(all(image is not None for image in images) for images in generated):
         _mark_images_logged(client, run_id)
     for j, images in enumerate(generated):
         if all(image is not None for image in images):
             client.log_image(run_id, image_row(images), key=f"eval/prompt-{j:02d}", step=step)
-    client.log_text(run_id, json.dumps(prompts, indent=1), "eval/prompts.json")
+    client.log_text(run_id, json.dumps(config.prompts, indent=1), "eval/prompts.json")
 
 
 def _mark_images_logged(client, run_id: str, tries: int = 3) -> None:

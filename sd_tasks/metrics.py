@@ -42,11 +42,13 @@ class DinoEmbedder:
         return F.normalize(out.last_hidden_state[:, 0], dim=-1)
 
 
-def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean cosine similarity over all (row of a, row of b) pairs; rows must be unit vectors."""
-    return (a @ b.T).mean().item()
+def mean_cosines(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Per row of a: its mean cosine similarity with every row of b (one generated image against all the real
+    ones); rows must be unit vectors. Their mean is the paper's mean pairwise similarity."""
+    return (a @ b.T).mean(dim=1).tolist()
 
 
-def mean_matched_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean cosine similarity of a[i] with b[i]; rows must be unit vectors."""
-    return (a * b).sum(dim=-1).mean().item()
+def matched_cosines(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Cosine similarity of a[i] with b[i] (an image with its prompt, or with the same seed's image without the
+    LoRA); rows must be unit vectors."""
+    return (a * b).sum(dim=-1).tolist()
