@@ -1,10 +1,12 @@
 """Pick the best checkpoint of a sweep from the evaluation results, and show the sweep to a reviewer.
 
-score = weighted mean of accuracy = (DINO + CLIP-I) / 2 (subject fidelity), flexibility = CLIP-T (prompt fidelity)
-and preservation (the base model kept), over the parts that were measured. Ties go to the earlier step, which is
-cheaper and less overfit. A re-evaluated champion (evaluate's `champion_version`) is scored the same way and kept
-apart, for `register` to compare against. With a parent MLflow run, the run gets an image grid per evaluation prompt
-(learning rate by checkpoint) and a plot per metric against step.
+Every metric is first normalised against the base model's evaluation on the same suite (sd_tasks.compare: units
+of the base model's per-image spread), then score = weighted mean of accuracy (DINO and CLIP-I, subject fidelity),
+flexibility (CLIP-T, prompt fidelity) and preservation (the base model kept), over the parts that were measured.
+Ties go to the earlier step, which is cheaper and less overfit. A re-evaluated champion (evaluate's
+`champion_version`) is scored the same way and kept apart for the report; the promotion itself is decided by
+`register` on new seeds (the confirmation suite), not on the seeds that chose the winner. With a parent MLflow run,
+the run gets a labelled image grid per evaluation prompt and a plot per metric against step (sd_tasks.review).
 """
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sd_tasks import tracking
 from sd_tasks.cli import option
+from sd_tasks.compare import Yardstick, weighted_score
 from sd_tasks.errors import StepError
 from sd_tasks.storage import read_dir, whole_folders, write_dir, write_json
 
 METRICS = ("dino", "clip_i", "clip_t", "preservation")
+ROW_FIELDS = ("learning_rate", "step", "checkpoint", "run_id", "suite", "broken", "champion_version", "base", *METRICS)
 
 
 @dataclass
@@ -43,12 +48,17 @@ def run(config: SelectConfig) -> dict:
     # whole evaluations only: an evaluate task killed while writing leaves a folder that is not
     evaluations = {f: json.loads((f / "metrics.json").read_text()) for f in whole_folders(folder)
                    if (f / "metrics.json").exists()}
-    rows = [{**{k: r.get(k) for k in ("learning_rate", "step", "checkpoint", "run_id", "suite", "broken",
-                                        "champion_version", *METRICS)}, "score": weighted_score(r, weights)}
-            for r in evaluations.values()]
-    candidates = sorted((r for r in rows if not r["champion_version"]), key=lambda r: (r["learning_rate"], r["step"]))
+    base = next((m for m in evaluations.values() if m.get("base")), None)
+    if base is None:
+        raise StepError(f"{config.evaluations}: no evaluation of the base model (evaluate without --checkpoint): "
+                        f"scores are normalised against it")
+    yardstick = Yardstick.from_base(base, f"{config.evaluations}: the base model's evaluation")
+    rows = [scored_row(m, yardstick, weights) for m in evaluations.values()]
+    candidates = sorted((r for r in rows if not (r["champion_version"] or r["base"]) and r["suite"] == base.get("suite")),
+                        key=lambda r: (r["learning_rate"], r["step"]))
     if not candidates:
-        raise StepError(f"{config.evaluations}: no metrics.json of a checkpoint found; did evaluate run?")
+        raise StepError(f"{config.evaluations}: no metrics.json of a checkpoint on the base model's suite found; "
+                        f"did evaluate run?")
     ranking = sorted(candidates, key=lambda r: (-r["score"], r["step"], r["learning_rate"]))
     champion = next((r for r in rows if r["champion_version"]), None)
     found = {f.relative_to(folder).as_posix() for f in evaluations}
@@ -57,75 +67,46 @@ def run(config: SelectConfig) -> dict:
     if missing:
         print(f"warning: not evaluated, selected from the rest: {', '.join(missing)}", file=sys.stderr)
     selection = {"selected": ranking[0], "runners_up": ranking[1:3], "table": candidates, "champion": champion,
-                 "weights": weights, "missing": missing}
+                 "base": next(r for r in rows if r["base"]), "weights": weights, "missing": missing,
+                 "normalisation": {"centre": yardstick.centre, "scale": yardstick.scale}, "prompts": base["prompts"]}
     with write_dir(config.output) as out:
         write_json(out / "selection.json", selection)
+    for row in candidates:  # MLflow's model search ranks the sweep by the score only select can compute
+        if row["run_id"]:
+            tracking.log_checkpoint_model(row["run_id"], step=row["step"], learning_rate=row["learning_rate"],
+                                          uri=row["checkpoint"], metrics={"score": row["score"], **{
+                                              f"normalised_{k}": v for k, v in row["norm"].items()}})
     if config.parent_run_id:
+        from sd_tasks.review import log_review
+
         log_review(config.parent_run_id, evaluations, candidates)
     return {"selection": f"{config.output}/selection.json", "selected": ranking[0], "candidates": len(candidates),
             "missing": missing}
 
 
-def weighted_score(metrics: dict, weights: dict) -> float:
-    parts = {"accuracy": (metrics["dino"] + metrics["clip_i"]) / 2, "flexibility": metrics["clip_t"],
-             "preservation": metrics.get("preservation")}
-    measured = {k: v for k, v in parts.items() if v is not None and weights[k]}
-    if not measured:
-        return -1.0
-    return sum(weights[k] * v for k, v in measured.items()) / sum(weights[k] for k in measured)
+def scored_row(metrics: dict, yardstick: Yardstick, weights: dict) -> dict:
+    """One evaluation as a row of the sweep: raw metrics, normalised ones (`norm`) and the weighted score."""
+    row = {k: metrics.get(k) for k in ROW_FIELDS}
+    row["norm"] = yardstick.normalise(metrics) if metrics.get("suite") == yardstick.suite else {}
+    row["score"] = weighted_score(row["norm"], weights) if row["norm"] else None  # another suite: not comparable
+    return row
 
 
 def format_table(selection: dict) -> str:
-    """The sweep as a small text table, the selected row marked, the champion last."""
+    """The sweep as a small text table (raw metrics, then the normalised score), the selected row marked, the
+    champion and the base model last."""
     best = selection["selected"]
-    lines = [f"{'lr':>8} {'step':>6} {'dino':>7} {'clip_i':>7} {'clip_t':>7} {'preserv':>7} {'score':>7}"]
-    rows = selection["table"] + ([selection["champion"]] if selection.get("champion") else [])
-    for r in rows:
-        mark = "  <- selected" if r is not selection.get("champion") and (
-            r["learning_rate"], r["step"]) == (best["learning_rate"], best["step"]) else ""
-        if r is selection.get("champion"):
-            mark = f"  current champion (v{r['champion_version']})"
+    lines = [f"{'':>16} {'dino':>7} {'clip_i':>7} {'clip_t':>7} {'preserv':>7} {'score':>7}"]
+    extra = [r for r in (selection.get("champion"), selection.get("base")) if r]
+    for r in selection["table"] + extra:
+        if r.get("base"):
+            name, mark = "base model", ""
+        elif r.get("champion_version"):
+            name, mark = f"champion v{r['champion_version']}", ""
+        else:
+            name = f"lr {r['learning_rate']:g} @{r['step']}"
+            mark = "  <- selected" if (r["learning_rate"], r["step"]) == (best["learning_rate"], best["step"]) else ""
         cells = " ".join(f"{r[m]:>7.4f}" if r.get(m) is not None else f"{'-':>7}" for m in METRICS)
-        lines.append(f"{r['learning_rate']:>8g} {r['step']:>6} {cells} {r['score']:>7.4f}{mark}")
+        score = f"{r['score']:>+7.2f}" if r.get("score") is not None else f"{'-':>7}"
+        lines.append(f"{name:>16} {cells} {score}{mark}")
     return "\n".join(lines)
-
-
-def log_review(run_id: str, evaluations: dict[Path, dict], rows: list[dict]) -> None:
-    """On the parent run: per evaluation prompt a grid (rows: learning rate, columns: checkpoint step, first image
-    of each), and per metric a plot against step with one line per learning rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    from sd_tasks import tracking
-
-    client = tracking.client()
-    by_key = {(m["learning_rate"], m["step"]): folder for folder, m in evaluations.items() if not m.get("champion_version")}
-    lrs, steps = sorted({k[0] for k in by_key}), sorted({k[1] for k in by_key})
-    prompts = next(iter(evaluations.values()))["prompts"]
-    for j in range(len(prompts)):
-        tiles = {k: folder / "images" / f"p{j:02d}-0.png" for k, folder in by_key.items()}
-        size = next((Image.open(p).size for p in tiles.values() if p.exists()), (64, 64))
-        grid = Image.new("RGB", (size[0] * len(steps), size[1] * len(lrs)), "white")
-        for (lr, step), path in tiles.items():
-            if path.exists():
-                grid.paste(Image.open(path).convert("RGB"), (steps.index(step) * size[0], lrs.index(lr) * size[1]))
-        client.log_image(run_id, grid, f"review/grid-prompt-{j:02d}.png")
-    client.log_text(run_id, "\n".join(f"prompt-{j:02d}: {p}" for j, p in enumerate(prompts)) +
-                    f"\nrows: learning rates {', '.join(f'{lr:g}' for lr in lrs)}; columns: steps {steps}\n",
-                    "review/grids.txt")
-    for metric in (*METRICS, "score"):
-        if all(r.get(metric) is None for r in rows):
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for lr in lrs:
-            points = sorted((r["step"], r[metric]) for r in rows if r["learning_rate"] == lr and r.get(metric) is not None)
-            ax.plot(*zip(*points), marker="o", label=f"lr={lr:g}")
-        ax.set_xlabel("step")
-        ax.set_ylabel(metric)
-        ax.legend()
-        fig.tight_layout()
-        client.log_figure(run_id, fig, f"review/{metric}-vs-step.png")
-        plt.close(fig)
