@@ -153,5 +153,9 @@ class PromoteConfig:
 def promote(config: PromoteConfig) -> dict:
     client = tracking.client()
     check_version(client, config.model_name, config.version)
-    return move_champion(client, config.model_name, config.version, by=config.by, reason=config.reason,
-                         action="approved")
+    moved = move_champion(client, config.model_name, config.version, by=config.by, reason=config.reason,
+                          action="approved")
+    aliases = client.get_registered_model(config.model_name).aliases
+    # `promoted` and `aliases`, as register's result has them, for the promotion notifier
+    return {**moved, "promoted": moved["changed"],
+            "aliases": sorted(a for a, v in aliases.items() if str(v) == str(config.version))}

@@ -3,9 +3,15 @@
 The version is logged with MLflow's diffusers flavor (the LoRA plus a reference to its base model, so
 `mlflow.pyfunc.load_model("models:/<name>@champion")` rebuilds the pipeline), tagged with its lineage (dataset rev,
 commit and hash, code version, base model, learning rate, step) and every score, and described by a model card.
-It always gets the alias `challenger`; `champion` moves to it only when there is no champion yet, or when it beats
-the champion on the same evaluation suite (the DAG re-evaluates the champion beside the new checkpoints). A champion
-that cannot be compared is kept: a nightly run never replaces a better model with a worse one.
+It always gets the alias `challenger`. `champion` moves to it only on evidence, judged on the confirmation suite:
+the selected checkpoint, the champion and the base model evaluated again on seeds that were not used to select it
+(so picking the best of many noisy evaluations does not decide), compared image by image (sd_tasks.compare):
+- with a champion, the challenger's normalised weighted score minus the champion's must have its whole bootstrap
+  confidence interval above the margin;
+- with none (the first version), its subject fidelity must beat the base model's the same way: a LoRA that learned
+  nothing stays `challenger`, with the reason.
+A champion that cannot be compared is kept: a nightly run never replaces a better model with a worse one. With
+`--require-approval`, an eligible version is not promoted here: the DAG asks a reviewer, and `promote` moves it.
 Registering the same pipeline run twice returns the version made the first time.
 
 `champion` (step `champion`) fetches the current champion's LoRA as a checkpoint folder that `evaluate` can score.
@@ -20,8 +26,10 @@ from pathlib import Path
 
 from sd_tasks import tracking
 from sd_tasks.cli import option
+from sd_tasks.compare import Yardstick, describe, paired_difference
+from sd_tasks.promotion import move_champion
 from sd_tasks.select import format_table
-from sd_tasks.storage import read_dir, read_json, write_dir, write_json
+from sd_tasks.storage import read_dir, read_json, whole_folders, write_dir, write_json
 from sd_tasks.train import CHECKPOINT_INFO, LORA_WEIGHTS
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -42,6 +50,14 @@ class RegisterConfig:
     parent_run_id: str | None = option("MLflow parent run of the pipeline run; closed as FINISHED", None)
     experiment: str = option("MLflow experiment for a standalone registration", "dreamline")
     recipe_hash: str = option("fingerprint of the recipe the pipeline ran (its lineage; see sd_tasks.lineage)", "")
+    confirmation: str | None = option("folder whose sub-folders hold the confirmation evaluations (URI): the selected "
+                                      "checkpoint, the champion and the base model on seeds not used to select", None)
+    confidence: float = option("confidence level of the paired bootstrap interval", 0.95)
+    margin: float = option("normalised score difference the whole interval must exceed to promote", 0.1)
+    require_approval: bool = option("an eligible version waits for a reviewer (the DAG's approval task, then "
+                                    "`promote`) instead of being promoted here", False)
+    review_url: str | None = option("MLflow URL a reviewer's browser can load artifacts from (images in the review)",
+                                    None)
 
 
 def run(config: RegisterConfig) -> dict:
@@ -61,41 +77,75 @@ def run(config: RegisterConfig) -> dict:
         **lineage_tags(dataset["hash"], config.recipe_hash, info["base_model"]),
     }
     version = existing_version(client, config.model_name, run_key) or log_version(config, best, info, tags)
-    promote, reason = decide(client, config.model_name, version, best, selection.get("champion"))
+    confirmation = confirmation_evaluations(config.confirmation)
+    eligible, reason, comparison = decide(client, config.model_name, version, best, confirmation,
+                                          selection["weights"], config.confidence, config.margin)
+    current = client.get_registered_model(config.model_name).aliases.get(CHAMPION)
+    awaiting = eligible and config.require_approval and str(current) != str(version)
+    decision = reason
+    if awaiting:
+        reason += "; waiting for a reviewer's approval"
     client.set_registered_model_alias(config.model_name, CHALLENGER, version)
-    if promote:
-        client.set_registered_model_alias(config.model_name, CHAMPION, version)
+    if eligible and not awaiting and str(current) != str(version):
+        move_champion(client, config.model_name, version, by="dreamline", reason=reason, action="promoted")
     aliases = client.get_registered_model(config.model_name).aliases
-    result = {"model_name": config.model_name, "version": int(version), "promoted": promote, "reason": reason,
+    result = {"model_name": config.model_name, "version": int(version), "promoted": eligible and not awaiting,
+              "awaiting_approval": awaiting, "reason": reason, "decision": decision, "comparison": comparison,
               "aliases": sorted(a for a, v in aliases.items() if str(v) == str(version)),
               "champion": int(aliases[CHAMPION]) if CHAMPION in aliases else None,
               "learning_rate": best["learning_rate"], "step": best["step"], "score": best["score"]}
     if config.parent_run_id:
         client.log_dict(config.parent_run_id, selection, "selection.json")
         client.log_text(config.parent_run_id, report(config.model_name, selection, result), "report.md")
+        if comparison:
+            for key in ("difference", "low", "high"):
+                client.log_metric(config.parent_run_id, f"promotion/{key}", comparison[key])
         client.set_terminated(config.parent_run_id, "FINISHED")
+    result["review"] = review(config, selection, result)  # the approval page's body (markdown)
     with write_dir(config.output) as out:
         write_json(out / "registration.json", result)
     return result
 
 
-def decide(client, name: str, version: str, best: dict, champion_eval: dict | None) -> tuple[bool, str]:
-    """Whether `version` becomes champion, and why."""
-    aliases = client.get_registered_model(name).aliases
-    current = aliases.get(CHAMPION)
+def confirmation_evaluations(uri: str | None) -> list[dict]:
+    """The whole evaluations under the confirmation folder (none without one)."""
+    if not uri:
+        return []
+    folder = read_dir(uri)
+    return [read_json(f"{uri}/{f.relative_to(folder).as_posix()}/metrics.json") for f in whole_folders(folder)
+            if (f / "metrics.json").exists()]
+
+
+def decide(client, name: str, version: str, best: dict, confirmation: list[dict], weights: dict, confidence: float,
+           margin: float) -> tuple[bool, str, dict | None]:
+    """Whether `version` may become champion, why, and the paired comparison that decided it."""
+    current = client.get_registered_model(name).aliases.get(CHAMPION)
     if best.get("broken"):
-        return False, "its images were not finite (a diverged LoRA)"
-    if current is None:
-        return True, "first version: there was no champion"
+        return False, "its images were not finite (a diverged LoRA)", None
     if str(current) == str(version):
-        return True, "already the champion"
-    if champion_eval is None or str(champion_eval["champion_version"]) != str(current):
-        return False, f"champion v{current} was not evaluated on this suite; kept"
-    if champion_eval.get("suite") != best.get("suite"):
-        return False, f"champion v{current} was evaluated on another suite; kept"
-    if best["score"] > champion_eval["score"]:
-        return True, f"score {best['score']:.4f} beats champion v{current}'s {champion_eval['score']:.4f}"
-    return False, f"score {best['score']:.4f} does not beat champion v{current}'s {champion_eval['score']:.4f}"
+        return True, "already the champion", None
+    challenger = next((e for e in confirmation if e.get("checkpoint") == best["checkpoint"]), None)
+    base = next((e for e in confirmation if e.get("base")), None)
+    if challenger is None or base is None:
+        missing = "the selected checkpoint" if challenger is None else "the base model"
+        return False, f"{missing} was not evaluated on the confirmation suite; not promoted", None
+    if challenger.get("broken"):
+        return False, "its images on the confirmation seeds were not finite (a diverged LoRA)", None
+    yardstick = Yardstick.from_base(base)
+    if current is None:
+        comparison = paired_difference(challenger, base, yardstick, {"accuracy": 1.0}, confidence)
+        verdict = f"subject fidelity against the base model {describe(comparison)}"
+        if comparison["low"] > margin:
+            return True, f"first version: {verdict}, above the margin {margin:g}", comparison
+        return False, f"first version not promoted: {verdict} does not lie above the margin {margin:g}", comparison
+    champion = next((e for e in confirmation if str(e.get("champion_version")) == str(current)), None)
+    if champion is None:
+        return False, f"champion v{current} was not evaluated on the confirmation suite; kept", None
+    comparison = paired_difference(challenger, champion, yardstick, weights, confidence)
+    verdict = f"score against champion v{current} {describe(comparison)}"
+    if comparison["low"] > margin:
+        return True, f"{verdict}, above the margin {margin:g}", comparison
+    return False, f"{verdict} does not lie above the margin {margin:g}; v{current} kept", comparison
 
 
 def existing_version(client, name: str, run_key: str) -> str | None:
@@ -142,28 +192,48 @@ def model_card(name: str, tags: dict) -> str:
 
 
 def report(name: str, selection: dict, result: dict) -> str:
-    """The page a reviewer opens first."""
+    """The page a reviewer opens first: the decision, the paired comparison, and the sweep's table."""
     best = selection["selected"]
+    status = ("Waiting for a reviewer's approval" if result.get("awaiting_approval") else
+              "Promoted to champion" if result["promoted"] else "Not promoted")
     lines = [
         f"# {name}: learning rate {best['learning_rate']:g}, step {best['step']}",
         "",
-        f"Registered as version {result['version']} ({', '.join(result['aliases'])}). "
-        f"{'Promoted to champion' if result['promoted'] else 'Not promoted'}: {result['reason']}.",
+        f"Registered as version {result['version']} ({', '.join(result['aliases'])}). {status}: {result['reason']}.",
         "",
-        f"Score weights: {', '.join(f'{k} {v:g}' for k, v in selection['weights'].items())}.",
+        "The decision was taken on the confirmation suite (seeds not used to select), image by image: "
+        + (describe(result["comparison"]) if result.get("comparison") else "no comparison") + ".",
+        "",
+        f"Scores on the selection suite: raw metrics, then the weighted score of metrics normalised against the base "
+        f"model (units of its per-image spread; weights {', '.join(f'{k} {v:g}' for k, v in selection['weights'].items())}).",
         "",
         "```",
         format_table(selection),
         "```",
         "",
-        "Runners-up: " + ("; ".join(f"lr {r['learning_rate']:g} step {r['step']} ({r['score']:.4f})"
+        "Runners-up: " + ("; ".join(f"lr {r['learning_rate']:g} step {r['step']} ({r['score']:+.2f})"
                                     for r in selection["runners_up"]) or "none") + ".",
         "",
-        "Image grids (rows: learning rate, columns: step) and metric plots are under `review/`.",
+        "Image grids (rows: learning rate, the champion and the base model; columns: step) and metric plots are under "
+        "`review/`.",
     ]
     if selection.get("missing"):
         lines += ["", f"Not evaluated (their evaluate task failed): {', '.join(selection['missing'])}."]
     return "\n".join(lines) + "\n"
+
+
+def review(config: RegisterConfig, selection: dict, result: dict) -> str:
+    """The approval page's markdown: the report, and the grids as images a reviewer's browser loads from MLflow."""
+    text = report(config.model_name, selection, result)
+    base_url = config.review_url or (tracking.tracking_uri() if tracking.tracking_uri().startswith("http") else None)
+    if not (base_url and config.parent_run_id):
+        return text + "\nThe grids are in the MLflow run's artifacts, under `review/`.\n"
+    base_url = base_url.rstrip("/")
+    grids = [f"**{prompt}**\n\n![grid for prompt {j}]({base_url}/get-artifact?path=review/grid-prompt-{j:02d}.png"
+             f"&run_uuid={config.parent_run_id})" for j, prompt in enumerate(selection.get("prompts", []))]
+    experiment = tracking.client().get_run(config.parent_run_id).info.experiment_id
+    return "\n\n".join([text, *grids, f"[The MLflow run]({base_url}/#/experiments/{experiment}/runs/"
+                                      f"{config.parent_run_id})"])
 
 
 def lineage_tags(dataset_hash: str, recipe_hash: str, base_model: str) -> dict[str, str]:
