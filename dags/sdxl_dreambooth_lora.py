@@ -20,12 +20,19 @@ dataset is published; or on **Trigger** with the form below. A run:
    every *checkpoint interval*; with *prior preservation*, also on class images the base model generates once
    (cached). A crashed or preempted step is retried with backoff and training resumes from its latest checkpoint;
    refused input and a diverging learning rate fail at once, the latter its own task only;
-6. **evaluate**: every checkpoint of the learning rates that finished, and the current champion, on the same
-   prompts and seeds (DINO, CLIP-I, CLIP-T, preservation of the base model's class images);
-7. **select** the best checkpoint of the evaluations that succeeded (naming those missing; the parent run gets image
-   grids and metric plots), **register** it as a new version of `<subject>-sdxl-lora` with alias `challenger`,
-   and move `champion` to it only if it beats the current champion;
-8. closes the MLflow parent run (FAILED if the DAG run failed before registering).
+6. **evaluate**: every checkpoint of the learning rates that finished, the current champion and the base model
+   alone, on the same prompts and seeds (DINO, CLIP-I, CLIP-T, preservation of the base model's class images; every
+   score kept per image, and normalised against the base model's so the weights mean what they say);
+7. **select** the best checkpoint of the evaluations that succeeded (naming those missing; the parent run gets
+   labelled image grids and metric plots); **confirm**: the selected checkpoint, the champion and the base model are
+   scored again on seeds selection never saw;
+8. **register** it as a new version of `<subject>-sdxl-lora` with alias `challenger`, and move `champion` to it
+   only if, image by image on the confirmation seeds, the bootstrap interval of its score minus the champion's lies
+   above the margin (the first version: its subject fidelity minus the base model's);
+9. with *Require a reviewer's approval*, a version that earned promotion waits in **approval** (Airflow's
+   Required actions: the report, the interval and the grids; Approve or Reject; no answer keeps the champion) and
+   **promote** moves `champion`; otherwise nothing waits;
+10. closes the MLflow parent run (FAILED if the DAG run failed before registering).
 
 Each task runs one `python -m sd_tasks <step>` command: a local process here, a Kubernetes pod on a GPU node in
 production (`DREAMLINE_EXECUTOR=kubernetes`). Everything a run writes lives under one folder per DAG run; only small
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, chain, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
@@ -48,6 +56,7 @@ from dreamline.params import dag_params
 
 RUN = "{{ run_dir(dag.dag_id, run_id) }}"  # this DAG run's folder
 PARENT_RUN_ID = "{{ ti.xcom_pull(task_ids='mlflow_run')['run_id'] }}"
+REGISTERED = "ti.xcom_pull(task_ids='register')"  # register's result, inside templates
 # The dataset's lineage, recorded on every MLflow run of the DAG run.
 DATASET_TAGS = [
     "dataset.rev={{ ti.xcom_pull(task_ids='dataset')['rev'] }}",
@@ -202,10 +211,42 @@ def lora_dag(subject: subjects.Subject):
             "weight_accuracy": param("weight_accuracy"), "weight_flexibility": param("weight_flexibility"),
             "weight_preservation": param("weight_preservation"), "parent_run_id": PARENT_RUN_ID,
         })
+
+        @task
+        def confirmations(selection: dict) -> list[dict]:
+            """`evaluate` options for the selected checkpoint, the champion and the base model on seeds selection
+            did not use (dreamline.plan.confirmation_options)."""
+            params, run = _params_and_run_dir()
+            current = get_current_context()["ti"].xcom_pull(task_ids="champion")
+            return plan.confirmation_options(params, run, selection["selected"], current)
+
+        confirmed = partial_step(
+            task_id="confirm", step="evaluate", profile="gpu",
+            map_index_template="{{ task.options['output'].split('/confirm/')[-1] }}",
+        ).expand(options=confirmations(selected.output))
         registered = StepOperator(task_id="register", step="register", on_success_callback=on_promotion, options={
             "selection": f"{RUN}/select", "dataset": f"{RUN}/dataset", "output": f"{RUN}/register",
             "model_name": subject.model_name, "parent_run_id": PARENT_RUN_ID,
-            "recipe_hash": "{{ ti.xcom_pull(task_ids='recipe')['recipe_hash'] }}",
+            "recipe_hash": "{{ ti.xcom_pull(task_ids='recipe')['recipe_hash'] }}", "confirmation": f"{RUN}/confirm",
+            "confidence": param("promotion_confidence"), "margin": param("promotion_margin"),
+            "require_approval": param("require_approval"), "review_url": DEPLOYMENT.mlflow_ui_url,
+        })
+
+        @task.short_circuit(ignore_downstream_trigger_rules=False)
+        def approval_needed(registration: dict) -> bool:
+            """True only when the version earned promotion and the form asks for a reviewer: otherwise nothing
+            waits (approval and promote are skipped; register has promoted it, or it was not eligible)."""
+            return registration["awaiting_approval"]
+
+        approval = ApprovalOperator(
+            task_id="approval", subject=f"Promote {subject.model_name} v{{{{ {REGISTERED}['version'] }}}} to champion?",
+            body=f"{{{{ {REGISTERED}['review'] }}}}", defaults="Reject",  # no answer in time: the champion stays
+            response_timeout=timedelta(hours=subject.approval_timeout_hours),
+        )
+        promoted = StepOperator(task_id="promote", step="promote", on_success_callback=on_promotion, options={
+            "model_name": subject.model_name, "version": f"{{{{ {REGISTERED}['version'] }}}}",
+            "by": "{{ (ti.xcom_pull(task_ids='approval')['responded_by_user'] or {}).get('name', 'a reviewer') }}",
+            "reason": f"{{{{ {REGISTERED}['decision'] }}}}",
         })
 
         # Runs whatever happened upstream; a run that failed before `register` closed it ends FAILED, not RUNNING.
@@ -218,7 +259,9 @@ def lora_dag(subject: subjects.Subject):
         chain(champion, go)  # a registry that cannot be reached fails the run before any GPU is used
         chain(go, prior_preservation_on(), class_images, class_cache, sweep)
         chain(champion, evaluations)  # checkpoint_evaluations pulls the champion's result
-        chain(evaluated, selected, registered, closed.as_teardown(setups=mlflow_run))
+        chain(evaluated, selected)
+        chain(confirmed, registered, approval_needed(registered.output), approval, promoted,
+              closed.as_teardown(setups=mlflow_run))
 
     return lora()
 

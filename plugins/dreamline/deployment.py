@@ -11,6 +11,7 @@
 | DREAMLINE_CLIP_MODEL / DREAMLINE_DINO_MODEL | openai/clip-vit-large-patch14 / facebook/dino-vits16 | evaluators |
 | DREAMLINE_CAPTION_MODEL | Salesforce/blip-image-captioning-large | captioner, when captions come from a model |
 | MLFLOW_TRACKING_URI | `sqlite:///$DREAMLINE_HOME/mlflow/mlflow.db` | MLflow tracking and registry |
+| DREAMLINE_MLFLOW_UI_URL | MLFLOW_TRACKING_URI when it is http(s) | MLflow as a reviewer's browser reaches it (approval pages link its images) |
 
 Kubernetes only (see docs/deployment.md for the objects they name):
 
@@ -58,6 +59,7 @@ class Deployment:
     dino_model: str
     caption_model: str
     tracking_uri: str
+    mlflow_ui_url: str | None
     image: str
     namespace: str
     service_account: str = "dreamline-worker"
@@ -147,6 +149,7 @@ def from_environment(env=os.environ) -> Deployment:
         dino_model=env.get("DREAMLINE_DINO_MODEL", "facebook/dino-vits16"),
         caption_model=env.get("DREAMLINE_CAPTION_MODEL", "Salesforce/blip-image-captioning-large"),
         tracking_uri=tracking_uri,
+        mlflow_ui_url=env.get("DREAMLINE_MLFLOW_UI_URL") or (tracking_uri if tracking_uri.startswith("http") else None),
         image=env.get("DREAMLINE_IMAGE", "dreamline-worker:latest"),
         namespace=env.get("DREAMLINE_NAMESPACE", "dreamline"),
         service_account=env.get("DREAMLINE_SERVICE_ACCOUNT", "dreamline-worker"),

@@ -57,11 +57,13 @@ SUBJECT = "Subject and data"
 PREPARATION = "Data preparation"
 TRAINING = "Training"
 EVALUATION = "Evaluation and selection"
+PROMOTION = "Promotion"
 
 
 def dag_params(subject: Subject) -> dict[str, Param]:
     """The trigger form of a subject's DAG: the production recipe with the subject's registry entry over it."""
-    params = {**run_params(), **subject_params(subject), **training_params(), **evaluation_params(subject.kind)}
+    params = {**run_params(), **subject_params(subject), **training_params(), **evaluation_params(subject.kind),
+              **promotion_params(subject)}
     fixed = {"subject", "instance_token", "class_noun", "subject_kind"}  # said by the entry's own fields
     for name, value in subject.recipe.items():
         if name not in params or name in fixed:
@@ -218,4 +220,28 @@ def evaluation_params(kind: str = "live") -> dict[str, Param]:
         "weight_preservation": Param(0.5, type="number", minimum=0, title="Weight: preservation",
                                      description="How much keeping the base model's class images counts.",
                                      section=EVALUATION),
+    }
+
+
+def promotion_params(subject: Subject) -> dict[str, Param]:
+    return {
+        "confirmation_images_per_prompt": Param(4, type="integer", minimum=1, maximum=64,
+                                                title="Confirmation images per prompt",
+                                                description="The selected checkpoint, the champion and the base "
+                                                "model are scored again on this many images per prompt, on seeds "
+                                                "not used for selection: the promotion is decided on these.",
+                                                section=PROMOTION),
+        "promotion_confidence": Param(0.95, type="number", minimum=0.5, maximum=0.999, title="Confidence level",
+                                      description="Of the bootstrap interval of the score difference, challenger "
+                                      "minus champion, paired image by image.", section=PROMOTION),
+        "promotion_margin": Param(0.1, type="number", minimum=-10, maximum=10, title="Margin",
+                                  description="The whole interval must lie above this to promote. Scores are "
+                                  "normalised against the base model: 0.1 is a tenth of its per-image spread. With no "
+                                  "champion yet, the first version's subject fidelity must beat the base model's by "
+                                  "it.", section=PROMOTION),
+        "require_approval": Param(subject.require_approval, type="boolean", title="Require a reviewer's approval",
+                                  description="A version that earns promotion waits for Approve or Reject in "
+                                  "Airflow (Required actions), shown its report and grids; no answer within "
+                                  f"{subject.approval_timeout_hours:g} h keeps the champion. Off: nothing waits.",
+                                  section=PROMOTION),
     }

@@ -14,7 +14,11 @@ from dreamline.deployment import DEPLOYMENT
 from dreamline.params import MAX_CHECKPOINTS, evaluation_prompts
 
 # Form settings that do not change what a run trains or how it is judged: left out of the recipe's fingerprint.
-NOT_RECIPE = frozenset({"force", "subject", "dataset_repo", "dataset_path", "dataset_version", "encode_shard_size"})
+NOT_RECIPE = frozenset({"force", "subject", "dataset_repo", "dataset_path", "dataset_version", "encode_shard_size",
+                        "promotion_confidence", "promotion_margin", "require_approval"})
+# Confirmation images use seeds from another range than selection's (seed + 1000 * prompt + image, both below
+# 1,000,000 with at most 100 prompts and 64 images each), so the winner is judged on images it was not chosen on.
+CONFIRMATION_SEED_OFFSET = 1_000_000
 MAX_MAPPED = 1024  # Airflow's [core] max_map_length
 
 
@@ -44,7 +48,7 @@ def check_recipe(params: dict) -> dict:
         if fields or "{instance}" not in template:
             raise RecipeError(f"evaluation prompt {template!r}: contains {{instance}} and no other field than "
                               f"{{instance}} and {{class_noun}}")
-    evaluations = len(params["learning_rates"]) * (steps // every) + 1  # and the champion
+    evaluations = len(params["learning_rates"]) * (steps // every) + 2  # and the champion and the base model
     if evaluations > MAX_MAPPED:
         raise RecipeError(f"{evaluations} evaluations would exceed Airflow's {MAX_MAPPED} mapped tasks")
     return {"training_runs": len(params["learning_rates"]), "evaluations": evaluations,
@@ -91,18 +95,36 @@ def training_options(params: dict, run: str, dataset: dict, cache: str, parent_r
     } for lr in params["learning_rates"]]
 
 
+def evaluation_suite(params: dict, run: str) -> dict:
+    """The `evaluate` options every checkpoint, the champion and the base model are judged with."""
+    return {"instance_images": f"{run}/resized", "prompts": evaluation_prompts(params),
+            "class_prompts": [params["class_prompt"]], "clip_model": params["clip_model"],
+            "dino_model": params["dino_model"], "base_model": params["base_model"],
+            "images_per_prompt": params["images_per_prompt"], "num_inference_steps": params["inference_steps"],
+            "resolution": params["resolution"], "dtype": params["inference_dtype"], "vae": params["vae"] or None,
+            "seed": params["seed"], "cache": DEPLOYMENT.cache_dir("evaluations")}
+
+
 def evaluation_options(params: dict, run: str, training_results: list[dict], champion: dict) -> list[dict]:
-    """One `evaluate` options dict per checkpoint of every training run that finished, and one for the current
-    champion, so the new model is compared with it on today's evaluation suite (evaluations are kept by LoRA
-    weights and suite: while the suite is unchanged, the champion's is copied, not redone)."""
-    suite = {"instance_images": f"{run}/resized", "prompts": evaluation_prompts(params),
-             "class_prompts": [params["class_prompt"]], "clip_model": params["clip_model"],
-             "dino_model": params["dino_model"], "base_model": params["base_model"],
-             "images_per_prompt": params["images_per_prompt"], "num_inference_steps": params["inference_steps"],
-             "resolution": params["resolution"], "dtype": params["inference_dtype"], "vae": params["vae"] or None,
-             "seed": params["seed"], "cache": DEPLOYMENT.cache_dir("evaluations")}
+    """One `evaluate` options dict per checkpoint of every training run that finished, one for the current
+    champion, so the new model is compared with it on today's evaluation suite, and one for the base model alone,
+    the yardstick of normalised scores (evaluations are kept by LoRA weights and suite: while the suite is
+    unchanged, the champion's and the base model's are copied, not redone)."""
+    suite = evaluation_suite(params, run)
     candidates = [(c["uri"], f"{run_name(r['learning_rate'])}/step-{c['step']}")
                   for r in training_results for c in r["checkpoints"]]
     if champion["checkpoint"]:
         candidates.append((champion["checkpoint"], f"champion-v{champion['version']}"))
+    candidates.append((None, "base"))
     return [{"checkpoint": uri, "output": f"{run}/eval/{name}", **suite} for uri, name in candidates]
+
+
+def confirmation_options(params: dict, run: str, selected: dict, champion: dict) -> list[dict]:
+    """`evaluate` options for the confirmation suite: the selected checkpoint, the champion and the base model on
+    seeds selection did not use, and more images per prompt. `register` decides the promotion on these."""
+    suite = {**evaluation_suite(params, run), "seed": params["seed"] + CONFIRMATION_SEED_OFFSET,
+             "images_per_prompt": params["confirmation_images_per_prompt"]}
+    candidates = [(selected["checkpoint"], "challenger"), (None, "base")]
+    if champion["checkpoint"]:
+        candidates.insert(1, (champion["checkpoint"], f"champion-v{champion['version']}"))
+    return [{"checkpoint": uri, "output": f"{run}/confirm/{name}", **suite} for uri, name in candidates]

@@ -73,6 +73,8 @@ def planned_pods(conf: dict, images: int = 5, champion: bool = True, run_id: str
         "mlflow_run": {"run_id": "<mlflow_run.run_id>"},
         "class_images": {"images": DEPLOYMENT.cache_dir("class-images") + "/<class_images.key>"},
         "encode_class_images": {"cache": DEPLOYMENT.cache_dir("encode") + "/<encode_class_images.key>"},
+        "register": {"version": "<register.version>", "decision": "<register.decision>"},
+        "approval": {"responded_by_user": {"name": "<approval.responded_by_user.name>"}},
     }
     encode_cache = DEPLOYMENT.cache_dir("encode") + "/<encode.key>"
     shards = plan.encode_shard_options(params, run, images)
@@ -83,8 +85,11 @@ def planned_pods(conf: dict, images: int = 5, champion: bool = True, run_id: str
                                        "<mlflow_run.run_id>", results["encode_class_images"]["cache"]
                                        if params["prior_preservation"] else None),
         "evaluate": evaluations,
+        "confirm": plan.confirmation_options(params, run, {"checkpoint": "<select.selected.checkpoint>"}, current),
     }
     skipped = set() if params["prior_preservation"] else {"class_images", "encode_class_images"}
+    if not params["require_approval"]:
+        skipped.add("promote")  # register promotes; nothing waits
     operator = step_operator_class("kubernetes")
     env = dag.get_template_env()
     pods = []

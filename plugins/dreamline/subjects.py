@@ -20,6 +20,8 @@ Each entry (only `class_noun` is required):
       schedule: "0 2 * * *"      # cron, or null for manual runs only
       on_new_data: true          # also run when a new dataset version is published (an Asset event)
       timeout_hours: 20          # a run still going after this fails, so it cannot block later nights
+      require_approval: false    # a version that earns promotion waits for a reviewer's Approve in Airflow
+      approval_timeout_hours: 12 # no answer by then: rejected, the champion kept (less than timeout_hours)
       recipe: {max_steps: 800}   # overrides of the trigger form's defaults (dreamline.params)
 
 A registry that cannot be read, or an entry that is wrong, fails DAG parsing with one line naming the registry,
@@ -37,7 +39,8 @@ REGISTRY_ENV = "DREAMLINE_SUBJECTS"
 DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "dags" / "subjects.yaml"
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 KINDS = ("live", "object")
-FIELDS = {"token", "class_noun", "kind", "dataset", "schedule", "on_new_data", "timeout_hours", "recipe"}
+FIELDS = {"token", "class_noun", "kind", "dataset", "schedule", "on_new_data", "timeout_hours", "recipe",
+          "require_approval", "approval_timeout_hours"}
 DATASET_FIELDS = {"repo", "path", "version"}
 
 
@@ -57,6 +60,8 @@ class Subject:
     schedule: str | None = "0 2 * * *"
     on_new_data: bool = False
     timeout_hours: float = 20.0
+    require_approval: bool = False
+    approval_timeout_hours: float = 12.0
     recipe: dict = field(default_factory=dict)
 
     @property
@@ -130,6 +135,13 @@ def _subject(source: str, name: str, entry) -> Subject:
     timeout = entry.get("timeout_hours", 20)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
         raise SubjectRegistryError(f"{where}: timeout_hours must be a positive number")
+    approval = entry.get("require_approval", False)
+    if not isinstance(approval, bool):
+        raise SubjectRegistryError(f"{where}: require_approval is true or false")
+    waits = entry.get("approval_timeout_hours", min(12, timeout / 2))
+    if not isinstance(waits, (int, float)) or isinstance(waits, bool) or not 0 < waits < timeout:
+        raise SubjectRegistryError(f"{where}: approval_timeout_hours must be above 0 and below timeout_hours "
+                                   f"({timeout:g}): a run that times out while waiting would fail, not keep the champion")
     recipe = entry.get("recipe") or {}
     if not isinstance(recipe, dict):
         raise SubjectRegistryError(f"{where}: recipe is a mapping of trigger-form settings")
@@ -139,4 +151,5 @@ def _subject(source: str, name: str, entry) -> Subject:
     return Subject(name=name, class_noun=entry["class_noun"].strip(), token=token, kind=kind,
                    dataset_repo=dataset.get("repo"), dataset_path=str(dataset.get("path") or name),
                    dataset_version=version, schedule=schedule, on_new_data=bool(entry.get("on_new_data")),
-                   timeout_hours=float(timeout), recipe=dict(recipe))
+                   timeout_hours=float(timeout), require_approval=approval, approval_timeout_hours=float(waits),
+                   recipe=dict(recipe))
