@@ -93,15 +93,18 @@ def test_training_is_mapped_over_learning_rates_and_evaluation_over_checkpoints(
     assert {"recipe", "dataset", "champion", "lineage", "anything_to_train", "mlflow_run", "validate", "caption",
             "resize", "encode_shards", "encode", "cache_to_merge", "merge_cache", "prior_preservation_on",
             "class_images", "encode_class_images", "training_runs", "train", "checkpoint_evaluations", "evaluate",
-            "select", "register", "close_mlflow_run"} == set(tasks)
-    assert tasks["close_mlflow_run"].is_teardown and "register" in tasks["close_mlflow_run"].upstream_task_ids
+            "select", "confirmations", "confirm", "register", "approval_needed", "approval", "promote",
+            "close_mlflow_run"} == set(tasks)
+    assert tasks["close_mlflow_run"].is_teardown and "promote" in tasks["close_mlflow_run"].upstream_task_ids
     assert tasks["train"].__class__.__name__ == "MappedOperator"
     assert tasks["evaluate"].__class__.__name__ == "MappedOperator"
     assert tasks["encode"].__class__.__name__ == "MappedOperator"
     assert {"merge_cache", "encode_class_images"} <= tasks["training_runs"].upstream_task_ids
     assert tasks["training_runs"].trigger_rule == "none_failed"  # runs when prior preservation is skipped
-    assert tasks["register"].upstream_task_ids == {"select"}
+    assert tasks["confirm"].__class__.__name__ == "MappedOperator"  # the winner, the champion, the base model
+    assert tasks["register"].upstream_task_ids == {"confirm"}
     assert tasks["select"].upstream_task_ids == {"evaluate"}
+    assert tasks["promote"].upstream_task_ids == {"approval"} and tasks["approval"].defaults == ["Reject"]
     assert tasks["select"].trigger_rule == "all_done_min_one_success"  # from the evaluations that succeeded
 
 
@@ -112,7 +115,8 @@ def test_the_first_tasks_decide_before_any_gpu_work(dag):
     assert tasks["anything_to_train"].upstream_task_ids == {"lineage", "champion"}  # champion fails early
     downstream = tasks["anything_to_train"].get_flat_relative_ids(upstream=False)
     gpu = {t.task_id for t in dag.tasks if getattr(t, "pool", None) == "gpu"}
-    assert gpu == {"encode", "class_images", "encode_class_images", "train", "evaluate"} and gpu <= downstream
+    assert gpu == {"encode", "class_images", "encode_class_images", "train", "evaluate", "confirm"}
+    assert gpu <= downstream
 
 
 def test_gpu_steps_take_gpu_pool_slots_and_every_step_has_a_time_limit_and_retries(dag):

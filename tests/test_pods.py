@@ -42,11 +42,13 @@ def manifests(tmp_path_factory) -> list[tuple[str, dict]]:
 
 def test_every_pod_of_a_run_is_listed(manifests):
     tasks = [what.split(":")[0] for what, _ in manifests]
-    assert tasks[0] == "dataset" and tasks[-3:] == ["select", "register", "close_mlflow_run"]  # in run order
+    assert tasks[0] == "dataset" and tasks[-6:] == ["select", "confirm[0]", "confirm[1]", "confirm[2]", "register",
+                                                    "close_mlflow_run"]  # in run order; no approval: no promote
     assert sorted(tasks) == sorted(["dataset", "lineage", "mlflow_run", "validate", "caption", "resize",
                                     "encode[0]", "encode[1]", "encode[2]", "merge_cache", "class_images",
                                     "encode_class_images", "champion", "train[0]", "train[1]",
-                                    *[f"evaluate[{i}]" for i in range(5)], "select", "register", "close_mlflow_run"])
+                                    *[f"evaluate[{i}]" for i in range(6)], "select",
+                                    *[f"confirm[{i}]" for i in range(3)], "register", "close_mlflow_run"])
 
 
 def test_manifests_are_valid_pods_for_the_kubernetes_client(manifests):

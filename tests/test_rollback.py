@@ -41,7 +41,8 @@ def test_promote_then_roll_back_moves_the_alias_and_records_who_why_and_when(mod
     approved = promote(PromoteConfig(model_name=model, version=2, by="bob", reason="sharper ears"))
     assert champion(model) == "2"
     assert approved == {"model_name": model, "version": 2, "previous": 1, "action": "approved", "by": "bob",
-                        "reason": "sharper ears", "at": approved["at"], "changed": True}
+                        "reason": "sharper ears", "at": approved["at"], "changed": True,
+                        "promoted": True, "aliases": ["champion"]}  # as register's result, for the notifier
     out = tmp_path / "rollback"
     back = rollback(RollbackConfig(model_name=model, version=1, reason="v2 draws the wrong dog", by="alice",
                                    output=str(out)))

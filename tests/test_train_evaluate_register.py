@@ -174,16 +174,35 @@ def test_evaluate_select_register(trained, prepared, models):
             clip_model=models["clip"], dino_model=models["dino"], images_per_prompt=2, num_inference_steps=2))
         assert all(-1 <= scores[k] <= 1 for k in ("clip_t", "clip_i", "dino"))
         assert len(list((prepared / "eval" / f"step-{checkpoint['step']}" / "images").iterdir())) == 4
+    evaluate.run(evaluate.EvaluateConfig(  # the base model alone: the yardstick of normalised scores
+        checkpoint=None, base_model=models["sdxl"], output=str(prepared / "eval" / "base"),
+        instance_images=str(prepared / "resized"), prompts=["a sks dog in the snow", "a red sks dog"],
+        clip_model=models["clip"], dino_model=models["dino"], images_per_prompt=2, num_inference_steps=2))
     client = tracking.client()
     run_id = trained["result"]["run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "eval/dino")] == [2, 4]
 
-    chosen = select.run(select.SelectConfig(evaluations=str(prepared / "eval"), output=str(prepared / "select")))
+    chosen = select.run(select.SelectConfig(evaluations=str(prepared / "eval"), output=str(prepared / "select"),
+                                            parent_run_id=trained["parent"]))
     assert chosen["candidates"] == 2
+    # every evaluated checkpoint is an MLflow LoggedModel of its training run, ranked by select's score
+    import mlflow
+
+    ranked = mlflow.search_logged_models(experiment_ids=[tracking.experiment_id("dog")], output_format="list",
+                                         order_by=[{"field_name": "metrics.eval/score", "ascending": False}])
+    assert {m.source_run_id for m in ranked} == {run_id} and len(ranked) == 2
+    assert {m.name for m in ranked[:1]} == {f"lr-0_001-step-{chosen['selected']['step']}"}
+    for checkpoint in (chosen["selected"]["checkpoint"], None):  # the confirmation suite: new seeds
+        evaluate.run(evaluate.EvaluateConfig(
+            checkpoint=checkpoint, base_model=models["sdxl"], seed=1_000_000,
+            output=str(prepared / "confirm" / ("challenger" if checkpoint else "base")),
+            instance_images=str(prepared / "resized"), prompts=["a sks dog in the snow", "a red sks dog"],
+            clip_model=models["clip"], dino_model=models["dino"], images_per_prompt=2, num_inference_steps=2))
 
     config = register.RegisterConfig(selection=str(prepared / "select"), dataset=str(prepared / "dataset"),
                                      model_name="dog-sdxl-lora", output=str(prepared / "register"),
-                                     parent_run_id=trained["parent"])
+                                     parent_run_id=trained["parent"], confirmation=str(prepared / "confirm"),
+                                     margin=-10)  # tiny random evaluators cannot see a subject: no floor here
     first = register.run(config)
     assert first["version"] == 1 and first["aliases"] == ["challenger", "champion"] and first["promoted"]
     version = client.get_model_version("dog-sdxl-lora", "1")
@@ -202,7 +221,11 @@ def test_select_weights_and_ties_go_to_the_earlier_step(tmp_path):
         with storage.write_dir(str(tmp_path / "eval" / f"{lr}-{step}")) as folder:  # as evaluate writes them
             folder.joinpath("metrics.json").write_text(json.dumps(dict(
                 learning_rate=lr, step=step, dino=dino, clip_i=clip_i, clip_t=clip_t, checkpoint=f"c{step}",
-                run_id="r")))
+                run_id=None)))
+    with storage.write_dir(str(tmp_path / "eval" / "base")) as folder:  # centre 0, spread 1: normalised = raw
+        folder.joinpath("metrics.json").write_text(json.dumps(dict(
+            base=True, checkpoint=None, learning_rate=None, step=None, dino=0.0, clip_i=0.0, clip_t=0.0,
+            per_image={m: [[-1.0, 1.0]] for m in ("dino", "clip_i", "clip_t")}, prompts=["p"])))
     (tmp_path / "eval" / "killed").mkdir()  # an evaluation whose writer died: no marker, not a candidate
     (tmp_path / "eval" / "killed" / "metrics.json").write_text(json.dumps(dict(
         learning_rate=1e-3, step=100, dino=1.0, clip_i=1.0, clip_t=1.0, checkpoint="c", run_id="r")))
@@ -223,12 +246,13 @@ def test_select_weights_and_ties_go_to_the_earlier_step(tmp_path):
 
 
 def test_metric_math_on_known_embeddings():
-    from sd_tasks.metrics import mean_matched_cosine, mean_pairwise_cosine
+    from sd_tasks.metrics import matched_cosines, mean_cosines
 
     a = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
-    assert mean_pairwise_cosine(a[:1], a[:1]) == pytest.approx(1.0)
-    assert mean_matched_cosine(a, a) == pytest.approx(1.0)
-    assert mean_matched_cosine(a, a[[1, 2, 3, 0]]) < 1.0
+    assert mean_cosines(a[:1], a[:1]) == pytest.approx([1.0])
+    assert mean_cosines(a, a)[0] == pytest.approx((a[0] @ a.T).mean().item())  # one image against all
+    assert matched_cosines(a, a) == pytest.approx([1.0] * 4)
+    assert all(c < 1.0 for c in matched_cosines(a, a[[1, 2, 3, 0]]))
 
 
 def test_prior_preservation_trains_on_cached_class_images(prepared, cache, models, tmp_path):
@@ -271,8 +295,8 @@ def test_an_evaluation_is_kept_by_lora_weights_and_suite(trained, prepared, mode
     logged = len(tracking.client().get_metric_history(first["run_id"], "eval/dino"))
     again = evaluated("again", elsewhere, "a sks dog in the snow")  # say, tomorrow's run defending the champion
     assert "cached" not in first and again["cached"] and again["suite"] == first["suite"]
-    # a checkpoint with a training run gets the kept scores logged there too (a rerun that trained the same weights)
-    assert len(tracking.client().get_metric_history(first["run_id"], "eval/dino")) == logged + 1
+    # a checkpoint with a training run gets the kept scores logged there (here its own run: once, not twice)
+    assert len(tracking.client().get_metric_history(first["run_id"], "eval/dino")) == logged  # not twice
     assert {k: again[k] for k in ("dino", "clip_i", "clip_t", "step")} == {k: first[k] for k in ("dino", "clip_i",
                                                                                                  "clip_t", "step")}
     assert sorted(p.name for p in (tmp_path / "again" / "images").iterdir()) == ["p00-0.png"]
@@ -286,13 +310,18 @@ def test_a_diverged_model_is_registered_as_challenger_and_not_promoted(trained, 
                  images_per_prompt=1, num_inference_steps=2)
 
     def evaluate_select_register(checkpoints: list[str], name: str, parent: str) -> dict:
-        for i, checkpoint in enumerate(checkpoints):
+        for i, checkpoint in enumerate([*checkpoints, None]):  # and the base model
             evaluate.run(evaluate.EvaluateConfig(checkpoint=checkpoint, output=str(tmp_path / name / "eval" / str(i)),
-                                                 **suite))
-        select.run(select.SelectConfig(evaluations=str(tmp_path / name / "eval"), output=str(tmp_path / name / "s")))
+                                                 base_model=models["sdxl"], **suite))
+        chosen = select.run(select.SelectConfig(evaluations=str(tmp_path / name / "eval"),
+                                                output=str(tmp_path / name / "s")))["selected"]["checkpoint"]
+        for i, checkpoint in enumerate([chosen, *checkpoints[1:], None]):  # the confirmation suite
+            evaluate.run(evaluate.EvaluateConfig(checkpoint=checkpoint, output=str(tmp_path / name / "c" / str(i)),
+                                                 base_model=models["sdxl"], **{**suite, "seed": 1_000_000}))
         return register.run(register.RegisterConfig(
             selection=str(tmp_path / name / "s"), dataset=str(prepared / "dataset"), model_name="dog-guarded",
-            output=str(tmp_path / name / "r"), parent_run_id=parent))
+            output=str(tmp_path / name / "r"), parent_run_id=parent, confirmation=str(tmp_path / name / "c"),
+            margin=-10))
 
     good = evaluate_select_register([c["uri"] for c in trained["result"]["checkpoints"]], "good",
                                     tracking.run(tracking.StartRunConfig(experiment="dog", run_key="good"))["run_id"])
@@ -317,31 +346,13 @@ def test_a_diverged_model_is_registered_as_challenger_and_not_promoted(trained, 
     assert str(client.get_model_version_by_alias("dog-guarded", "champion").version) == str(good["version"])
 
 
-def test_a_better_model_on_the_same_suite_takes_the_champion_alias(tmp_path):
-    """The promotion rule itself, on known scores."""
-    class Registry:
-        def __init__(self, champion):
-            self.aliases = {"champion": champion} if champion else {}
-
-        def get_registered_model(self, name):
-            return self
-
-    best = {"score": 0.6, "suite": "s1", "broken": False}
-    assert register.decide(Registry(None), "m", "1", best, None) == (True, "first version: there was no champion")
-    champion = {"champion_version": 1, "suite": "s1", "score": 0.5}
-    assert register.decide(Registry("1"), "m", "2", best, champion)[0]
-    assert not register.decide(Registry("1"), "m", "2", {**best, "score": 0.5}, champion)[0]  # a tie keeps it
-    assert not register.decide(Registry("1"), "m", "2", best, {**champion, "suite": "s0"})[0]
-    assert not register.decide(Registry("1"), "m", "2", best, None)[0]  # not compared: kept
-
-
 def test_identical_images_score_one_with_the_real_embedders(models):
     from PIL import Image
 
-    from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, mean_matched_cosine, mean_pairwise_cosine
+    from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, matched_cosines, mean_cosines
 
     images = [Image.new("RGB", (64, 64), (200, 40, 40)), Image.new("RGB", (64, 64), (40, 200, 40))]
     clip, dino = ClipEmbedder(models["clip"]), DinoEmbedder(models["dino"])
-    assert mean_matched_cosine(clip.images(images), clip.images(images)) == pytest.approx(1.0, abs=1e-5)
-    assert mean_matched_cosine(dino.images(images), dino.images(images)) == pytest.approx(1.0, abs=1e-5)
-    assert mean_pairwise_cosine(clip.images(images[:1]), clip.images(images[1:])) < 1.0
+    assert matched_cosines(clip.images(images), clip.images(images)) == pytest.approx([1.0] * len(images), abs=1e-5)
+    assert matched_cosines(dino.images(images), dino.images(images)) == pytest.approx([1.0] * len(images), abs=1e-5)
+    assert mean_cosines(clip.images(images[:1]), clip.images(images[1:]))[0] < 1.0
