@@ -17,7 +17,10 @@ CONF = {"subject": "dog", "dataset_version": "dog-v1", "learning_rates": [1e-3, 
         "checkpointing_steps": 2, "resolution": 64, "images_per_prompt": 1, "inference_steps": 2,
         "evaluation_prompts": ["a {instance} in the snow", "a red {instance}"],
         "encode_shard_size": 2,  # 5 images: the encode is split over 3 mapped tasks and merged
-        "prior_preservation": True, "num_class_images": 2}
+        "prior_preservation": True, "num_class_images": 2,
+        # The tiny random evaluators cannot see a subject, so no LoRA of theirs beats the base model: the dog's floor
+        # is lowered to give the later nights a champion; the backpack keeps the default and stays challenger.
+        "promotion_margin": -10}
 
 
 # Two subjects in one registry, as a deployment's dags/subjects.yaml would list them.
@@ -27,7 +30,8 @@ subjects:
   backpack: {token: zwx, class_noun: backpack, kind: object, dataset: {path: backpack, version: backpack-v1}}
 """
 BACKPACK_CONF = {**{k: v for k, v in CONF.items() if k not in ("subject", "dataset_version", "prior_preservation",
-                                                                 "num_class_images", "encode_shard_size")},
+                                                                 "num_class_images", "encode_shard_size",
+                                                                 "promotion_margin")},
                  "learning_rates": [1e-3]}
 
 
@@ -117,8 +121,11 @@ def test_a_diverging_learning_rate_fails_its_own_task_and_the_sweep_goes_on(dag_
     assert sorted(train.values()) == ["failed", "success", "success"], train
     log = dag_run["log"]
     assert "training diverged" in log and "not evaluated, their training failed: lr=1e+06" in log
-    evaluated = sorted(p.name for p in (dag_run["home"] / "runs" / "lora_dog").glob("*/eval/*/*"))
+    run = next((dag_run["home"] / "runs" / "lora_dog").glob("*/eval")).parent
+    evaluated = sorted(p.name for p in run.glob("eval/lr-*/*"))
     assert evaluated == ["step-2", "step-2", "step-4", "step-4"]  # lr 1e-3 and 1e-4; lr 1e6 left no result
+    assert (run / "eval" / "base" / "metrics.json").exists()  # the yardstick of normalised scores
+    assert sorted(p.name for p in (run / "confirm").iterdir()) == ["base", "challenger"]  # no champion yet
 
 
 def test_encode_was_sharded_and_merged_and_class_images_were_encoded(dag_run):
@@ -168,8 +175,19 @@ def test_parent_run_has_one_nested_run_per_learning_rate_with_curves_metrics_and
     review = {a.path.split("/")[-1] for a in client.list_artifacts(parents[0].info.run_id, "review")}
     assert {"grid-prompt-00.png", "grid-prompt-01.png", "dino-vs-step.png", "clip_t-vs-step.png",
             "preservation-vs-step.png", "score-vs-step.png"} <= review
-    report = client.download_artifacts(parents[0].info.run_id, "report.md")
-    assert "Promoted to champion: first version" in open(report).read()
+    report = open(client.download_artifacts(parents[0].info.run_id, "report.md")).read()
+    assert "Promoted to champion: first version: subject fidelity against the base model " in report
+    assert "% interval " in report and "above the margin -10" in report and "base model" in report
+    import mlflow  # every evaluated checkpoint is a LoggedModel of its training run, ranked by select's score
+
+    models = [m for m in mlflow.search_logged_models(  # besides the registered version's `lora`
+        experiment_ids=[experiment.experiment_id], output_format="list",
+        order_by=[{"field_name": "metrics.eval/score", "ascending": False}]) if m.model_type == "lora-checkpoint"]
+    assert sorted(m.name for m in models) == ["lr-0_0001-step-2", "lr-0_0001-step-4", "lr-0_001-step-2",
+                                              "lr-0_001-step-4"]
+    assert {m.source_run_id for m in models} == {r.info.run_id for r in children if r.info.status == "FINISHED"}
+    best = f"lr-{version.tags['learning_rate'].replace('.', '_')}-step-{version.tags['step']}"
+    assert models[0].name == best  # the registered checkpoint ranks first
 
 
 def test_registered_lora_loads_back_and_generates_offline(dag_run, client):
@@ -207,10 +225,23 @@ def test_a_night_with_nothing_changed_ends_skipped_in_seconds_without_training(n
     assert len(client.search_model_versions("name = 'dog-sdxl-lora'")) == 1
 
 
+def test_approval_off_nothing_waits(nights):
+    for night in ("dog", "backpack"):
+        states = {t["task_id"]: t["state"] for t in nights[night]["tasks"]}
+        assert states["register"] == "success"
+        assert states["approval_needed"] == "success" and states["approval"] == states["promote"] == "skipped"
+
+
+def test_a_first_version_that_does_not_beat_the_base_model_stays_challenger(nights, client):
+    """The backpack keeps the default margin: the tiny model's LoRA is no better than the base model."""
+    assert "first version not promoted: subject fidelity against the base model" in nights["backpack"]["log"]
+    assert client.get_registered_model("backpack-sdxl-lora").aliases == {"challenger": 1}
+
+
 def test_two_subjects_have_separate_lineage(nights, client):
     assert nights["backpack"]["state"] == "success", nights["backpack"]["log"][-3000:]
     dog = client.get_model_version_by_alias("dog-sdxl-lora", "champion")
-    backpack = client.get_model_version_by_alias("backpack-sdxl-lora", "champion")
+    backpack = client.get_model_version_by_alias("backpack-sdxl-lora", "challenger")
     assert (str(backpack.version), backpack.tags["dataset.path"], backpack.tags["dataset.rev"]) == ("1", "backpack",
                                                                                                "backpack-v1")
     assert backpack.tags["lineage.dataset_hash"] != dog.tags["lineage.dataset_hash"]
