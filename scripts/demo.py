@@ -32,6 +32,7 @@ DATASET_TAG = "dog-v1"
 DEMO_CONF = {
     "subject": "dog", "dataset_version": DATASET_TAG, "learning_rates": [1e-4, 5e-4, 1e-5], "max_steps": 20,
     "checkpointing_steps": 10, "resolution": 64, "images_per_prompt": 2, "inference_steps": 4,
+    "confirmation_images_per_prompt": 2,
     "force": os.environ.get("FORCE", "") not in ("", "0"),
 }
 
@@ -128,10 +129,14 @@ def summarize(home: Path, seconds: float) -> None:
     print(f"\nDreamline demo finished in {seconds:.0f} s. Run folder: {run_dir}\n")
     print(f"Dataset {dataset['path']}@{dataset['rev']} (commit {dataset['commit'][:12]}, {dataset['hash'][:19]}...)\n")
     print(format_table(selection))
-    print(f"\nSelected: learning rate {best['learning_rate']:g}, step {best['step']}, score {best['score']:.4f}")
+    print(f"\nSelected: learning rate {best['learning_rate']:g}, step {best['step']}, normalised score "
+          f"{best['score']:+.2f}")
     print(f"Registered: model '{registration['model_name']}' version {registration['version']}"
           f" (aliases: {', '.join(registration['aliases']) or 'none'}); "
           f"{'promoted' if registration['promoted'] else 'not promoted'}: {registration['reason']}")
+    if not registration["promoted"] and registration["champion"] is None:
+        print("(The demo's CLIP and DINO are random-weight stand-ins: they cannot see a subject, so no LoRA beats the "
+              "base model by the margin. With the real evaluators, a LoRA that learned the dog does.)")
     print("\nLook at it: `make ui` starts the Airflow UI (http://localhost:8080) and the MLflow UI "
           "(http://localhost:5000) and prints the Airflow login.")
 

@@ -137,7 +137,7 @@ def decide(client, name: str, version: str, best: dict, confirmation: list[dict]
         verdict = f"subject fidelity against the base model {describe(comparison)}"
         if comparison["low"] > margin:
             return True, f"first version: {verdict}, above the margin {margin:g}", comparison
-        return False, f"first version not promoted: {verdict} does not lie above the margin {margin:g}", comparison
+        return False, f"first version: {verdict} does not lie above the margin {margin:g}", comparison
     champion = next((e for e in confirmation if str(e.get("champion_version")) == str(current)), None)
     if champion is None:
         return False, f"champion v{current} was not evaluated on the confirmation suite; kept", None
