@@ -211,6 +211,12 @@ def report(name: str, selection: dict, result: dict) -> str:
         format_table(selection),
         "```",
         "",
+        "The same, every metric normalised (the base model's mean is 0, its per-image spread 1):",
+        "",
+        "```",
+        format_table(selection, normalised=True),
+        "```",
+        "",
         "Runners-up: " + ("; ".join(f"lr {r['learning_rate']:g} step {r['step']} ({r['score']:+.2f})"
                                     for r in selection["runners_up"]) or "none") + ".",
         "",

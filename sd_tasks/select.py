@@ -92,9 +92,9 @@ def scored_row(metrics: dict, yardstick: Yardstick, weights: dict) -> dict:
     return row
 
 
-def format_table(selection: dict) -> str:
-    """The sweep as a small text table (raw metrics, then the normalised score), the selected row marked, the
-    champion and the base model last."""
+def format_table(selection: dict, normalised: bool = False) -> str:
+    """The sweep as a small text table (raw metrics, or normalised ones, then the normalised score), the selected
+    row marked, the champion and the base model last."""
     best = selection["selected"]
     lines = [f"{'':>16} {'dino':>7} {'clip_i':>7} {'clip_t':>7} {'preserv':>7} {'score':>7}"]
     extra = [r for r in (selection.get("champion"), selection.get("base")) if r]
@@ -106,7 +106,9 @@ def format_table(selection: dict) -> str:
         else:
             name = f"lr {r['learning_rate']:g} @{r['step']}"
             mark = "  <- selected" if (r["learning_rate"], r["step"]) == (best["learning_rate"], best["step"]) else ""
-        cells = " ".join(f"{r[m]:>7.4f}" if r.get(m) is not None else f"{'-':>7}" for m in METRICS)
+        values = r.get("norm") or {} if normalised else r
+        cells = " ".join((f"{values[m]:>+7.2f}" if normalised else f"{values[m]:>7.4f}")
+                         if values.get(m) is not None else f"{'-':>7}" for m in METRICS)
         score = f"{r['score']:>+7.2f}" if r.get("score") is not None else f"{'-':>7}"
         lines.append(f"{name:>16} {cells} {score}{mark}")
     return "\n".join(lines)
