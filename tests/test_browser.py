@@ -28,7 +28,8 @@ from conftest import REPO
 pytestmark = pytest.mark.browser
 
 DAG_ID = "lora_dog"  # the sample subject's DAG (dags/subjects.yaml)
-SECTIONS = ["This run", "Subject and data", "Data preparation", "Training", "Evaluation and selection"]  # params.py
+SECTIONS = ["This run", "Subject and data", "Data preparation", "Training", "Evaluation and selection",
+            "Promotion"]  # params.py
 # A tiny recipe (as tests/test_e2e.py's), typed into the form: (section, field title, conf key, typed, in the conf)
 RECIPE = [
     ("Subject and data", "Dataset version", "dataset_version", "dog-v1", "dog-v1"),

@@ -55,8 +55,9 @@ def test_the_first_task_refuses_what_json_schema_cannot_say(dag, conf, message):
 
 def test_a_good_form_passes_and_its_recipe_fingerprint_ignores_what_does_not_change_training(dag):
     checked = plan.check_recipe(form(dag))
-    assert checked["training_runs"] == 3 and checked["evaluations"] == 3 * 5 + 1
-    same = plan.check_recipe(form(dag, force=True, dataset_version="dog-v2", encode_shard_size=10))
+    assert checked["training_runs"] == 3 and checked["evaluations"] == 3 * 5 + 2  # and the champion, the base model
+    same = plan.check_recipe(form(dag, force=True, dataset_version="dog-v2", encode_shard_size=10,
+                                  require_approval=True, promotion_margin=0.5, promotion_confidence=0.9))
     other = plan.check_recipe(form(dag, max_steps=400))
     assert same["recipe_hash"] == checked["recipe_hash"] != other["recipe_hash"]
 
