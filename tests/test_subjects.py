@@ -22,6 +22,18 @@ def test_the_shipped_registry_lists_the_sample_subjects():
     assert all((REPO / "sample_data" / s.dataset_path).is_dir() for s in (dog, backpack))
 
 
+def test_a_subject_can_require_a_reviewers_approval(tmp_path):
+    from dreamline.params import dag_params
+
+    path = tmp_path / "subjects.yaml"
+    path.write_text("subjects:\n  cat: {class_noun: cat, require_approval: true, approval_timeout_hours: 4}\n"
+                    "  dog: {class_noun: dog}\n")
+    cat, dog = subjects.load(str(path))
+    assert (cat.require_approval, cat.approval_timeout_hours, dog.require_approval) == (True, 4.0, False)
+    assert dag_params(cat)["require_approval"].value is True and dag_params(dog)["require_approval"].value is False
+    assert dog.approval_timeout_hours == 10  # half the run's 20 h timeout, at most 12
+
+
 @pytest.mark.parametrize("entry, message", [
     ("cat: {token: sks}", "subject 'cat': class_noun is required"),
     ("Cat: {class_noun: cat}", "subject 'Cat': names are lower-case"),
@@ -31,6 +43,9 @@ def test_the_shipped_registry_lists_the_sample_subjects():
                                                          "quotes"),
     ("cat: {class_noun: cat, schedule: 5}", "schedule is a cron expression in quotes, or null"),
     ("cat: {class_noun: cat, token: 'two words'}", "token must be one word"),
+    ("cat: {class_noun: cat, require_approval: 'yes'}", "require_approval is true or false"),
+    ("cat: {class_noun: cat, timeout_hours: 6, approval_timeout_hours: 6}", "approval_timeout_hours must be above 0 "
+                                                                            r"and below timeout_hours \(6\)"),
 ])
 def test_a_wrong_entry_is_refused_in_one_line_naming_the_file_and_subject(tmp_path, entry, message):
     path = tmp_path / "subjects.yaml"
