@@ -130,3 +130,20 @@ def test_gpu_steps_take_gpu_pool_slots_and_every_step_has_a_time_limit_and_retri
     assert dag.task_dict["train"].pool == "gpu" and dag.task_dict["train"].pool_slots == 1
     assert dag.task_dict["train"].execution_timeout.total_seconds() == 8 * 3600
     assert dag.task_dict["register"].pool == "default_pool"
+
+
+def test_approval_shows_registers_review_and_a_silent_reviewer_keeps_the_champion(dag):
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    approval = dag.task_dict["approval"]
+    assert approval.defaults == ["Reject"] and approval.options == ["Approve", "Reject"]
+    assert approval.response_timeout == timedelta(hours=10)  # the registry's default: half the run's 20 h
+    registered = {"version": 3, "review": "# dog-sdxl-lora ...\n\n![grid](http://mlflow/get-artifact?...)"}
+    ti = SimpleNamespace(xcom_pull=lambda task_ids, **_: registered if task_ids == "register" else None)
+    rendered = approval.render_template({"subject": approval.subject, "body": approval.body},
+                                        {"ti": ti, "params": {}}, dag.get_template_env())
+    assert rendered == {"subject": "Promote dog-sdxl-lora v3 to champion?", "body": registered["review"]}
+    # nothing waits unless register says the version earned promotion and a reviewer is required
+    assert dag.task_dict["approval_needed"].downstream_task_ids == {"approval"}
+    assert dag.task_dict["promote"].upstream_task_ids == {"approval"}
