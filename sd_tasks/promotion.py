@@ -113,6 +113,9 @@ def check_version(client, model_name: str, version: int) -> None:
         raise StepError(f"model {model_name!r} has no version {version}") from None
     if found.status != "READY":
         raise StepError(f"model {model_name!r} version {version}: registration is {found.status}, not READY")
+    if found.tags.get("score.broken") == "true":  # register's tag: its images were not finite
+        raise StepError(f"model {model_name!r} version {version}: its images were not finite (a diverged LoRA); "
+                        f"it cannot be champion")
 
 
 @dataclass

@@ -74,6 +74,7 @@ def run(config: RegisterConfig) -> dict:
         "base_model": info["base_model"], "learning_rate": f"{best['learning_rate']:g}", "step": str(best["step"]),
         "training_run_id": str(best["run_id"]), "eval.suite": str(best.get("suite")),
         **{f"score.{k}": f"{best[k]:.6f}" for k in SCORES if best.get(k) is not None},
+        "score.broken": "true" if best.get("broken") else "false",  # `rollback` and `promote` refuse such a version
         **lineage_tags(dataset["hash"], config.recipe_hash, info["base_model"]),
     }
     version = existing_version(client, config.model_name, run_key) or log_version(config, best, info, tags)

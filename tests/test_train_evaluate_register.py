@@ -342,6 +342,10 @@ def test_a_diverged_model_is_registered_as_challenger_and_not_promoted(trained, 
     assert bad["version"] == good["version"] + 1
     assert bad["aliases"] == ["challenger"] and not bad["promoted"] and bad["champion"] == good["version"], bad
     assert "not finite" in bad["reason"]
+    from sd_tasks.promotion import RollbackConfig, rollback  # nor can a person make it champion by hand
+
+    with pytest.raises(StepError, match="its images were not finite \\(a diverged LoRA\\); it cannot be champion"):
+        rollback(RollbackConfig(model_name="dog-guarded", version=bad["version"], reason="try it", by="alice"))
     client = tracking.client()
     assert str(client.get_model_version_by_alias("dog-guarded", "champion").version) == str(good["version"])
 
