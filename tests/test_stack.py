@@ -42,7 +42,11 @@ GPU_SLOTS = 2
 LEARNING_RATES = [1e-3, 1e-4, 5e-4]  # three runs on two slots: two at once, then the third
 RECIPE = {"learning_rates": LEARNING_RATES, "max_steps": 4, "checkpointing_steps": 2, "resolution": 64,
           "images_per_prompt": 1, "inference_steps": 2,
-          "evaluation_prompts": ["a {instance} in the snow", "a red {instance}"]}
+          "evaluation_prompts": ["a {instance} in the snow", "a red {instance}"],
+          # The tiny random-weight evaluators cannot see a subject, so no version beats the base model or the
+          # champion by the default margin: -10 lets every eligible version through (the gate itself is tested in
+          # test_promotion.py and test_train_evaluate_register.py), so the first run promotes v1.
+          "promotion_margin": -10}
 # The test's subject registry: the sample dog at demo size, scheduled every minute.
 SUBJECTS = {"subjects": {"dog": {"token": "sks", "class_noun": "dog", "kind": "live",
                                  "dataset": {"path": "dog", "version": "dog-v1"}, "schedule": "* * * * *",
@@ -50,7 +54,7 @@ SUBJECTS = {"subjects": {"dog": {"token": "sks", "class_noun": "dog", "kind": "l
 CONF = {"subject": "dog", "dataset_version": "dog-v1", **RECIPE}  # the registry's values: the same recipe
 RUN_TIMEOUT = 900  # seconds; the training run takes 2 to 4 minutes on 2 cores, a skipped one under one
 FINISHED = ("success", "failed")
-GPU_TASKS = ("encode", "class_images", "encode_class_images", "train", "evaluate")  # the gpu profile's steps
+GPU_TASKS = ("encode", "class_images", "encode_class_images", "train", "evaluate", "confirm")  # the gpu profile's
 FIRST_TASKS = {"recipe", "dataset", "champion", "lineage", "anything_to_train"}  # those a skipped run runs
 # What may hold files in the stack folder after a run: the services' own folders, the models and the registry, and
 # the scratch folder's caches. Everything a run produced must be in S3 (and PostgreSQL).
@@ -286,7 +290,9 @@ def test_the_first_run_trained_its_learning_rates_two_at_a_time_in_the_gpu_pool(
     assert states[("anything_to_train", -1)] == "success"
     train = [t for t in tasks if t["task_id"] == "train"]
     assert [t["state"] for t in train] == ["success"] * len(LEARNING_RATES)
-    assert sorted(s for (task, _), s in states.items() if task == "evaluate") == ["success"] * 6  # 3 lr x 2 steps
+    # 3 lr x 2 steps, and the base model (the yardstick; no champion yet)
+    assert sorted(s for (task, _), s in states.items() if task == "evaluate") == ["success"] * 7
+    assert sorted(s for (task, _), s in states.items() if task == "confirm") == ["success"] * 2  # selected, base
     assert states[("register", -1)] == "success"
     # Nothing needed a retry: concurrent steps of one run (two evaluations logging to one MLflow run) do not clash
     assert [t for t in tasks if t["try_number"] > 1] == [], failed_task_logs(stack, dag_run["run_id"], tasks)
@@ -347,8 +353,10 @@ def test_every_artifact_of_the_run_is_in_s3(stack, dag_run):
     for checkpoint in checkpoints:
         assert any(k.startswith(f"train/{checkpoint}/") and k.endswith(".safetensors") for k in keys), checkpoint
         assert f"train/{checkpoint}/{MARKER}" in keys, checkpoint
-    evaluations = {"/".join(k.split("/")[1:3]) for k in keys if k.startswith("eval/")}
+    evaluations = {"/".join(k.split("/")[1:3]) for k in keys if k.startswith("eval/lr-")}
     assert evaluations == {f"lr-{lr:g}/step-{step}" for lr in LEARNING_RATES for step in (2, 4)}
+    for folder in ("eval/base", "confirm/challenger", "confirm/base"):  # the yardstick, the confirmation suite
+        assert f"{folder}/{MARKER}" in keys, f"no whole {folder}/ in s3://{settings.bucket}/{run}"
     assert not [k for k in keys if ".staging-" in k]  # no writer was cut short
     assert any(k.startswith("cache/encode/") and k.endswith("manifest.json") for k in bucket_keys(settings, "cache/"))
     assert len([k for k in bucket_keys(settings, "dvc/") if not k.endswith(".dir")]) == len(images)
