@@ -12,6 +12,17 @@ the runs follow each other as `max_active_runs=1` orders them:
 3. the next scheduled run, created once the triggered one ended (a queued run counts against max_active_runs),
    skips the same way; then the DAG is paused (a run the scheduler started meanwhile stops where it is).
 
+None of these asks for a reviewer (the registry's `require_approval` is off): v1 became champion in `register`,
+`approval` and `promote` were skipped and nothing waited. Then two runs ask for one (`require_approval` in their
+conf, forced, one learning rate), both triggered while the DAG is paused (they wait, queued: a paused DAG's runs do
+not start), so that when it is unpaused they follow each other with no scheduled run between them (a queued run
+counts against max_active_runs):
+
+4. the first waits in `approval` (task state `awaiting_input`) with v2 registered; a PATCH of its hitlDetails
+   through the REST API approves it, `promote` makes v2 champion, recorded as approved by the REST user;
+5. the second waits the same way with v3; a PATCH rejects it: `promote` is skipped, v2 stays champion, v3 is only
+   `challenger`. The DAG is paused again as it ends.
+
 Marked `stack`: `make test` leaves it out, `make test-stack` runs it (a few minutes on 2 cores). Nothing is mocked.
 """
 from __future__ import annotations
@@ -20,7 +31,7 @@ import json
 import subprocess
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import quote
 
@@ -42,7 +53,12 @@ GPU_SLOTS = 2
 LEARNING_RATES = [1e-3, 1e-4, 5e-4]  # three runs on two slots: two at once, then the third
 RECIPE = {"learning_rates": LEARNING_RATES, "max_steps": 4, "checkpointing_steps": 2, "resolution": 64,
           "images_per_prompt": 1, "inference_steps": 2,
-          "evaluation_prompts": ["a {instance} in the snow", "a red {instance}"]}
+          "evaluation_prompts": ["a {instance} in the snow", "a red {instance}"],
+          # The tiny random-weight evaluators cannot see a subject, so no version beats the base model or the
+          # champion by the default margin: -10 lets every eligible version through (the gate itself is tested in
+          # test_promotion.py and test_train_evaluate_register.py), so the first run promotes v1 and the runs
+          # that ask for a reviewer have something to approve.
+          "promotion_margin": -10}
 # The test's subject registry: the sample dog at demo size, scheduled every minute.
 SUBJECTS = {"subjects": {"dog": {"token": "sks", "class_noun": "dog", "kind": "live",
                                  "dataset": {"path": "dog", "version": "dog-v1"}, "schedule": "* * * * *",
@@ -50,7 +66,7 @@ SUBJECTS = {"subjects": {"dog": {"token": "sks", "class_noun": "dog", "kind": "l
 CONF = {"subject": "dog", "dataset_version": "dog-v1", **RECIPE}  # the registry's values: the same recipe
 RUN_TIMEOUT = 900  # seconds; the training run takes 2 to 4 minutes on 2 cores, a skipped one under one
 FINISHED = ("success", "failed")
-GPU_TASKS = ("encode", "class_images", "encode_class_images", "train", "evaluate")  # the gpu profile's steps
+GPU_TASKS = ("encode", "class_images", "encode_class_images", "train", "evaluate", "confirm")  # the gpu profile's
 FIRST_TASKS = {"recipe", "dataset", "champion", "lineage", "anything_to_train"}  # those a skipped run runs
 # What may hold files in the stack folder after a run: the services' own folders, the models and the registry, and
 # the scratch folder's caches. Everything a run produced must be in S3 (and PostgreSQL).
@@ -286,7 +302,9 @@ def test_the_first_run_trained_its_learning_rates_two_at_a_time_in_the_gpu_pool(
     assert states[("anything_to_train", -1)] == "success"
     train = [t for t in tasks if t["task_id"] == "train"]
     assert [t["state"] for t in train] == ["success"] * len(LEARNING_RATES)
-    assert sorted(s for (task, _), s in states.items() if task == "evaluate") == ["success"] * 6  # 3 lr x 2 steps
+    # 3 lr x 2 steps, and the base model (the yardstick; no champion yet)
+    assert sorted(s for (task, _), s in states.items() if task == "evaluate") == ["success"] * 7
+    assert sorted(s for (task, _), s in states.items() if task == "confirm") == ["success"] * 2  # selected, base
     assert states[("register", -1)] == "success"
     # Nothing needed a retry: concurrent steps of one run (two evaluations logging to one MLflow run) do not clash
     assert [t for t in tasks if t["try_number"] > 1] == [], failed_task_logs(stack, dag_run["run_id"], tasks)
@@ -347,8 +365,10 @@ def test_every_artifact_of_the_run_is_in_s3(stack, dag_run):
     for checkpoint in checkpoints:
         assert any(k.startswith(f"train/{checkpoint}/") and k.endswith(".safetensors") for k in keys), checkpoint
         assert f"train/{checkpoint}/{MARKER}" in keys, checkpoint
-    evaluations = {"/".join(k.split("/")[1:3]) for k in keys if k.startswith("eval/")}
+    evaluations = {"/".join(k.split("/")[1:3]) for k in keys if k.startswith("eval/lr-")}
     assert evaluations == {f"lr-{lr:g}/step-{step}" for lr in LEARNING_RATES for step in (2, 4)}
+    for folder in ("eval/base", "confirm/challenger", "confirm/base"):  # the yardstick, the confirmation suite
+        assert f"{folder}/{MARKER}" in keys, f"no whole {folder}/ in s3://{settings.bucket}/{run}"
     assert not [k for k in keys if ".staging-" in k]  # no writer was cut short
     assert any(k.startswith("cache/encode/") and k.endswith("manifest.json") for k in bucket_keys(settings, "cache/"))
     assert len([k for k in bucket_keys(settings, "dvc/") if not k.endswith(".dir")]) == len(images)
@@ -420,6 +440,171 @@ def test_no_run_state_was_written_to_local_disk(stack, dag_run):
             misplaced.append(str(path.relative_to(folder)))
     assert not misplaced, f"run state on local disk (only S3 and PostgreSQL should hold it): {misplaced}"
     assert repo_state() == stack["repo_before"]
+
+
+MODEL = "dog-sdxl-lora"
+# A run that asks for a reviewer: forced (nothing changed), one learning rate (the shortest sweep)
+REVIEWED_CONF = {**CONF, "force": True, "require_approval": True, "learning_rates": [1e-3]}
+APPROVED_RUN, REJECTED_RUN = "review-approve", "review-reject"
+
+
+def run_path(run_id: str) -> str:
+    return f"/dags/{DAG_ID}/dagRuns/{path(run_id)}"
+
+
+def run_tasks(api, run_id: str) -> list[dict]:
+    return api.get(f"{api.base}{run_path(run_id)}/taskInstances", params={"limit": 200}).json()["task_instances"]
+
+
+def registration(stack, run_id: str) -> dict:
+    """register's result, as the step wrote it to the run's folder."""
+    settings: Stack = stack["settings"]
+    key = f"runs/{DAG_ID}/{slug(run_id)}/register/registration.json"
+    return json.loads(s3_client(settings).get_object(Bucket=settings.bucket, Key=key)["Body"].read())
+
+
+def aliases(settings: Stack) -> list[tuple]:
+    return sorted(query(settings, "mlflow", "SELECT alias, version FROM registered_model_aliases WHERE name = %s",
+                        MODEL))
+
+
+def version_tags(settings: Stack, version: int) -> dict[str, str]:
+    return dict(query(settings, "mlflow", "SELECT key, value FROM model_version_tags WHERE name = %s AND "
+                                          "version = %s", MODEL, version))
+
+
+def parked(stack, run_id: str) -> bool:
+    """Whether the scheduler has taken in the end of the process that parked run `run_id`'s approval task.
+
+    A reviewer answers later than that; answering sooner trips Airflow 3.3.2: the answer puts the task back to
+    scheduled, the scheduler queues it again under the same try number, then reads the parking process's `success`
+    event, finds the task queued, and fails it as changed externally. No REST field changes when the scheduler reads
+    that event, so its own log says when it has."""
+    log = (stack["folder"] / "airflow" / "scheduler.log").read_text(errors="replace")
+    finished = f"TaskInstance Finished: dag_id={DAG_ID}, task_id=approval, run_id={run_id},"
+    return any(finished in line and "state=awaiting_input" in line for line in log.splitlines())
+
+
+def answered(stack, api, run_id: str, option: str) -> dict:
+    """Wait until run `run_id` asks for a reviewer (its `approval` task in state awaiting_input), read what it asks
+    and the registry's aliases, answer `option` through the REST API (and try a second answer), wait for the run."""
+    def waiting() -> bool:
+        run = api.get(f"{api.base}{run_path(run_id)}").json()
+        if run["state"] in FINISHED:  # it should wait for an answer, not end
+            tasks = run_tasks(api, run_id)
+            pytest.fail(f"run {run_id} {run['state']} without asking: { {t['task_id']: t['state'] for t in tasks} }"
+                        f"\n{failed_task_logs(stack, run_id, tasks)}")
+        return api.get(f"{api.base}{run_path(run_id)}/taskInstances/approval").json().get("state") == "awaiting_input"
+
+    wait_until(f"run {run_id}'s approval", waiting)
+    wait_until(f"the scheduler's record of run {run_id}'s approval parked", lambda: parked(stack, run_id), timeout=60,
+               every=0.5)
+    asked_at = time.monotonic()
+    hitl = f"{api.base}{run_path(run_id)}/taskInstances/approval/-1/hitlDetails"
+    asked = api.get(hitl)
+    assert asked.status_code == 200, asked.text
+    while_waiting = aliases(stack["settings"])
+    answer = api.patch(hitl, json={"chosen_options": [option], "params_input": {}})
+    assert answer.status_code == 200, answer.text
+    again = api.patch(hitl, json={"chosen_options": ["Approve"], "params_input": {}})
+    run = wait_until(f"run {run_id}", lambda: (r := api.get(f"{api.base}{run_path(run_id)}").json())[
+        "state"] in FINISHED and r)
+    return {"asked": asked.json(), "aliases_while_waiting": while_waiting, "answer": answer.json(),
+            "again": again.status_code, "answered": api.get(hitl).json(), "run": run, "tasks": run_tasks(api, run_id),
+            "aliases": aliases(stack["settings"]), "asked_at": asked_at, "ended_at": time.monotonic()}
+
+
+@pytest.fixture(scope="module")
+def reviewed(stack, api, runs):
+    """Two runs that ask for a reviewer, answered through the REST API: the first approved, the second rejected
+    (see the module's doc)."""
+    assert api.get(f"{api.base}/dags/{DAG_ID}").json()["is_paused"]  # as `runs` left it
+    # Triggered while paused, so both wait queued, and while one is queued the scheduler creates no run. Queued
+    # runs start in run_after order: one millisecond apart past a whole second, no minute of the schedule falls
+    # between them, so a scheduled run created on unpausing, if any, goes before both (nothing changed since v1:
+    # it skips) or after both (stopped by the pause at the end).
+    second = datetime.now(timezone.utc).replace(microsecond=0)
+    for n, run_id in enumerate((APPROVED_RUN, REJECTED_RUN), start=1):
+        trigger = api.post(f"{api.base}/dags/{DAG_ID}/dagRuns", json={
+            "dag_run_id": run_id, "logical_date": None, "run_after": (second + timedelta(milliseconds=n)).isoformat(),
+            "conf": REVIEWED_CONF})
+        assert trigger.status_code == 200, trigger.text
+    assert api.patch(f"{api.base}/dags/{DAG_ID}", json={"is_paused": False}).status_code == 200
+    began = time.monotonic()
+    try:
+        answers = {run_id: answered(stack, api, run_id, option)
+                   for run_id, option in ((APPROVED_RUN, "Approve"), (REJECTED_RUN, "Reject"))}
+    finally:  # paused again at once: the scheduled run that follows (the registry's recipe) stops where it is
+        api.patch(f"{api.base}/dags/{DAG_ID}", json={"is_paused": True})
+    wait_until("the paused DAG's running tasks", lambda: api.get(
+        f"{api.base}/dags/{DAG_ID}/dagRuns/~/taskInstances",
+        params={"state": ["queued", "running"]}).json()["total_entries"] == 0, timeout=120)
+    print("\nafter unpausing for the reviewed runs: " + "; ".join(
+        f"{run_id} asked at {a['asked_at'] - began:.0f} s, ended {a['run']['state']} at {a['ended_at'] - began:.0f} s"
+        for run_id, a in answers.items()), flush=True)
+    return answers
+
+
+def test_without_a_reviewer_register_promoted_and_nothing_waited(stack, api, dag_run):
+    run_id, settings = dag_run["run_id"], stack["settings"]
+    states = {t["task_id"]: t["state"] for t in dag_run["tasks"]}
+    assert (states["register"], states["approval_needed"], states["close_mlflow_run"]) == ("success",) * 3
+    assert (states["approval"], states["promote"]) == ("skipped", "skipped")
+    [approval] = [t for t in dag_run["tasks"] if t["task_id"] == "approval"]
+    assert approval["start_date"] == approval["end_date"]  # skipped at once: it never ran, so never waited
+    asked = api.get(f"{api.base}{run_path(run_id)}/taskInstances/approval/-1/hitlDetails")
+    assert asked.status_code == 404, asked.text  # no approval was ever asked for
+    result = registration(stack, run_id)
+    assert (result["version"], result["promoted"], result["awaiting_approval"], result["champion"]) == \
+        (1, True, False, 1)
+    tags = version_tags(settings, 1)
+    assert (tags["champion.action"], tags["champion.by"], tags["champion.previous"]) == ("promoted", "dreamline",
+                                                                                         "none")
+
+
+def test_an_approval_through_the_rest_api_makes_the_version_champion(stack, api, reviewed):
+    settings: Stack = stack["settings"]
+    approved = reviewed[APPROVED_RUN]
+    run, tasks = approved["run"], approved["tasks"]
+    assert run["state"] == "success" and run["conf"] == REVIEWED_CONF, failed_task_logs(stack, APPROVED_RUN, tasks)
+    result = registration(stack, APPROVED_RUN)
+    assert (result["version"], result["promoted"], result["awaiting_approval"]) == (2, False, True)
+    asked = approved["asked"]  # what the reviewer was shown: the decision, its interval, the grids
+    assert asked["subject"] == "Promote dog-sdxl-lora v2 to champion?" and asked["defaults"] == ["Reject"]
+    assert result["decision"] in asked["body"] and "interval" in asked["body"], asked["body"][:3000]
+    assert "against champion v1" in asked["body"] and "get-artifact?path=review/grid-prompt-00.png" in asked["body"]
+    assert approved["aliases_while_waiting"] == [("challenger", 2), ("champion", 1)]  # nothing moved unanswered
+    reviewer = approved["answer"]["responded_by"]["name"]
+    assert reviewer == "admin" and approved["again"] == 409  # answered once, by the REST user
+    assert approved["answered"]["response_received"] and approved["answered"]["chosen_options"] == ["Approve"]
+    states = {t["task_id"]: t["state"] for t in tasks}
+    assert (states["approval"], states["promote"], states["close_mlflow_run"]) == ("success",) * 3
+    assert approved["aliases"] == [("challenger", 2), ("champion", 2)]
+    tags = version_tags(settings, 2)
+    assert (tags["champion.action"], tags["champion.by"], tags["champion.previous"]) == ("approved", reviewer, "1")
+    assert tags["champion.reason"] == result["decision"]
+    [(description,)] = query(settings, "mlflow", "SELECT description FROM registered_models WHERE name = %s", MODEL)
+    history = description.split("## Champion history\n", 1)[1].splitlines()
+    assert [line.split(": ", 1)[1].split(":", 1)[0] for line in history] == [
+        "none -> v1, promoted by dreamline", f"v1 -> v2, approved by {reviewer}"], description
+
+
+def test_a_rejection_through_the_rest_api_keeps_the_champion(stack, api, reviewed):
+    settings: Stack = stack["settings"]
+    rejected, approved = reviewed[REJECTED_RUN], reviewed[APPROVED_RUN]
+    run, tasks = rejected["run"], rejected["tasks"]
+    assert run["state"] == "success", failed_task_logs(stack, REJECTED_RUN, tasks)
+    assert at(run["start_date"]) >= at(approved["run"]["end_date"])  # queued behind the first (max_active_runs)
+    result = registration(stack, REJECTED_RUN)
+    assert (result["version"], result["awaiting_approval"], result["champion"]) == (3, True, 2)
+    assert rejected["asked"]["subject"] == "Promote dog-sdxl-lora v3 to champion?"
+    assert "against champion v2" in rejected["asked"]["body"]
+    assert rejected["answered"]["chosen_options"] == ["Reject"] and rejected["again"] == 409
+    states = {t["task_id"]: t["state"] for t in tasks}
+    assert (states["approval"], states["promote"], states["close_mlflow_run"]) == ("success", "skipped", "success")
+    assert rejected["aliases"] == aliases(settings) == [("challenger", 3), ("champion", 2)]
+    assert not [k for k in version_tags(settings, 3) if k.startswith("champion.")]
+    assert version_tags(settings, 2)["champion.action"] == "approved"  # its record untouched
 
 
 def test_down_stops_every_process_and_keeps_the_state(stack, dag_run):
