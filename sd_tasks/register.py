@@ -236,7 +236,7 @@ def review(config: RegisterConfig, selection: dict, result: dict) -> str:
     if not (base_url and config.parent_run_id):
         return text + "\nThe grids are in the MLflow run's artifacts, under `review/`.\n"
     base_url = base_url.rstrip("/")
-    grids = [f"**{prompt}**\n\n![grid for prompt {j}]({base_url}/get-artifact?path=review/grid-prompt-{j:02d}.png"
+    grids = [f"![grid: {prompt}]({base_url}/get-artifact?path=review/grid-prompt-{j:02d}.png"  # titled with the prompt
              f"&run_uuid={config.parent_run_id})" for j, prompt in enumerate(selection.get("prompts", []))]
     experiment = tracking.client().get_run(config.parent_run_id).info.experiment_id
     return "\n\n".join([text, *grids, f"[The MLflow run]({base_url}/#/experiments/{experiment}/runs/"

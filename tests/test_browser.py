@@ -357,3 +357,48 @@ def wait_until(airflow: AirflowServer, run_id: str, states: tuple[str, ...], tim
         time.sleep(3)
     pytest.fail(f"run {run_id} still {state} after {timeout:.0f} s, not {' or '.join(states)}; Airflow's logs: "
                 f"{airflow.logs}")
+
+
+def test_a_reviewer_approves_in_the_required_actions_page_and_the_grids_load(browser, airflow, shots, triggered):
+    """A run with *Require a reviewer's approval* waits in `approval`; its Required actions page shows register's
+    report with the interval and the grids, which the browser loads from make ui's MLflow server; Approve runs
+    `promote` and makes the version champion, recorded as approved by the user who clicked."""
+    first = triggered.get("run_id") or pytest.fail("no run was triggered (see the tests above)")
+    wait_until(airflow, first, ("success", "failed"), RUN_TIMEOUT)  # one run at a time: the form's goes first
+    conf = {key: value for _, _, key, _, value in RECIPE} | {
+        "learning_rates": [1e-3], "require_approval": True, "force": True,
+        "promotion_margin": -10}  # the tiny random evaluators cannot see a subject: no gain is real here
+    status, run = airflow.api("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
+    assert status == 200, run
+    run_id, quoted = run["dag_run_id"], urllib.parse.quote(run["dag_run_id"])
+
+    def approval_state() -> str | None:
+        status, ti = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/approval")
+        return ti.get("state") if status == 200 else None
+
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while approval_state() != "awaiting_input":
+        state = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{quoted}")[1].get("state")
+        assert time.monotonic() < deadline and state in ("queued", "running"), \
+            f"run {run_id} is {state} and never asked for approval; Airflow's logs: {airflow.logs}"
+        time.sleep(3)
+    time.sleep(5)  # a person answers after the scheduler has taken in the parked task (Airflow 3.3.2 races sooner)
+    browser.driver.get(f"{airflow.url}/dags/{DAG_ID}/runs/{quoted}/tasks/approval/required_actions?map_index=-1")
+    browser.find("//*[contains(normalize-space(), 'Promote dog-sdxl-lora v')]", "the approval's subject", FIRST_LOAD)
+    interval = browser.find("//p[contains(normalize-space(), '% interval')]", "the interval in the report")
+    grids = browser.wait("the grids, loaded from MLflow", lambda d: [
+        img for img in d.find_elements(browser.By.XPATH, "//img[contains(@src, '/get-artifact?path=review/grid')]")
+        if d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)] or None)
+    assert len(grids) == 2  # one per evaluation prompt
+    browser.scroll_to(interval, "start")  # the picture: the decision and its interval, the first grid below
+    time.sleep(1)
+    browser.screenshot(shots[0] / "approval.png")
+    browser.scroll_to(browser.find("//button[normalize-space()='Approve']", "the Approve button")).click()
+    assert wait_until(airflow, run_id, ("success", "failed"), RUN_TIMEOUT) == "success", airflow.logs
+    status, ti = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/promote")
+    assert ti["state"] == "success", ti
+    from mlflow import MlflowClient
+
+    store = airflow.logs.parent / "mlflow" / "mlflow.db"  # the fixture's DREAMLINE_HOME holds make ui's store
+    champion = MlflowClient(f"sqlite:///{store}").get_model_version_by_alias("dog-sdxl-lora", "champion")
+    assert (champion.tags["champion.action"], champion.tags["champion.by"]) == ("approved", airflow.username)

@@ -90,6 +90,8 @@ class Embedded:
             "AIRFLOW__API__HOST": HOST, "AIRFLOW__API__PORT": str(self.ports["airflow"]),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.airflow_url}/execution/",
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            # the steps track into the store directly; a reviewer's browser loads images from the server
+            "DREAMLINE_MLFLOW_UI_URL": os.environ.get("DREAMLINE_MLFLOW_UI_URL") or self.mlflow_url,
         })
         return env
 
