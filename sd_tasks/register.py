@@ -28,7 +28,7 @@ from sd_tasks import tracking
 from sd_tasks.cli import option
 from sd_tasks.compare import Yardstick, describe, paired_difference
 from sd_tasks.promotion import move_champion
-from sd_tasks.select import format_table
+from sd_tasks.report import report, review
 from sd_tasks.storage import read_dir, read_json, whole_folders, write_dir, write_json
 from sd_tasks.train import CHECKPOINT_INFO, LORA_WEIGHTS
 
@@ -102,7 +102,8 @@ def run(config: RegisterConfig) -> dict:
             for key in ("difference", "low", "high"):
                 client.log_metric(config.parent_run_id, f"promotion/{key}", comparison[key])
         client.set_terminated(config.parent_run_id, "FINISHED")
-    result["review"] = review(config, selection, result)  # the approval page's body (markdown)
+    result["review"] = review(config.model_name, selection, result, config.parent_run_id,  # the approval page
+                              config.review_url)
     with write_dir(config.output) as out:
         write_json(out / "registration.json", result)
     return result
@@ -190,57 +191,6 @@ def model_card(name: str, tags: dict) -> str:
         f"Load: `mlflow.pyfunc.load_model('models:/{name}@champion')`; the LoRA file also loads with diffusers' "
         f"`load_lora_weights`."
     )
-
-
-def report(name: str, selection: dict, result: dict) -> str:
-    """The page a reviewer opens first: the decision, the paired comparison, and the sweep's table."""
-    best = selection["selected"]
-    status = ("Waiting for a reviewer's approval" if result.get("awaiting_approval") else
-              "Promoted to champion" if result["promoted"] else "Not promoted")
-    lines = [
-        f"# {name}: learning rate {best['learning_rate']:g}, step {best['step']}",
-        "",
-        f"Registered as version {result['version']} ({', '.join(result['aliases'])}). {status}: {result['reason']}.",
-        "",
-        "The decision was taken on the confirmation suite (seeds not used to select), image by image: "
-        + (describe(result["comparison"]) if result.get("comparison") else "no comparison") + ".",
-        "",
-        f"Scores on the selection suite: raw metrics, then the weighted score of metrics normalised against the base "
-        f"model (units of its per-image spread; weights {', '.join(f'{k} {v:g}' for k, v in selection['weights'].items())}).",
-        "",
-        "```",
-        format_table(selection),
-        "```",
-        "",
-        "The same, every metric normalised (the base model's mean is 0, its per-image spread 1):",
-        "",
-        "```",
-        format_table(selection, normalised=True),
-        "```",
-        "",
-        "Runners-up: " + ("; ".join(f"lr {r['learning_rate']:g} step {r['step']} ({r['score']:+.2f})"
-                                    for r in selection["runners_up"]) or "none") + ".",
-        "",
-        "Image grids (rows: learning rate, the champion and the base model; columns: step) and metric plots are under "
-        "`review/`.",
-    ]
-    if selection.get("missing"):
-        lines += ["", f"Not evaluated (their evaluate task failed): {', '.join(selection['missing'])}."]
-    return "\n".join(lines) + "\n"
-
-
-def review(config: RegisterConfig, selection: dict, result: dict) -> str:
-    """The approval page's markdown: the report, and the grids as images a reviewer's browser loads from MLflow."""
-    text = report(config.model_name, selection, result)
-    base_url = config.review_url or (tracking.tracking_uri() if tracking.tracking_uri().startswith("http") else None)
-    if not (base_url and config.parent_run_id):
-        return text + "\nThe grids are in the MLflow run's artifacts, under `review/`.\n"
-    base_url = base_url.rstrip("/")
-    grids = [f"![grid: {prompt}]({base_url}/get-artifact?path=review/grid-prompt-{j:02d}.png"  # titled with the prompt
-             f"&run_uuid={config.parent_run_id})" for j, prompt in enumerate(selection.get("prompts", []))]
-    experiment = tracking.client().get_run(config.parent_run_id).info.experiment_id
-    return "\n\n".join([text, *grids, f"[The MLflow run]({base_url}/#/experiments/{experiment}/runs/"
-                                      f"{config.parent_run_id})"])
 
 
 def lineage_tags(dataset_hash: str, recipe_hash: str, base_model: str) -> dict[str, str]:

@@ -213,26 +213,21 @@ def test_select_ranks_on_normalised_scores_and_names_the_base_model(tmp_path):
 def test_the_approval_page_shows_the_decision_and_the_grids_from_a_url_the_browser_loads(home, tmp_path):
     parent = tracking.find_or_create_run("review-page", "review/run-1", "run-1")
     row = {"learning_rate": 1e-4, "step": 100, "score": 0.8, "dino": 0.5, "clip_i": 0.6, "clip_t": 0.3,
-           "preservation": 0.9}
+           "preservation": 0.9, "norm": {"dino": 1.5, "clip_i": 0.5, "clip_t": 0.2, "preservation": -0.1}}
     selection = {"selected": row, "runners_up": [], "table": [row], "champion": None,
                  "base": {**row, "base": True, "score": 0.0, "learning_rate": None, "step": None},
                  "weights": {"accuracy": 1.0, "flexibility": 1.0, "preservation": 0.5}, "prompts": ["a", "b"]}
     comparison = {"difference": 0.9, "low": 0.4, "high": 1.3, "confidence": 0.95, "images": 8}
     result = {"version": 2, "aliases": ["challenger"], "promoted": False, "awaiting_approval": True,
               "reason": "score against champion v1 ...; waiting for a reviewer's approval", "comparison": comparison}
-    config = register.RegisterConfig(selection="s", dataset="d", model_name="dog-sdxl-lora", output="o",
-                                     parent_run_id=parent, review_url="http://mlflow.example:5000/")
-    page = register.review(config, selection, result)
-    assert "Waiting for a reviewer's approval" in page and "+0.900 (95% interval +0.400 to +1.300, 8 images)" in page
+    from sd_tasks.report import review
+
+    page = review("dog-sdxl-lora", selection, result, parent, "http://mlflow.example:5000/")
+    assert "**Waiting for a reviewer's approval**: score against champion v1" in page
+    assert "| selected (lr 0.0001, step 100) | 0.5000 (+1.50) | 0.6000 (+0.50) |" in page  # raw (normalised)
     for j in (0, 1):
         assert (f"(http://mlflow.example:5000/get-artifact?path=review/grid-prompt-{j:02d}.png&run_uuid={parent})"
                 in page)
     # no URL a browser can reach (a sqlite store): the page says where the grids are instead of linking nothing
-    assert "`review/`" in register.review(replace_url(config, None), selection, result)
-    assert "get-artifact" not in register.review(replace_url(config, None), selection, result)
-
-
-def replace_url(config, url):
-    from dataclasses import replace
-
-    return replace(config, review_url=url)
+    assert "`review/`" in review("dog-sdxl-lora", selection, result, parent, None)
+    assert "get-artifact" not in review("dog-sdxl-lora", selection, result, parent, None)
