@@ -32,6 +32,7 @@ from PIL import Image
 
 from sd_tasks import tracking
 from sd_tasks.cli import option
+from sd_tasks.compare import METRICS
 from sd_tasks.dataset import content_hash
 from sd_tasks.encode import model_fingerprint
 from sd_tasks.errors import StepError
@@ -40,7 +41,6 @@ from sd_tasks.models import device, inference_dtype, load_pipeline
 from sd_tasks.storage import is_whole, join, read_dir, read_json, write_dir, write_json
 from sd_tasks.train import CHECKPOINT_INFO, LORA_WEIGHTS
 
-METRICS = ("dino", "clip_i", "clip_t", "preservation")
 IMAGE_METRICS = ("dino", "clip_i", "clip_t")  # per generated image; preservation is per class image
 BASE_INFO = {"step": None, "learning_rate": None, "run_id": None, "champion_version": None, "base_model": None}
 SUITE_FIELDS = ("prompts", "class_prompts", "seeds", "class_seeds")  # written beside a result, not part of it
@@ -135,12 +135,13 @@ def checkpoint_fields(info: dict, config: EvaluateConfig) -> dict:
 
 
 def write_metrics(out: Path, result: dict, config: EvaluateConfig) -> None:
+    seeds = {"seeds": [prompt_seeds(config, j) for j in range(len(config.prompts))],
+             "class_seeds": [prompt_seeds(config, j) for j in range(len(config.class_prompts))]}
     write_json(out / "metrics.json", {**result, "prompts": config.prompts, "class_prompts": config.class_prompts,
-                                      "seeds": [seeds(config, j) for j in range(len(config.prompts))],
-                                      "class_seeds": [seeds(config, j) for j in range(len(config.class_prompts))]})
+                                      **seeds})
 
 
-def seeds(config: EvaluateConfig, prompt_index: int) -> list[int]:
+def prompt_seeds(config: EvaluateConfig, prompt_index: int) -> list[int]:
     """The seeds of one prompt's images: they depend only on the base seed, the prompt's place and the image's."""
     return [config.seed + 1000 * prompt_index + k for k in range(config.images_per_prompt)]
 
@@ -199,7 +200,7 @@ class Generator:
             (self.pipe.enable_lora if lora is not None else self.pipe.disable_lora)()
         rows = []
         for j, prompt in enumerate(prompts):
-            seeds = [self.config.seed + 1000 * j + k for k in range(self.config.images_per_prompt)]
+            seeds = prompt_seeds(self.config, j)
             common = dict(num_inference_steps=self.config.num_inference_steps,
                           guidance_scale=self.config.guidance_scale)
             arrays = self.pipe([prompt] * len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds],

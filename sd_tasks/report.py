@@ -5,8 +5,8 @@ grids come from the MLflow server).
 from __future__ import annotations
 
 from sd_tasks import tracking
-from sd_tasks.compare import describe
-from sd_tasks.select import METRICS, format_table
+from sd_tasks.compare import METRICS, describe
+from sd_tasks.select import format_table
 
 
 def status(result: dict) -> str:

@@ -18,6 +18,8 @@ from typing import Mapping, Union
 
 from PIL import Image, ImageDraw, ImageFont
 
+from sd_tasks.compare import METRICS
+
 # Past either cap a grid's tiles are downscaled (aspect kept, LANCZOS). 8192 px is about the widest image a
 # browser or the MLflow UI shows without trouble and holds 7 checkpoint steps of 1024 px tiles beside the labels.
 # 40 Mpx (some 38 tiles of 1024 px, a PNG of roughly 40-80 MB) keeps one grid per prompt a reasonable artifact, and
@@ -203,7 +205,6 @@ def log_review(run_id: str, evaluations: dict[Path, dict], rows: list[dict]) -> 
     import matplotlib.pyplot as plt
 
     from sd_tasks import tracking
-    from sd_tasks.select import METRICS  # here, not on top: select imports this module for log_review
 
     if not evaluations:
         return

@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from sd_tasks import tracking
 from sd_tasks.cli import option
-from sd_tasks.compare import Yardstick, weighted_score
+from sd_tasks.compare import METRICS, Yardstick, weighted_score
 from sd_tasks.errors import StepError
 from sd_tasks.storage import read_dir, whole_folders, write_dir, write_json
 
-METRICS = ("dino", "clip_i", "clip_t", "preservation")
 ROW_FIELDS = ("learning_rate", "step", "checkpoint", "run_id", "suite", "broken", "champion_version", "base", *METRICS)
 
 
@@ -54,8 +52,8 @@ def run(config: SelectConfig) -> dict:
                         f"scores are normalised against it")
     yardstick = Yardstick.from_base(base, f"{config.evaluations}: the base model's evaluation")
     rows = [scored_row(m, yardstick, weights) for m in evaluations.values()]
-    candidates = sorted((r for r in rows if not (r["champion_version"] or r["base"]) and r["suite"] == base.get("suite")),
-                        key=lambda r: (r["learning_rate"], r["step"]))
+    candidates = sorted((r for r in rows if not (r["champion_version"] or r["base"])
+                         and r["suite"] == base.get("suite")), key=lambda r: (r["learning_rate"], r["step"]))
     if not candidates:
         raise StepError(f"{config.evaluations}: no metrics.json of a checkpoint on the base model's suite found; "
                         f"did evaluate run?")
