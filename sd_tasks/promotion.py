@@ -18,8 +18,8 @@ Moving the alias to the version that already holds it changes and records nothin
 The alias moves first and the record follows: a failure in between leaves the right champion with a missing line,
 never a line for a move that did not happen.
 
-Two steps use it: `rollback` (a person puts an earlier version back) and `promote` (the DAG's path after a reviewer
-approves a challenger in Airflow); `register`'s automatic promotion is meant to call `move_champion` too.
+Three steps use it: `register` (an automatic promotion), `rollback` (a person puts an earlier version back) and
+`promote` (the DAG's path after a reviewer approves a challenger in Airflow).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from sd_tasks.cli import option
 from sd_tasks.errors import StepError
 from sd_tasks.storage import write_dir, write_json
 
-CHAMPION = "champion"  # the same alias as sd_tasks.register.CHAMPION (not imported: register imports this module)
+CHAMPION = "champion"  # the alias serving loads; sd_tasks.register imports it from here
 ACTIONS = ("promoted", "approved", "rolled back")
 HISTORY = "## Champion history"
 MAX_DESCRIPTION = 5000  # MLflow's registered model description column (varchar(5000) on PostgreSQL)

@@ -27,12 +27,12 @@ from pathlib import Path
 from sd_tasks import tracking
 from sd_tasks.cli import option
 from sd_tasks.compare import Yardstick, describe, paired_difference
-from sd_tasks.promotion import move_champion
+from sd_tasks.promotion import CHAMPION, move_champion
 from sd_tasks.report import report, review
 from sd_tasks.storage import read_dir, read_json, whole_folders, write_dir, write_json
 from sd_tasks.train import CHECKPOINT_INFO, LORA_WEIGHTS
 
-CHAMPION, CHALLENGER = "champion", "challenger"
+CHALLENGER = "challenger"  # and CHAMPION, from sd_tasks.promotion: every move of that alias goes through it
 SCORES = ("score", "dino", "clip_i", "clip_t", "preservation")
 # What a version was trained from (sd_tasks.lineage compares a new run's with it): version tag -> what it names
 LINEAGE = {"lineage.dataset_hash": "dataset content", "lineage.recipe_hash": "recipe",
@@ -87,7 +87,7 @@ def run(config: RegisterConfig) -> dict:
     if awaiting:
         reason += "; waiting for a reviewer's approval"
     client.set_registered_model_alias(config.model_name, CHALLENGER, version)
-    if eligible and not awaiting and str(current) != str(version):
+    if eligible and not awaiting:  # already the champion: move_champion records nothing
         move_champion(client, config.model_name, version, by="dreamline", reason=reason, action="promoted")
     aliases = client.get_registered_model(config.model_name).aliases
     result = {"model_name": config.model_name, "version": int(version), "promoted": eligible and not awaiting,
