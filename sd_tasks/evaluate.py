@@ -1,4 +1,11 @@
-"""Evaluate one LoRA checkpoint: generate fixed-seed images for a prompt set and score them.
+"""Evaluate LoRA checkpoints: generate fixed-seed images for a prompt set and score them.
+
+One checkpoint (`--checkpoint`), the base model alone (neither), or every checkpoint of a training run
+(`--training-run`): then the pipeline, both evaluators, the real images' embeddings and the base model's class images
+are loaded or made once, and each checkpoint's LoRA weights are swapped into the loaded pipeline in place (diffusers'
+LoRA hot-swap), so a sweep costs one evaluation process per learning rate, not one per checkpoint. Each checkpoint
+is still written to its own folder (`<output>/step-<N>`), logged to MLflow and kept exactly as a single evaluation
+is; one already whole in its folder (an earlier rung of successive halving, or an earlier try) is not redone.
 
 Scores (the DreamBooth paper's, plus one for what the user fears losing):
 - dino, clip_i: subject fidelity, generated vs the real instance images (mean pairwise cosine);
@@ -24,6 +31,7 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +47,7 @@ from sd_tasks.errors import StepError
 from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, matched_cosines, mean_cosines
 from sd_tasks.models import device, inference_dtype, load_pipeline
 from sd_tasks.storage import is_whole, join, read_dir, read_json, write_dir, write_json
-from sd_tasks.train import CHECKPOINT_INFO, LORA_WEIGHTS
+from sd_tasks.train import CHECKPOINT_INFO, LORA_WEIGHTS, list_checkpoints
 
 IMAGE_METRICS = ("dino", "clip_i", "clip_t")  # per generated image; preservation is per class image
 BASE_INFO = {"step": None, "learning_rate": None, "run_id": None, "champion_version": None, "base_model": None}
@@ -57,6 +65,8 @@ class EvaluateConfig:
     prompts: list[str] = option("evaluation prompts, literal")
     checkpoint: str | None = option("a checkpoint-<step> folder written by train (URI); omitted: the base model "
                                     "alone (needs --base-model), the yardstick scores are normalised by", None)
+    training_run: str | None = option("instead of --checkpoint: train's output folder (URI); every whole checkpoint "
+                                      "in it is evaluated into <output>/step-<N>, loading the pipeline once", None)
     class_prompts: list[str] = option("prompts without the subject, for preservation (e.g. 'a photo of dog')", [])
     clip_model: str = option("CLIP model id or folder", "openai/clip-vit-large-patch14")
     dino_model: str = option("DINO ViT model id or folder", "facebook/dino-vits16")
@@ -77,24 +87,51 @@ class EvaluateConfig:
 
 def run(config: EvaluateConfig) -> dict:
     config = replace(config, dtype=inference_dtype(config.dtype))  # the suite names the dtype that ran
+    if config.training_run:
+        return evaluate_training_run(config)
     if config.checkpoint is None and not config.base_model:
         raise StepError("--checkpoint or --base-model: evaluating the base model alone needs --base-model")
+    info = read_json(f"{config.checkpoint}/{CHECKPOINT_INFO}") if config.checkpoint else BASE_INFO
+    return evaluate(config, Evaluator(config, config.base_model or info["base_model"]), info)
+
+
+def evaluate_training_run(config: EvaluateConfig) -> dict:
+    """Every whole checkpoint of one training run, oldest first, in one process: one pipeline, LoRA swapped."""
+    if config.checkpoint:
+        raise StepError("--checkpoint and --training-run: give one or the other")
+    checkpoints = list_checkpoints(config.training_run)
+    if not checkpoints:
+        raise StepError(f"{config.training_run}: no whole checkpoint to evaluate (did train write any?)")
+    infos = [read_json(f"{c['uri']}/{CHECKPOINT_INFO}") for c in checkpoints]
+    shared = Evaluator(config, config.base_model or infos[0]["base_model"])
+    results = []
+    for c, info in zip(checkpoints, infos):
+        one = replace(config, checkpoint=c["uri"], training_run=None, output=join(config.output, f"step-{c['step']}"))
+        done = read_json(f"{one.output}/metrics.json") if is_whole(one.output) else None
+        if done and done.get("suite") == shared.suite:  # written after it was logged: nothing left to do
+            results.append(summary({k: v for k, v in done.items() if k not in SUITE_FIELDS}) | {"done": True})
+        else:
+            results.append(evaluate(one, shared, info))
+    return {"training_run": config.training_run, "learning_rate": infos[-1]["learning_rate"],
+            "run_id": infos[-1].get("run_id"), "output": config.output, "evaluations": results}
+
+
+def evaluate(config: EvaluateConfig, shared: "Evaluator", info: dict) -> dict:
+    """One checkpoint (or the base model): copied from the kept evaluations, or generated and scored."""
     checkpoint = read_dir(config.checkpoint) if config.checkpoint else None
-    info = read_json(f"{config.checkpoint}/{CHECKPOINT_INFO}") if checkpoint else BASE_INFO
-    base_model = config.base_model or info["base_model"]
-    suite = suite_fingerprint(config, base_model)
     weights = file_digest(checkpoint / LORA_WEIGHTS) if checkpoint else "base"
-    kept = config.cache and join(config.cache, f"{weights}-{suite}")
+    kept = config.cache and join(config.cache, f"{weights}-{shared.suite}")
     if kept and is_whole(kept):
         return reuse(kept, config, info)
-    images = Generator(base_model, config)
+    images = shared.images
     generated = images.for_prompts(config.prompts, checkpoint)
-    base = images.for_prompts(config.class_prompts, None)
+    base = shared.base_class_images
     preserved = images.for_prompts(config.class_prompts, checkpoint) if checkpoint else base
     broken = any(image is None for row in generated + preserved for image in row)
-    scores = worst(config) if broken else score(generated, preserved, base,
-                                                load_instance_images(config.instance_images), config)
-    result = {**checkpoint_fields(info, config), "suite": suite, "broken": broken, **scores}
+    scores = worst(config) if broken else shared.scorer.score(generated, preserved, base, config)
+    result = {**checkpoint_fields(info, config), "suite": shared.suite, "broken": broken, **scores}
+    if info.get("run_id"):  # before the folder is written: a whole folder has been logged
+        log_to_mlflow(info, config, means(scores), generated)
     with write_dir(config.output) as out:
         (out / "images").mkdir()
         for kind, rows in (("p", generated), ("class", preserved), ("base", base)):
@@ -103,12 +140,31 @@ def run(config: EvaluateConfig) -> dict:
                     if image is not None:
                         image.save(out / "images" / f"{kind}{j:02d}-{k}.png")
         write_metrics(out, result, config)
-    if info.get("run_id"):
-        log_to_mlflow(info, config, means(scores), generated)
     if kept:  # after logging: a kept evaluation has been logged
         with write_dir(kept) as out:
             shutil.copytree(read_dir(config.output), out, dirs_exist_ok=True)
     return summary(result)
+
+
+class Evaluator:
+    """What every evaluation in one process shares, each made on first use (a kept evaluation needs none of it):
+    the suite's fingerprint, the pipeline, the scorer and the base model's class images."""
+
+    def __init__(self, config: EvaluateConfig, base_model: str):
+        self.config, self.base_model = config, base_model
+        self.suite = suite_fingerprint(config, base_model)
+
+    @cached_property
+    def images(self) -> "Generator":
+        return Generator(self.base_model, self.config)
+
+    @cached_property
+    def base_class_images(self) -> list[list[Image.Image | None]]:
+        return self.images.for_prompts(self.config.class_prompts, None)
+
+    @cached_property
+    def scorer(self) -> "Scorer":
+        return Scorer(self.config)
 
 
 def reuse(kept: str, config: EvaluateConfig, info: dict) -> dict:
@@ -161,7 +217,8 @@ def suite_fingerprint(config: EvaluateConfig, base_model: str) -> str:
     import diffusers
     import transformers
 
-    suite = {k: v for k, v in asdict(config).items() if k not in ("checkpoint", "output", "base_model", "cache")}
+    suite = {k: v for k, v in asdict(config).items()
+             if k not in ("checkpoint", "training_run", "output", "base_model", "cache")}
     suite |= {"base_model": base_model, "instance_images": content_hash(read_dir(config.instance_images) / "images"),
               "vae": config.vae and model_fingerprint(config.vae, parts=[""]),  # a local folder by its content
               "versions": [SCORING_VERSION, torch.__version__, diffusers.__version__, transformers.__version__]}
@@ -194,7 +251,9 @@ class Generator:
     def for_prompts(self, prompts: list[str], lora: Path | None) -> list[list[Image.Image | None]]:
         """Images per prompt; None where the output was not finite."""
         if lora is not None and self.loaded != lora:
-            self.pipe.load_lora_weights(str(lora))
+            # The next checkpoint of a training run has the same rank and targets: its weights are copied into the
+            # adapter already in the pipeline (hot-swap) rather than the adapter removed and injected again.
+            self.pipe.load_lora_weights(str(lora), adapter_name="checkpoint", hotswap=self.loaded is not None)
             self.loaded = lora
         if self.loaded is not None:
             (self.pipe.enable_lora if lora is not None else self.pipe.disable_lora)()
@@ -236,27 +295,41 @@ def load_instance_images(uri: str) -> list[Image.Image]:
     return images
 
 
-def score(generated, preserved, base, real: list[Image.Image], config: EvaluateConfig) -> dict:
-    """Mean scores, and the same per image (nested per prompt, then seed) so evaluations can be paired."""
-    flat = [image for row in generated for image in row]
-    flat_prompts = [p for p, row in zip(config.prompts, generated) for _ in row]
-    clip, dino = ClipEmbedder(config.clip_model), DinoEmbedder(config.dino_model)
-    clip_generated, dino_base = clip.images(flat), None
-    per_image = {
-        "clip_t": matched_cosines(clip_generated, clip.texts(flat_prompts)),
-        "clip_i": mean_cosines(clip_generated, clip.images(real)),
-        "dino": mean_cosines(dino.images(flat), dino.images(real)),
-    }
-    scores = {"per_image": {k: nest(v, config.images_per_prompt) for k, v in per_image.items()}}
-    if config.class_prompts:
-        with_lora = [image for row in preserved for image in row]
-        dino_base = dino.images([image for row in base for image in row])
-        preservation = matched_cosines(dino.images(with_lora), dino_base)
-        scores["per_class_image"] = {"preservation": nest(preservation, config.images_per_prompt)}
-        per_image["preservation"] = preservation
-        if config.checkpoint is None:  # how alike two draws of the class are: preservation's yardstick
-            scores["class_similarity"] = off_diagonal_mean(dino_base, config.images_per_prompt)
-    return {**{k: float(np.mean(v)) for k, v in per_image.items()}, **scores}
+class Scorer:
+    """Both evaluators and the embeddings of the real images, loaded once per process."""
+
+    def __init__(self, config: EvaluateConfig):
+        real = load_instance_images(config.instance_images)
+        self.clip, self.dino = ClipEmbedder(config.clip_model), DinoEmbedder(config.dino_model)
+        self.clip_real, self.dino_real = self.clip.images(real), self.dino.images(real)
+        self._dino_base: tuple[int, torch.Tensor] | None = None
+
+    def score(self, generated, preserved, base, config: EvaluateConfig) -> dict:
+        """Mean scores, and the same per image (nested per prompt, then seed) so evaluations can be paired."""
+        flat = [image for row in generated for image in row]
+        flat_prompts = [p for p, row in zip(config.prompts, generated) for _ in row]
+        clip_generated = self.clip.images(flat)
+        per_image = {
+            "clip_t": matched_cosines(clip_generated, self.clip.texts(flat_prompts)),
+            "clip_i": mean_cosines(clip_generated, self.clip_real),
+            "dino": mean_cosines(self.dino.images(flat), self.dino_real),
+        }
+        scores = {"per_image": {k: nest(v, config.images_per_prompt) for k, v in per_image.items()}}
+        if config.class_prompts:
+            with_lora = [image for row in preserved for image in row]
+            dino_base = self.base_embeddings(base)
+            preservation = matched_cosines(self.dino.images(with_lora), dino_base)
+            scores["per_class_image"] = {"preservation": nest(preservation, config.images_per_prompt)}
+            per_image["preservation"] = preservation
+            if config.checkpoint is None:  # how alike two draws of the class are: preservation's yardstick
+                scores["class_similarity"] = off_diagonal_mean(dino_base, config.images_per_prompt)
+        return {**{k: float(np.mean(v)) for k, v in per_image.items()}, **scores}
+
+    def base_embeddings(self, base) -> torch.Tensor:
+        """DINO embeddings of the base model's class images (the same for every checkpoint of a process)."""
+        if self._dino_base is None or self._dino_base[0] != id(base):
+            self._dino_base = (id(base), self.dino.images([image for row in base for image in row]))
+        return self._dino_base[1]
 
 
 def worst(config: EvaluateConfig) -> dict:

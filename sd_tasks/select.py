@@ -11,6 +11,7 @@ the run gets a labelled image grid per evaluation prompt and a plot per metric a
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from sd_tasks import tracking
 from sd_tasks.cli import option
 from sd_tasks.compare import METRICS, Yardstick, weighted_score
 from sd_tasks.errors import StepError
-from sd_tasks.storage import read_dir, whole_folders, write_dir, write_json
+from sd_tasks.storage import is_whole, join, list_dir, read_dir, whole_folders, write_dir, write_json
 
 ROW_FIELDS = ("learning_rate", "step", "checkpoint", "run_id", "suite", "broken", "champion_version", "base", *METRICS)
 
@@ -33,8 +34,9 @@ class SelectConfig:
     weight_flexibility: float = option("weight of prompt fidelity (CLIP-T)", 1.0)
     weight_preservation: float = option("weight of preservation of the base model", 0.5)
     parent_run_id: str | None = option("MLflow run to log the grids and plots to", None)
-    expected: list[str] = option("evaluation folders the pipeline planned (URIs): those that are not whole are "
-                                 "reported as missing (their evaluate task failed) and the rest selected from", [])
+    expected: list[str] = option("evaluation folders the pipeline planned (URIs; a training run's holds one folder "
+                                 "per checkpoint): those that are not whole are reported as missing (their evaluate "
+                                 "task failed) and the rest selected from", [])
 
 
 def run(config: SelectConfig) -> dict:
@@ -59,9 +61,7 @@ def run(config: SelectConfig) -> dict:
                         f"did evaluate run?")
     ranking = sorted(candidates, key=lambda r: (-r["score"], r["step"], r["learning_rate"]))
     champion = next((r for r in rows if r["champion_version"]), None)
-    found = {f.relative_to(folder).as_posix() for f in evaluations}
-    root = config.evaluations.rstrip("/") + "/"
-    missing = [uri.removeprefix(root) for uri in config.expected if uri.removeprefix(root) not in found]
+    missing = missing_evaluations(config, folder, evaluations)
     if missing:
         print(f"warning: not evaluated, selected from the rest: {', '.join(missing)}", file=sys.stderr)
     selection = {"selected": ranking[0], "runners_up": ranking[1:3], "table": candidates, "champion": champion,
@@ -80,6 +80,24 @@ def run(config: SelectConfig) -> dict:
         log_review(config.parent_run_id, evaluations, candidates)
     return {"selection": f"{config.output}/selection.json", "selected": ranking[0], "candidates": len(candidates),
             "missing": missing}
+
+
+def missing_evaluations(config: SelectConfig, folder, evaluations: dict) -> list[str]:
+    """The planned evaluations that are not whole: a planned folder with no evaluation at or under it, and each
+    checkpoint of an evaluated training run (`evaluate --training-run` writes one folder per step) that has none."""
+    found = {f.relative_to(folder).as_posix(): m for f, m in evaluations.items()}
+    root = config.evaluations.rstrip("/") + "/"
+    missing = []
+    for planned in (uri.removeprefix(root) for uri in config.expected):
+        under = [name for name in found if name == planned or name.startswith(planned + "/")]
+        if not under:
+            missing.append(planned)
+        elif planned not in found:  # a training run's folder: did every whole checkpoint of it get evaluated?
+            trained = {found[name]["checkpoint"].rstrip("/").rsplit("/", 1)[0] for name in under}
+            steps = {int(name.removeprefix("checkpoint-")) for run in trained for name in list_dir(run)
+                     if re.fullmatch(r"checkpoint-\d+", name) and is_whole(join(run, name))}
+            missing += [f"{planned}/step-{s}" for s in sorted(steps) if f"{planned}/step-{s}" not in found]
+    return missing
 
 
 def scored_row(metrics: dict, yardstick: Yardstick, weights: dict) -> dict:

@@ -105,18 +105,22 @@ def evaluation_suite(params: dict, run: str) -> dict:
             "seed": params["seed"], "cache": DEPLOYMENT.cache_dir("evaluations")}
 
 
-def evaluation_options(params: dict, run: str, training_results: list[dict], champion: dict) -> list[dict]:
-    """One `evaluate` options dict per checkpoint of every training run that finished, one for the current
-    champion, so the new model is compared with it on today's evaluation suite, and one for the base model alone,
-    the yardstick of normalised scores (evaluations are kept by LoRA weights and suite: while the suite is
-    unchanged, the champion's and the base model's are copied, not redone)."""
+def evaluation_options(params: dict, run: str, training_results: list[dict], champion: dict | None,
+                       base: bool = True) -> list[dict]:
+    """One `evaluate` options dict per training run that finished (every checkpoint of it in one process, the
+    pipeline loaded once), one for the current champion, so the new model is compared with it on today's evaluation
+    suite, and one for the base model alone, the yardstick of normalised scores (evaluations are kept by LoRA
+    weights and suite: while the suite is unchanged, the champion's and the base model's are copied, not redone).
+    A later rung of successive halving evaluates only its training runs (`champion` None, `base` False)."""
     suite = evaluation_suite(params, run)
-    candidates = [(c["uri"], f"{run_name(r['learning_rate'])}/step-{c['step']}")
-                  for r in training_results for c in r["checkpoints"]]
-    if champion["checkpoint"]:
-        candidates.append((champion["checkpoint"], f"champion-v{champion['version']}"))
-    candidates.append((None, "base"))
-    return [{"checkpoint": uri, "output": f"{run}/eval/{name}", **suite} for uri, name in candidates]
+    options = [{"training_run": f"{run}/train/{run_name(r['learning_rate'])}",
+                "output": f"{run}/eval/{run_name(r['learning_rate'])}", **suite} for r in training_results]
+    if champion and champion["checkpoint"]:
+        options.append({"checkpoint": champion["checkpoint"], "output": f"{run}/eval/champion-v{champion['version']}",
+                        **suite})
+    if base:
+        options.append({"checkpoint": None, "output": f"{run}/eval/base", **suite})
+    return options
 
 
 def confirmation_options(params: dict, run: str, selected: dict, champion: dict) -> list[dict]:

@@ -1,0 +1,95 @@
+"""Evaluating a training run in one process (one pipeline, LoRA weights swapped in place) gives the scores that
+evaluating each checkpoint in its own process gives, in the same folders and MLflow layout."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import shutil
+
+from sd_tasks import evaluate, select, tracking, train
+from sd_tasks.errors import StepError
+
+PROMPTS = ["a sks dog in the snow", "a red sks dog"]
+
+
+@pytest.fixture(scope="module")
+def run_folder(prepared, cache, models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("per-run") / "train" / "lr-1e-3"
+    train.run(train.TrainConfig(cache=cache, output=str(out), base_model=models["sdxl"], learning_rate=1e-3,
+                                max_steps=4, checkpointing_steps=2, experiment="per-run", rank=8))
+    return out
+
+
+def suite(prepared, models, **extra) -> dict:
+    return dict(instance_images=str(prepared / "resized"), prompts=PROMPTS, class_prompts=["a photo of dog"],
+                clip_model=models["clip"], dino_model=models["dino"], images_per_prompt=2, num_inference_steps=2,
+                **extra)
+
+
+@pytest.fixture
+def loads(monkeypatch) -> dict:
+    """How many times each heavy thing was loaded in this process."""
+    counts = {"pipeline": 0, "clip": 0, "dino": 0}
+
+    def counted(name, real):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(evaluate, "load_pipeline", counted("pipeline", evaluate.load_pipeline))
+    monkeypatch.setattr(evaluate, "ClipEmbedder", counted("clip", evaluate.ClipEmbedder))
+    monkeypatch.setattr(evaluate, "DinoEmbedder", counted("dino", evaluate.DinoEmbedder))
+    return counts
+
+
+def test_one_process_per_training_run_gives_the_per_checkpoint_scores(run_folder, prepared, models, tmp_path,
+                                                                      loads):
+    for step in (2, 4):
+        evaluate.run(evaluate.EvaluateConfig(checkpoint=str(run_folder / f"checkpoint-{step}"),
+                                             output=str(tmp_path / "single" / f"step-{step}"), **suite(prepared, models)))
+    assert loads == {"pipeline": 2, "clip": 2, "dino": 2}  # the old way: everything loaded per checkpoint
+
+    loads.update(pipeline=0, clip=0, dino=0)
+    result = evaluate.run(evaluate.EvaluateConfig(training_run=str(run_folder), output=str(tmp_path / "eval" / "lr-1e-3"),
+                                                  **suite(prepared, models)))
+    assert loads == {"pipeline": 1, "clip": 1, "dino": 1}
+    assert [e["step"] for e in result["evaluations"]] == [2, 4]
+    single = [json.loads((tmp_path / "single" / f"step-{s}" / "metrics.json").read_text()) for s in (2, 4)]
+    per_run = [json.loads((tmp_path / "eval" / "lr-1e-3" / f"step-{s}" / "metrics.json").read_text()) for s in (2, 4)]
+    assert single[0]["dino"] != single[1]["dino"]  # the two checkpoints differ, so a stale LoRA would show
+    for one, other in zip(single, per_run):
+        assert one["suite"] == other["suite"] and one["checkpoint"] == other["checkpoint"]
+        for metric in ("dino", "clip_i", "clip_t", "preservation"):
+            assert other[metric] == pytest.approx(one[metric], abs=1e-5)
+        for metric, rows in one["per_image"].items():
+            flat = [value for row in rows for value in row]
+            assert [value for row in other["per_image"][metric] for value in row] == pytest.approx(flat, abs=1e-5)
+    # the same MLflow layout: each checkpoint's metrics once on its training run, at its step
+    client = tracking.client()
+    assert [m.step for m in client.get_metric_history(per_run[0]["run_id"], "eval/dino")] == [2, 4]
+
+    loads.update(pipeline=0, clip=0, dino=0)  # again (a retry, or the next rung): whole evaluations are not redone
+    again = evaluate.run(evaluate.EvaluateConfig(training_run=str(run_folder), output=str(tmp_path / "eval" / "lr-1e-3"),
+                                                 **suite(prepared, models)))
+    assert loads == {"pipeline": 0, "clip": 0, "dino": 0}
+    assert [e.get("done") for e in again["evaluations"]] == [True, True]
+    assert [e["dino"] for e in again["evaluations"]] == [e["dino"] for e in result["evaluations"]]
+
+    # a per-run evaluation that stopped part-way: select names the checkpoint left without one
+    evaluate.run(evaluate.EvaluateConfig(base_model=models["sdxl"], output=str(tmp_path / "eval" / "base"),
+                                         **suite(prepared, models)))
+    shutil.rmtree(tmp_path / "eval" / "lr-1e-3" / "step-4")
+    chosen = select.run(select.SelectConfig(evaluations=str(tmp_path / "eval"), output=str(tmp_path / "select"),
+                                            expected=[str(tmp_path / "eval" / n) for n in ("lr-1e-3", "base")]))
+    assert chosen["missing"] == ["lr-1e-3/step-4"] and chosen["selected"]["step"] == 2
+
+
+def test_a_training_run_without_checkpoints_is_refused_in_one_line(tmp_path, prepared, models):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StepError, match=r"empty: no whole checkpoint to evaluate"):
+        evaluate.run(evaluate.EvaluateConfig(training_run=str(tmp_path / "empty"), output=str(tmp_path / "out"),
+                                             **suite(prepared, models)))
