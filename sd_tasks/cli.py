@@ -46,6 +46,7 @@ STEPS: dict[str, tuple[str, str]] = {
     "end-run": ("sd_tasks.tracking:end", "close an MLflow parent run left RUNNING by a failed pipeline run"),
     "train": ("sd_tasks.train", "train DreamBooth-LoRA on the encode cache, checkpoint every N steps"),
     "evaluate": ("sd_tasks.evaluate", "generate fixed-seed images for a checkpoint and score them"),
+    "halve": ("sd_tasks.halving", "successive halving: keep the best learning rates at a rung, stop the rest"),
     "select": ("sd_tasks.select", "score every evaluated checkpoint and pick the best"),
     "lineage": ("sd_tasks.lineage", "say whether anything changed since the champion or challenger was trained"),
     "champion": ("sd_tasks.register:champion", "fetch the current champion's LoRA for re-evaluation"),

@@ -42,6 +42,8 @@ class TrainConfig:
     prior_loss_weight: float = option("weight of the class images' loss (prior preservation)", 1.0)
     learning_rate: float = option("learning rate", 1e-4)
     max_steps: int = option("optimisation steps", 500)
+    stop_at_step: int | None = option("stop at this step, with a checkpoint, to be resumed later (a rung of successive "
+                                      "halving); the learning-rate schedule still spans max_steps", None)
     checkpointing_steps: int = option("write a checkpoint every this many steps (and at the end)", 100)
     checkpoints_total_limit: int | None = option("keep only the newest this many checkpoints", None)
     rank: int = option("LoRA rank", 4)
@@ -91,14 +93,15 @@ def run(config: TrainConfig) -> dict:
     if text:
         text.encoders = tuple(accelerator.prepare(e) for e in text.encoders)
     loras = lora_modules(accelerator.unwrap_model(unet), text, accelerator)
-    start = resume(config.output, loras, optimizer, lr_scheduler)
+    start, spent = resume(config.output, loras, optimizer, lr_scheduler)  # spent: seconds of the steps before start
+    last = min(config.stop_at_step or config.max_steps, config.max_steps)
     micro = config.gradient_accumulation_steps
     seed = config.seed + 1000 * accelerator.process_index  # each GPU of `accelerate launch` sees its own data
     batches = data.batches(config.batch_size, seed=seed, skip=start * micro)
     class_batches = prior.batches(config.batch_size, seed=seed + 1, skip=start * micro) if prior else None
     with training_run(config, enabled=accelerator.is_main_process) as mlflow_run:
-        started = time.perf_counter()
-        for step in range(start + 1, config.max_steps + 1):
+        started, total = time.perf_counter(), spent
+        for step in range(start + 1, last + 1):
             noise = step_randomness(seed, step)
             losses = []
             for _ in range(micro):
@@ -117,17 +120,22 @@ def run(config: TrainConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
 
             mlflow_run.log_metrics({"loss": sum(losses) / micro, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
-            if (step % config.checkpointing_steps == 0 or step == config.max_steps) and accelerator.is_main_process:
-                save_checkpoint(loras, optimizer, lr_scheduler, config, step, mlflow_run.id)
+            if (step % config.checkpointing_steps == 0 or step == last) and accelerator.is_main_process:
+                total = spent + time.perf_counter() - started  # the steps' seconds over all attempts
+                save_checkpoint(loras, optimizer, lr_scheduler, config, step, mlflow_run.id, train_seconds=total)
                 mlflow_run.flush()
             accelerator.wait_for_everyone()
 
-        seconds = time.perf_counter() - started
-        done = config.max_steps - start
-        mlflow_run.log_metrics({"images_per_second": done * micro * config.batch_size / max(seconds, 1e-9),
-                                **cost(seconds, accelerator.num_processes, config.gpu_hour_price), **peak_memory()})
+        seconds, done = time.perf_counter() - started, last - start
+        if done:  # a retry of a finished run trained nothing: its speed is the earlier attempts'
+            mlflow_run.log_metrics({"images_per_second": done * micro * config.batch_size / max(seconds, 1e-9),
+                                    **peak_memory()})
+        # Seconds of the steps the weights have, over every attempt (each checkpoint carries its running total), so
+        # a resumed or retried run neither counts a step twice nor reports only its own share.
+        mlflow_run.log_metrics(cost(total, accelerator.num_processes, config.gpu_hour_price))
     return {"run_id": mlflow_run.id, "learning_rate": config.learning_rate, "resumed_from": start or None,
-            "checkpoints": list_checkpoints(config.output)}
+            "output": config.output, "stopped_at": last if last < config.max_steps else None,
+            "train_seconds": total, "checkpoints": list_checkpoints(config.output)}
 
 
 def fresh_accelerator(mixed_precision: str):
@@ -292,7 +300,8 @@ def stop_if_not_finite(loss: torch.Tensor, step: int) -> None:
         raise StepError(f"loss is {loss.item()} at step {step}: training diverged (lower the learning rate)")
 
 
-def save_checkpoint(loras: dict, optimizer, lr_scheduler, config: TrainConfig, step: int, run_id: str) -> None:
+def save_checkpoint(loras: dict, optimizer, lr_scheduler, config: TrainConfig, step: int, run_id: str,
+                    train_seconds: float = 0.0) -> None:
     """Write checkpoint-<step>/ atomically (a killed run never leaves a half checkpoint that looks whole):
     the LoRA in diffusers and kohya/ComfyUI formats, what it was trained from, and the state to resume from."""
     from diffusers import StableDiffusionXLPipeline
@@ -312,7 +321,8 @@ def save_checkpoint(loras: dict, optimizer, lr_scheduler, config: TrainConfig, s
         save_file(kohya_state_dict(states, config.lora_alpha or config.rank), out / KOHYA_WEIGHTS)
         write_json(out / CHECKPOINT_INFO, {"step": step, "learning_rate": config.learning_rate, "run_id": run_id,
                                            "base_model": config.base_model, "cache": config.cache,
-                                           "rank": config.rank, "text_encoder": config.train_text_encoder})
+                                           "rank": config.rank, "text_encoder": config.train_text_encoder,
+                                           "train_seconds": train_seconds, "gpus": gpus_in_use()})
         torch.save({"step": step, "lora": states, "optimizer": optimizer.state_dict(),
                     "lr_scheduler": lr_scheduler.state_dict()}, out / TRAINING_STATE)
     limit_checkpoints(config.output, config.checkpoints_total_limit)
@@ -350,13 +360,14 @@ def limit_checkpoints(output: str, limit: int | None) -> None:
             remove(old["uri"])
 
 
-def resume(output: str, loras: dict, optimizer, lr_scheduler) -> int:
-    """Load the latest checkpoint's state, if any; return the step it was taken at (0 for a fresh start)."""
+def resume(output: str, loras: dict, optimizer, lr_scheduler) -> tuple[int, float]:
+    """Load the latest checkpoint's state, if any; return the step it was taken at (0 for a fresh start) and the
+    training seconds its steps took."""
     from peft.utils import set_peft_model_state_dict
 
     checkpoints = list_checkpoints(output, report_incomplete=True)
     if not checkpoints:
-        return 0
+        return 0, 0.0
     latest = checkpoints[-1]
     state = torch.load(read_dir(latest["uri"], whole=True) / TRAINING_STATE, weights_only=False)
     for name, module in loras.items():
@@ -364,7 +375,7 @@ def resume(output: str, loras: dict, optimizer, lr_scheduler) -> int:
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     print(f"resuming from {latest['uri']}", file=sys.stderr)
-    return state["step"]
+    return state["step"], read_json(f"{latest['uri']}/{CHECKPOINT_INFO}").get("train_seconds", 0.0)
 
 
 class training_run:
@@ -392,7 +403,8 @@ class training_run:
             parent_run_id=self.config.parent_run_id)
         earlier = mlflow.start_run(run_id=self.id).data  # what an earlier attempt of this training logged
         self._earlier_error = "dreamline.error" in earlier.tags
-        self._log_params({k: str(v) for k, v in asdict(self.config).items() if k not in ("parent_run_id", "tags")},
+        self._log_params({k: str(v) for k, v in asdict(self.config).items()
+                          if k not in ("parent_run_id", "tags", "stop_at_step")},  # a rung is not a setting
                          logged=earlier.params)
         return self
 
@@ -442,6 +454,13 @@ class training_run:
         finally:
             mlflow.end_run("FAILED" if exc_type else "FINISHED")
         return False
+
+
+def gpus_in_use() -> int:
+    """GPUs this training runs on: one per process of `accelerate launch`, none on the CPU."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) if torch.cuda.is_available() else 0
 
 
 def cost(seconds: float, processes: int, gpu_hour_price: float) -> dict:
