@@ -20,9 +20,13 @@ dataset is published; or on **Trigger** with the form below. A run:
    every *checkpoint interval*; with *prior preservation*, also on class images the base model generates once
    (cached). A crashed or preempted step is retried with backoff and training resumes from its latest checkpoint;
    refused input and a diverging learning rate fail at once, the latter its own task only;
-6. **evaluate**: every checkpoint of the learning rates that finished, the current champion and the base model
-   alone, on the same prompts and seeds (DINO, CLIP-I, CLIP-T, preservation of the base model's class images; every
-   score kept per image, and normalised against the base model's so the weights mean what they say);
+6. **evaluate**: one task per learning rate that finished scores every checkpoint of it (the pipeline and the
+   evaluators loaded once, LoRA weights swapped in place), one the current champion and one the base model alone,
+   on the same prompts and seeds (DINO, CLIP-I, CLIP-T, preservation of the base model's class images; every score
+   kept per image, and normalised against the base model's so the weights mean what they say); with *Sweep
+   strategy* halving, every rate first trains to the first rung only, and **rung_1**, **rung_2** keep the best
+   fraction (`halve`), train them on from their rung checkpoint and evaluate the new checkpoints (skipped when the
+   sweep has no such rung);
 7. **select** the best checkpoint of the evaluations that succeeded (naming those missing; the parent run gets
    labelled image grids and metric plots); **confirm**: the selected checkpoint, the champion and the base model are
    scored again on seeds selection never saw;
@@ -36,7 +40,8 @@ dataset is published; or on **Trigger** with the form below. A run:
 
 Each task runs one `python -m sd_tasks <step>` command: a local process here, a Kubernetes pod on a GPU node in
 production (`DREAMLINE_EXECUTOR=kubernetes`). Everything a run writes lives under one folder per DAG run; only small
-JSON results travel through XCom. Every step has a time limit and the whole run one (the subject's
+JSON results travel through XCom; every try of every step records its seconds and GPUs under `cost/`, totalled
+on the MLflow run and the registered version. Every step has a time limit and the whole run one (the subject's
 `timeout_hours`), so a hung night cannot block the next. Review the sweep in MLflow: experiment `<subject>`, one
 nested run per learning rate.
 """
@@ -45,14 +50,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, chain, dag, get_current_context, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, TaskGroup, chain, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from dreamline import plan, subjects
 from dreamline.deployment import DEPLOYMENT
 from dreamline.notify import on_failure, on_promotion
 from dreamline.operators import StepOperator, each_result, param, partial_step
-from dreamline.params import dag_params
+from dreamline.params import MAX_RUNGS, dag_params
 
 RUN = "{{ run_dir(dag.dag_id, run_id) }}"  # this DAG run's folder
 PARENT_RUN_ID = "{{ ti.xcom_pull(task_ids='mlflow_run')['run_id'] }}"
@@ -181,9 +186,8 @@ def lora_dag(subject: subjects.Subject):
                                          parent_run_id=parent["run_id"], class_cache=prior and prior["cache"])
 
         sweep = training_runs(dataset.output, encoded.output)
-        trained = partial_step(
-            task_id="train", step="train", profile="gpu", map_index_template="lr={{ task.options['learning_rate'] }}",
-        ).expand(options=sweep)
+        trained = partial_step(task_id="train", step="train", profile="gpu", map_index_template=TRAINED,
+                               ).expand(options=sweep)
 
         @task(trigger_rule="all_done_min_one_success")  # a learning rate that diverged must not sink the sweep
         def checkpoint_evaluations(training_results: list[dict]) -> list[dict]:
@@ -200,13 +204,15 @@ def lora_dag(subject: subjects.Subject):
 
         evaluations = checkpoint_evaluations(trained.output)
         evaluated = partial_step(
-            task_id="evaluate", step="evaluate", profile="gpu",
-            map_index_template="{{ task.options['output'].split('/eval/')[-1] }}",
+            task_id="evaluate", step="evaluate", profile="gpu", map_index_template=EVALUATED,
         ).expand(options=evaluations)
+        stages = [(trained, evaluated)]  # successive halving's rungs, each skipped when the sweep has no such rung
+        for number in range(1, MAX_RUNGS + 1):
+            stages.append(halving_rung(number, *stages[-1]))
 
-        # From the evaluations that succeeded: a failed one is named, not fatal.
-        selected = StepOperator(task_id="select", step="select", trigger_rule="all_done_min_one_success", options={
-            "evaluations": f"{RUN}/eval", "output": f"{RUN}/select",
+        # From the evaluations that succeeded (a failed one is named, not fatal), whichever rungs ran.
+        selected = StepOperator(task_id="select", step="select", trigger_rule="all_done", options={
+            "evaluations": f"{RUN}/eval", "output": f"{RUN}/select", "sweep": f"{RUN}/sweep",
             "expected": each_result("checkpoint_evaluations", "output"),
             "weight_accuracy": param("weight_accuracy"), "weight_flexibility": param("weight_flexibility"),
             "weight_preservation": param("weight_preservation"), "parent_run_id": PARENT_RUN_ID,
@@ -230,6 +236,7 @@ def lora_dag(subject: subjects.Subject):
             "recipe_hash": "{{ ti.xcom_pull(task_ids='recipe')['recipe_hash'] }}", "confirmation": f"{RUN}/confirm",
             "confidence": param("promotion_confidence"), "margin": param("promotion_margin"),
             "require_approval": param("require_approval"), "review_url": DEPLOYMENT.mlflow_ui_url,
+            "cost": f"{RUN}/cost", "gpu_hour_price": DEPLOYMENT.gpu_hour_price,
         })
 
         @task.short_circuit(ignore_downstream_trigger_rules=False)
@@ -259,11 +266,50 @@ def lora_dag(subject: subjects.Subject):
         chain(champion, go)  # a registry that cannot be reached fails the run before any GPU is used
         chain(go, prior_preservation_on(), class_images, class_cache, sweep)
         chain(champion, evaluations)  # checkpoint_evaluations pulls the champion's result
-        chain(evaluated, selected)
+        chain([evaluated for _, evaluated in stages], selected)
         chain(confirmed, registered, approval_needed(registered.output), approval, promoted,
               closed.as_teardown(setups=mlflow_run))
 
     return lora()
+
+
+EVALUATED = "{{ task.options['output'].split('/eval/')[-1] }}"  # an evaluate task's map index: lr-0.0001, base
+TRAINED = "lr={{ task.options['learning_rate'] }}"
+
+
+def halving_rung(number: int, trained, evaluated) -> tuple:
+    """Rung `number` of successive halving: rank the learning rates that reached it (`halve`), train the kept ones
+    on from their rung checkpoint, and evaluate their new checkpoints. Every task of it is skipped when the sweep
+    has no such rung (a grid, or fewer rungs)."""
+    with TaskGroup(f"rung_{number}", tooltip=f"Successive halving, rung {number}"):
+        @task(trigger_rule="all_done_min_one_success")  # a rate that diverged before the rung is not fatal
+        def halving(training_results: list[dict]) -> list[dict]:
+            """[] (skipping the rest of the rung) or the `halve` options of the learning rates that reached it."""
+            return plan.halving_options(*_params_and_run_dir(), rung=number, training_results=training_results)
+
+        ranking = halving(trained.output)
+        chain(evaluated, ranking)
+        halved = partial_step(task_id="halve", step="halve", map_index_template="step {{ task.options['rung'] }}",
+                              ).expand(options=ranking)
+
+        @task
+        def kept_training_runs(decisions: list[dict]) -> list[dict]:
+            """`train` options of the learning rates kept: the first stage's, to the next stop."""
+            context = get_current_context()
+            first_stage = context["ti"].xcom_pull(task_ids="training_runs")
+            return plan.continued_training(context["params"], number, first_stage, decisions[0]["kept"])
+
+        trained_on = partial_step(task_id="train", step="train", profile="gpu", map_index_template=TRAINED,
+                                  ).expand(options=kept_training_runs(halved.output))
+
+        @task(trigger_rule="all_done_min_one_success")
+        def new_checkpoint_evaluations(training_results: list[dict]) -> list[dict]:
+            """One `evaluate` per kept training run: its checkpoints already evaluated are not redone."""
+            return plan.evaluation_options(*_params_and_run_dir(), training_results, None, base=False)
+
+        evaluated_on = partial_step(task_id="evaluate", step="evaluate", profile="gpu", map_index_template=EVALUATED,
+                                    ).expand(options=new_checkpoint_evaluations(trained_on.output))
+    return trained_on, evaluated_on
 
 
 def _params_and_run_dir() -> tuple[dict, str]:

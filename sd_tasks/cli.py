@@ -24,11 +24,13 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 import types
 import typing
 from pathlib import Path
 
+from sd_tasks.cost import record_step
 from sd_tasks.errors import IncompleteFolder, StepError
 
 # step name -> ("module[:function]", one-line description); the function defaults to `run`. Modules import lazily so `validate` never pays for torch.
@@ -69,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     if step not in STEPS:
         print(f"error: unknown step {step!r}; steps: {', '.join(STEPS)}", file=sys.stderr)
         return EXIT_USAGE
+    started = time.perf_counter()
+    code = _main(step, argv)
+    record_step(step, time.perf_counter() - started, code)  # this try's seconds, for the night's cost (sd_tasks.cost)
+    return code
+
+
+def _main(step: str, argv: list[str]) -> int:
     module_name, _, func_name = STEPS[step][0].partition(":")
     func = getattr(importlib.import_module(module_name), func_name or "run")
     config_type = _config_type(func)

@@ -27,6 +27,7 @@ from pathlib import Path
 from sd_tasks import tracking
 from sd_tasks.cli import option
 from sd_tasks.compare import Yardstick, describe, paired_difference
+from sd_tasks.cost import ledger, summarise
 from sd_tasks.promotion import CHAMPION, move_champion
 from sd_tasks.report import report, review
 from sd_tasks.storage import read_dir, read_json, whole_folders, write_dir, write_json
@@ -58,6 +59,9 @@ class RegisterConfig:
                                     "`promote`) instead of being promoted here", False)
     review_url: str | None = option("MLflow URL a reviewer's browser can load artifacts from (images in the review)",
                                     None)
+    cost: str | None = option("folder of the night's cost records (sd_tasks.cost): totalled onto the parent run and "
+                              "the version", None)
+    gpu_hour_price: float = option("price of one GPU-hour, for the estimated price of the night", 2.5)
 
 
 def run(config: RegisterConfig) -> dict:
@@ -90,17 +94,29 @@ def run(config: RegisterConfig) -> dict:
     if eligible and not awaiting:  # already the champion: move_champion records nothing
         move_champion(client, config.model_name, version, by="dreamline", reason=reason, action="promoted")
     aliases = client.get_registered_model(config.model_name).aliases
+    spent = summarise(ledger(config.cost), config.gpu_hour_price) if config.cost else None
+    if spent:  # what the night cost up to this version (set again by a retry: the same ledger, a larger one)
+        for key, value in {"seconds": f"{spent['total']['seconds']:.1f}", "gpu_hour_price": f"{config.gpu_hour_price:g}",
+                           "gpu_seconds": f"{spent['total']['gpu_seconds']:.1f}",
+                           "estimated_price": f"{spent['total']['price']:.2f}"}.items():
+            client.set_model_version_tag(config.model_name, str(version), f"cost.{key}", value)
     result = {"model_name": config.model_name, "version": int(version), "promoted": eligible and not awaiting,
               "awaiting_approval": awaiting, "reason": reason, "decision": decision, "comparison": comparison,
               "aliases": sorted(a for a, v in aliases.items() if str(v) == str(version)),
               "champion": int(aliases[CHAMPION]) if CHAMPION in aliases else None,
-              "learning_rate": best["learning_rate"], "step": best["step"], "score": best["score"]}
+              "learning_rate": best["learning_rate"], "step": best["step"], "score": best["score"], "cost": spent}
     if config.parent_run_id:
         client.log_dict(config.parent_run_id, selection, "selection.json")
         client.log_text(config.parent_run_id, report(config.model_name, selection, result), "report.md")
         if comparison:
             for key in ("difference", "low", "high"):
                 client.log_metric(config.parent_run_id, f"promotion/{key}", comparison[key])
+        if spent:
+            for key, value in spent["total"].items():
+                client.log_metric(config.parent_run_id, f"cost/{key}", value)
+        if selection.get("halving"):
+            for key in ("saved_seconds", "saved_gpu_seconds"):
+                client.log_metric(config.parent_run_id, f"halving/{key}", sum(r[key] for r in selection["halving"]))
         client.set_terminated(config.parent_run_id, "FINISHED")
     result["review"] = review(config.model_name, selection, result, config.parent_run_id,  # the approval page
                               config.review_url)

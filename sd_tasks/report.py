@@ -45,6 +45,16 @@ def report(name: str, selection: dict, result: dict) -> str:
         "Image grids (rows: learning rate, the champion and the base model; columns: step) and metric plots are under "
         "`review/`.",
     ]
+    if selection.get("halving"):
+        from sd_tasks.halving import describe as describe_halving
+
+        lines += ["", "Successive halving (learning rates ranked by their normalised score at each rung):", "",
+                  describe_halving(selection["halving"])]
+    if result.get("cost"):
+        from sd_tasks.cost import table
+
+        lines += ["", f"Cost of the night up to this registration (every try of every step once; GPU-hour at "
+                      f"{result['cost']['gpu_hour_price']:g}):", "", table(result["cost"])]
     if selection.get("missing"):
         lines += ["", f"Not evaluated (their evaluate task failed): {', '.join(selection['missing'])}."]
     return "\n".join(lines) + "\n"

@@ -34,6 +34,7 @@ class SelectConfig:
     weight_flexibility: float = option("weight of prompt fidelity (CLIP-T)", 1.0)
     weight_preservation: float = option("weight of preservation of the base model", 0.5)
     parent_run_id: str | None = option("MLflow run to log the grids and plots to", None)
+    sweep: str | None = option("folder of successive halving's rung decisions (halve's output), for the report", None)
     expected: list[str] = option("evaluation folders the pipeline planned (URIs; a training run's holds one folder "
                                  "per checkpoint): those that are not whole are reported as missing (their evaluate "
                                  "task failed) and the rest selected from", [])
@@ -66,7 +67,8 @@ def run(config: SelectConfig) -> dict:
         print(f"warning: not evaluated, selected from the rest: {', '.join(missing)}", file=sys.stderr)
     selection = {"selected": ranking[0], "runners_up": ranking[1:3], "table": candidates, "champion": champion,
                  "base": next(r for r in rows if r["base"]), "weights": weights, "missing": missing,
-                 "normalisation": {"centre": yardstick.centre, "scale": yardstick.scale}, "prompts": base["prompts"]}
+                 "normalisation": {"centre": yardstick.centre, "scale": yardstick.scale}, "prompts": base["prompts"],
+                 "halving": halving_history(config.sweep)}
     with write_dir(config.output) as out:
         write_json(out / "selection.json", selection)
     for row in candidates:  # MLflow's model search ranks the sweep by the score only select can compute
@@ -80,6 +82,12 @@ def run(config: SelectConfig) -> dict:
         log_review(config.parent_run_id, evaluations, candidates)
     return {"selection": f"{config.output}/selection.json", "selected": ranking[0], "candidates": len(candidates),
             "missing": missing}
+
+
+def halving_history(sweep: str | None) -> list[dict]:
+    from sd_tasks.halving import history  # halving ranks with this module's scores
+
+    return history(sweep) if sweep else []
 
 
 def missing_evaluations(config: SelectConfig, folder, evaluations: dict) -> list[str]:

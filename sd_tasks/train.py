@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from sd_tasks import models, tracking
 from sd_tasks.cli import option
+from sd_tasks.cost import gpus_in_use
 from sd_tasks.errors import StepError
 from sd_tasks.storage import join, list_dir, read_dir, read_json, remove, why_not_whole, write_dir, write_json
 
@@ -454,13 +455,6 @@ class training_run:
         finally:
             mlflow.end_run("FAILED" if exc_type else "FINISHED")
         return False
-
-
-def gpus_in_use() -> int:
-    """GPUs this training runs on: one per process of `accelerate launch`, none on the CPU."""
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1")) if torch.cuda.is_available() else 0
 
 
 def cost(seconds: float, processes: int, gpu_hour_price: float) -> dict:

@@ -88,13 +88,15 @@ def test_each_subject_gets_its_registry_entry_as_its_form_defaults(dag, bag):
     assert backpack["learning_rates"] == [1e-4, 5e-4]  # the entry's recipe over the production default
 
 
-def test_training_is_mapped_over_learning_rates_and_evaluation_over_checkpoints(dag):
+def test_training_and_evaluation_are_mapped_over_learning_rates_with_halving_rungs(dag):
     tasks = dag.task_dict
+    rungs = {f"rung_{n}.{t}" for n in (1, 2) for t in ("halving", "halve", "kept_training_runs", "train",
+                                                          "new_checkpoint_evaluations", "evaluate")}
     assert {"recipe", "dataset", "champion", "lineage", "anything_to_train", "mlflow_run", "validate", "caption",
             "resize", "encode_shards", "encode", "cache_to_merge", "merge_cache", "prior_preservation_on",
             "class_images", "encode_class_images", "training_runs", "train", "checkpoint_evaluations", "evaluate",
             "select", "confirmations", "confirm", "register", "approval_needed", "approval", "promote",
-            "close_mlflow_run"} == set(tasks)
+            "close_mlflow_run", *rungs} == set(tasks)
     assert tasks["close_mlflow_run"].is_teardown and "promote" in tasks["close_mlflow_run"].upstream_task_ids
     assert tasks["train"].__class__.__name__ == "MappedOperator"
     assert tasks["evaluate"].__class__.__name__ == "MappedOperator"
@@ -103,9 +105,13 @@ def test_training_is_mapped_over_learning_rates_and_evaluation_over_checkpoints(
     assert tasks["training_runs"].trigger_rule == "none_failed"  # runs when prior preservation is skipped
     assert tasks["confirm"].__class__.__name__ == "MappedOperator"  # the winner, the champion, the base model
     assert tasks["register"].upstream_task_ids == {"confirm"}
-    assert tasks["select"].upstream_task_ids == {"evaluate"}
+    assert tasks["select"].upstream_task_ids == {"evaluate", "rung_1.evaluate", "rung_2.evaluate"}
+    # each rung follows the stage before it, and is skipped (from its first task on) when the sweep has no such rung
+    assert {"train", "evaluate"} <= tasks["rung_1.halving"].upstream_task_ids
+    assert {"rung_1.train", "rung_1.evaluate"} <= tasks["rung_2.halving"].upstream_task_ids
+    assert tasks["rung_1.train"].__class__.__name__ == "MappedOperator"
     assert tasks["promote"].upstream_task_ids == {"approval"} and tasks["approval"].defaults == ["Reject"]
-    assert tasks["select"].trigger_rule == "all_done_min_one_success"  # from the evaluations that succeeded
+    assert tasks["select"].trigger_rule == "all_done"  # from the evaluations that succeeded, whichever rungs ran
 
 
 def test_the_first_tasks_decide_before_any_gpu_work(dag):
@@ -115,7 +121,8 @@ def test_the_first_tasks_decide_before_any_gpu_work(dag):
     assert tasks["anything_to_train"].upstream_task_ids == {"lineage", "champion"}  # champion fails early
     downstream = tasks["anything_to_train"].get_flat_relative_ids(upstream=False)
     gpu = {t.task_id for t in dag.tasks if getattr(t, "pool", None) == "gpu"}
-    assert gpu == {"encode", "class_images", "encode_class_images", "train", "evaluate", "confirm"}
+    assert gpu == {"encode", "class_images", "encode_class_images", "train", "evaluate", "confirm",
+                   *(f"rung_{n}.{t}" for n in (1, 2) for t in ("train", "evaluate"))}
     assert gpu <= downstream
 
 

@@ -32,7 +32,8 @@ subjects:
 BACKPACK_CONF = {**{k: v for k, v in CONF.items() if k not in ("subject", "dataset_version", "prior_preservation",
                                                                  "num_class_images", "encode_shard_size",
                                                                  "promotion_margin")},
-                 "learning_rates": [1e-3]}
+                 # successive halving: both rates train to step 2, the better one on to 4
+                 "learning_rates": [1e-3, 1e-4], "sweep_strategy": "halving", "halving_rungs": [2]}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,10 @@ def test_the_demo_progress_reads_every_task_instance_off_the_runs_database(night
               for t in nights[night]["tasks"]}
     assert final == listed
     assert [e.name for e in ended if e.state == "failed"] == ["train [lr=1000000.0]"]
-    assert all(e.seconds is not None and e.seconds >= 0 for e in ended)
+    assert all(e.seconds is not None and e.seconds >= 0 for e in ended if e.state != "skipped")
+    # a task mapped over nothing (an unused rung of successive halving) is skipped without ever starting
+    assert {e.name for e in ended if e.seconds is None} <= {f"rung_{n}.{t}" for n in (1, 2) for t in ("halve", "train",
+                                                                                                      "evaluate")}
 
 
 def test_a_diverging_learning_rate_fails_its_own_task_and_the_sweep_goes_on(dag_run):
@@ -253,3 +257,40 @@ def test_two_subjects_have_separate_lineage(nights, client):
                         .startswith("backpack") for r in runs)
     folders = sorted(p.name for p in (nights["home"] / "runs").iterdir())
     assert folders == ["lora_backpack", "lora_dog"]
+
+
+def test_successive_halving_stops_the_losing_rate_at_its_rung_and_the_survivor_resumes(nights):
+    states = {(t["task_id"], t["map_index"]): t["state"] for t in nights["backpack"]["tasks"]}
+    assert states[("rung_1.halve", 0)] == states[("rung_1.train", 0)] == states[("rung_1.evaluate", 0)] == "success"
+    assert ("rung_1.train", 1) not in states  # one of two kept
+    rung_2 = {task: s for (task, _), s in states.items() if task.startswith("rung_2.")}
+    assert rung_2.pop("rung_2.halving") == "success" and set(rung_2.values()) == {"skipped"}  # only one rung asked
+    run = next((nights["home"] / "runs" / "lora_backpack").iterdir())
+    decision = json.loads((run / "sweep" / "rung-2" / "halving.json").read_text())
+    [kept], [stopped] = decision["kept"], decision["stopped"]
+    steps = {lr: sorted(p.name for p in (run / "train" / f"lr-{lr:g}").glob("checkpoint-*")) for lr in (kept, stopped)}
+    assert steps == {kept: ["checkpoint-2", "checkpoint-4"], stopped: ["checkpoint-2"]}
+    assert sorted(p.name for p in (run / "eval" / f"lr-{stopped:g}").iterdir()) == ["step-2"]
+    assert sorted(p.name for p in (run / "eval" / f"lr-{kept:g}").iterdir()) == ["step-2", "step-4"]
+    selection = json.loads((run / "select" / "selection.json").read_text())
+    assert [r["stopped"] for r in selection["halving"]] == [[stopped]] and selection["missing"] == []
+    assert f"rung 2: keeping lr={kept:g}; stopping lr={stopped:g}" in nights["backpack"]["log"]
+
+
+def test_the_nights_cost_is_on_the_registered_version_and_the_parent_run(nights, client):
+    run = next((nights["home"] / "runs" / "lora_backpack").iterdir())
+    records = {p.name for p in (run / "cost").iterdir()}
+    assert {"train.0.try-1.json", "train.1.try-1.json", "rung_1.train.0.try-1.json", "rung_1.halve.0.try-1.json",
+            "evaluate.0.try-1.json", "validate.try-1.json", "select.try-1.json"} <= records
+    version = client.get_model_version_by_alias("backpack-sdxl-lora", "challenger")
+    seconds = sum(json.loads((run / "cost" / name).read_text())["seconds"] for name in records
+                  if not name.startswith(("register.", "promote.", "close_mlflow_run.")))  # recorded after it
+    assert float(version.tags["cost.seconds"]) == pytest.approx(seconds, abs=0.2)
+    assert version.tags["cost.gpu_seconds"] == "0.0" and version.tags["cost.estimated_price"] == "0.00"  # no GPU
+    runs = client.search_runs([client.get_experiment_by_name("backpack").experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.metrics["cost/seconds"] == pytest.approx(seconds, abs=0.2)
+    assert parent.data.metrics["halving/saved_seconds"] > 0
+    report = open(client.download_artifacts(parent.info.run_id, "report.md")).read()
+    assert "| train | train | 2 | 2 |" in report and "| rung_1.train | train | 1 | 1 |" in report  # 2 rates, 1 kept
+    assert "Successive halving" in report and "against the full grid" in report

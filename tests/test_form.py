@@ -37,6 +37,7 @@ def form(dag, **conf) -> dict:
     {"dataset_version": ""}, {"dataset_version": "main --force"},
     {"subject": "cat"},  # another subject's lineage is not this DAG's
     {"max_steps": "500"}, {"force": "yes"},  # the wrong type
+    {"sweep_strategy": "random"}, {"halving_keep": 0}, {"halving_keep": 1.5}, {"halving_rungs": [100, 200, 300]},
 ])
 def test_the_form_refuses(dag, conf):
     with pytest.raises(ParamValidationError):
@@ -47,6 +48,9 @@ def test_the_form_refuses(dag, conf):
     ({"max_steps": 450}, "not a multiple of the checkpoint interval"),
     ({"max_steps": 5000, "checkpointing_steps": 10}, "500 checkpoints per learning rate; at most 20"),
     ({"learning_rates": [1e-4, 1.0000001e-4]}, "would share the run folder lr-0.0001"),
+    ({"sweep_strategy": "halving", "halving_rungs": [300, 100]}, r"halving rungs \[300, 100\]: ascending"),
+    ({"sweep_strategy": "halving", "halving_rungs": [500]}, "each below max_steps 500"),
+    ({"sweep_strategy": "halving", "halving_rungs": [150]}, "rung 150 is not a multiple of the checkpoint interval"),
 ])
 def test_the_first_task_refuses_what_json_schema_cannot_say(dag, conf, message):
     with pytest.raises(plan.RecipeError, match=message):
@@ -59,7 +63,25 @@ def test_a_good_form_passes_and_its_recipe_fingerprint_ignores_what_does_not_cha
     same = plan.check_recipe(form(dag, force=True, dataset_version="dog-v2", encode_shard_size=10,
                                   require_approval=True, promotion_margin=0.5, promotion_confidence=0.9))
     other = plan.check_recipe(form(dag, max_steps=400))
-    assert same["recipe_hash"] == checked["recipe_hash"] != other["recipe_hash"]
+    halving = plan.check_recipe(form(dag, sweep_strategy="halving"))
+    assert same["recipe_hash"] == checked["recipe_hash"] != other["recipe_hash"] != halving["recipe_hash"]
+
+
+def test_halving_stages_train_each_rate_to_its_rung_and_the_kept_ones_on(dag):
+    params = form(dag, sweep_strategy="halving")  # rungs 100 and 300 of 500, half kept
+    assert plan.sweep_stages(params) == [100, 300, 500] and plan.sweep_stages(form(dag)) == [500]
+    first = plan.training_options(params, "/run", {"rev": "r", "commit": "c", "hash": "h"}, "/cache", "p", None)
+    assert [o["stop_at_step"] for o in first] == [100] * 3
+    assert plan.training_options(form(dag), "/run", {"rev": "r", "commit": "c", "hash": "h"}, "/cache", "p",
+                                 None)[0]["stop_at_step"] is None  # a grid trains to max_steps
+    results = [{"learning_rate": lr} for lr in params["learning_rates"]]
+    [halve] = plan.halving_options(params, "/run", 1, results)
+    assert (halve["rung"], halve["keep"], halve["max_steps"]) == (100, 0.5, 500)
+    assert plan.halving_options(params, "/run", 3, results) == [] == plan.halving_options(form(dag), "/run", 1, results)
+    kept = plan.continued_training(params, 1, first, [5e-4, 1e-4])
+    assert [(o["learning_rate"], o["stop_at_step"]) for o in kept] == [(1e-4, 300), (5e-4, 300)]
+    assert [o["stop_at_step"] for o in plan.continued_training(params, 2, first, [1e-4])] == [None]
+    assert [o["output"] for o in kept] == ["/run/train/lr-0.0001", "/run/train/lr-0.0005"]  # resumed where they were
 
 
 def rendered_options(dag, task_id: str, **conf) -> dict:

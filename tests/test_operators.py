@@ -73,6 +73,9 @@ class FakeKubernetesApi:
 
 def test_the_operators_know_the_steps_final_exit_codes():
     assert operators.FINAL_EXIT_CODES == cli.FINAL_EXIT_CODES  # the plugin cannot import sd_tasks in Airflow
+    from sd_tasks import cost
+
+    assert operators.COST_RECORD_ENV == cost.RECORD_ENV
 
 
 @pytest.mark.parametrize(("exit_code", "final"), [(65, True), (2, True), (1, False), (137, False), (None, False)])

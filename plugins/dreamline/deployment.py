@@ -12,6 +12,7 @@
 | DREAMLINE_CAPTION_MODEL | Salesforce/blip-image-captioning-large | captioner, when captions come from a model |
 | MLFLOW_TRACKING_URI | `sqlite:///$DREAMLINE_HOME/mlflow/mlflow.db` | MLflow tracking and registry |
 | DREAMLINE_MLFLOW_UI_URL | MLFLOW_TRACKING_URI when it is http(s) | MLflow as a reviewer's browser reaches it (approval pages link its images) |
+| DREAMLINE_GPU_HOUR_PRICE | 2.5 | price of one GPU-hour (your cloud's, in your currency): the estimated price of a night |
 
 Kubernetes only (see docs/deployment.md for the objects they name):
 
@@ -69,6 +70,7 @@ class Deployment:
     s3_secret: str = "dreamline-s3"
     optional_secrets: tuple[str, ...] = ("dreamline-mlflow", "dreamline-hf", "dreamline-git")
     model_cache_pvc: str = "dreamline-model-cache"
+    gpu_hour_price: float = 2.5
     step_env: dict = field(default_factory=dict)
 
     def cache_dir(self, name: str) -> str:
@@ -131,6 +133,16 @@ def pod_can_read_model(model: str) -> bool:
     return not model.startswith(("/", ".", "~", "file:")) and model.count("/") <= 1
 
 
+def _price(value: str) -> float:
+    try:
+        price = float(value)
+    except ValueError:
+        price = -1.0
+    if not price >= 0:  # also NaN
+        raise DeploymentError(f"DREAMLINE_GPU_HOUR_PRICE={value!r}: a price, a number of at least 0")
+    return price
+
+
 def _names(value: str | None) -> tuple[str, ...]:
     return tuple(n.strip() for n in (value or "").split(",") if n.strip())
 
@@ -161,6 +173,7 @@ def from_environment(env=os.environ) -> Deployment:
                                            env.get("DREAMLINE_HF_SECRET", "dreamline-hf"),
                                            env.get("DREAMLINE_GIT_SECRET", "dreamline-git")) if n),
         model_cache_pvc=env.get("DREAMLINE_MODEL_CACHE_PVC", "dreamline-model-cache"),
+        gpu_hour_price=_price(env.get("DREAMLINE_GPU_HOUR_PRICE", "2.5")),
         # What every local step process sees, besides its argv (pods: see operators.pod_environment).
         step_env={"DREAMLINE_HOME": str(home), "MLFLOW_TRACKING_URI": tracking_uri,
                   "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"},

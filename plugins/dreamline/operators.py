@@ -32,6 +32,7 @@ from dreamline.profiles import PROFILES, step_resources
 
 # sd_tasks.cli.FINAL_EXIT_CODES (a test keeps them equal): Airflow's components do not have sd_tasks on their path.
 FINAL_EXIT_CODES = frozenset({65, 2})
+COST_RECORD_ENV = "DREAMLINE_COST_RECORD"  # sd_tasks.cost.RECORD_ENV
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ class LocalStepOperator(BaseOperator):
     def execute(self, context) -> dict:
         argv = [sys.executable, "-m", "sd_tasks", *step_argv(self.step, self.options)]
         self.log.info("Running %s", " ".join(argv[1:]))
-        env = {**os.environ, **DEPLOYMENT.step_env,
+        record = cost_record(context)
+        env = {**os.environ, **DEPLOYMENT.step_env, **({COST_RECORD_ENV: record} if record else {}),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         self._process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                          env=env, cwd=REPO_ROOT)
@@ -239,7 +241,10 @@ def _kubernetes_operator():
 
         def build_pod_request_obj(self, context=None, **kwargs):
             self.arguments = step_argv(self.step, self.options)
-            return super().build_pod_request_obj(context, **kwargs)
+            pod = super().build_pod_request_obj(context, **kwargs)
+            if context is not None and (record := cost_record(context)):  # per try, unlike the rest of the pod
+                pod.spec.containers[0].env.append(k8s.V1EnvVar(name=COST_RECORD_ENV, value=record))
+            return pod
 
         def cleanup(self, pod, remote_pod, *args, **kwargs):
             try:
@@ -251,6 +256,17 @@ def _kubernetes_operator():
                                    str(failure)) from failure
 
     return KubernetesStepOperator
+
+
+def cost_record(context) -> str | None:
+    """Where this try of this task writes its seconds and GPUs (sd_tasks.cost): one file per try, so a retry adds
+    its own and nothing is counted twice. None outside a DAG run."""
+    ti = context.get("ti")
+    if ti is None or "run_id" not in context:
+        return None
+    index = f".{ti.map_index}" if ti.map_index is not None and ti.map_index >= 0 else ""
+    run = DEPLOYMENT.run_dir(ti.dag_id, context["run_id"])
+    return f"{run}/cost/{ti.task_id}{index}.try-{ti.try_number}.json"
 
 
 def uses_model_cache(step: str) -> bool:

@@ -52,7 +52,8 @@ def evaluation_prompts(params: dict) -> list[str]:
 
 RUN = "This run"
 MAX_LEARNING_RATES = 8
-MAX_CHECKPOINTS = 20  # per training run; with 8 learning rates, 160 evaluate tasks (Airflow maps at most 1,024)
+MAX_CHECKPOINTS = 20  # per training run; each is evaluated
+MAX_RUNGS = 2  # successive halving's rungs: the DAG has this many stages after the first, skipped when not used
 SUBJECT = "Subject and data"
 PREPARATION = "Data preparation"
 TRAINING = "Training"
@@ -150,6 +151,19 @@ def training_params() -> dict[str, Param]:
         "checkpointing_steps": Param(100, type="integer", minimum=1, title="Checkpoint interval",
                                      description=f"Steps between checkpoints; every checkpoint is evaluated, so at "
                                      f"most {MAX_CHECKPOINTS} per training run.", section=TRAINING),
+        "sweep_strategy": Param("grid", type="string", enum=["grid", "halving"],
+                                values_display={"grid": "Grid: every learning rate trains to max steps",
+                                                "halving": "Successive halving: the losing rates stop at each rung"},
+                                title="Sweep strategy", description="Halving evaluates every learning rate at each "
+                                "rung and only the best fraction trains on (resuming, so no step is repeated): "
+                                "fewer GPU-hours for the same winner when the losers show early.", section=TRAINING),
+        "halving_rungs": Param([100, 300], type="array", items={"type": "integer", "minimum": 1}, minItems=1,
+                               maxItems=MAX_RUNGS, uniqueItems=True, title="Halving rungs",
+                               description=f"Steps at which learning rates are compared (at most {MAX_RUNGS}, "
+                               "ascending, multiples of the checkpoint interval, below max steps).", section=TRAINING),
+        "halving_keep": Param(0.5, type="number", exclusiveMinimum=0, maximum=1, title="Halving: fraction kept",
+                              description="Fraction of the learning rates that train on at each rung (rounded up, "
+                              "at least one): 0.5 takes 3 rates to 2, then 1.", section=TRAINING),
         "rank": Param(4, type="integer", minimum=1, maximum=256, title="LoRA rank",
                       description="Rank of the LoRA matrices: capacity (and file size) of what is learned.",
                       section=TRAINING),

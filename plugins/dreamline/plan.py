@@ -11,7 +11,7 @@ import math
 import string
 
 from dreamline.deployment import DEPLOYMENT
-from dreamline.params import MAX_CHECKPOINTS, evaluation_prompts
+from dreamline.params import MAX_CHECKPOINTS, MAX_RUNGS, evaluation_prompts
 
 # Form settings that do not change what a run trains or how it is judged: left out of the recipe's fingerprint.
 NOT_RECIPE = frozenset({"force", "subject", "dataset_repo", "dataset_path", "dataset_version", "encode_shard_size",
@@ -35,6 +35,8 @@ def check_recipe(params: dict) -> dict:
     if steps // every > MAX_CHECKPOINTS:
         raise RecipeError(f"max_steps {steps} / checkpoint interval {every} = {steps // every} checkpoints per "
                           f"learning rate; at most {MAX_CHECKPOINTS} (each is evaluated): raise the interval")
+    if params["sweep_strategy"] == "halving":
+        check_rungs(params["halving_rungs"], every, steps)
     folders: dict[str, float] = {}
     for lr in params["learning_rates"]:
         name = run_name(lr)
@@ -53,6 +55,28 @@ def check_recipe(params: dict) -> dict:
         raise RecipeError(f"{evaluations} evaluations would exceed Airflow's {MAX_MAPPED} mapped tasks")
     return {"training_runs": len(params["learning_rates"]), "evaluations": evaluations,
             "recipe_hash": recipe_hash(params)}
+
+
+def check_rungs(rungs: list[int], every: int, steps: int) -> None:
+    if len(rungs) > MAX_RUNGS:
+        raise RecipeError(f"halving rungs {rungs}: at most {MAX_RUNGS}")
+    if rungs != sorted(set(rungs)) or rungs[-1] >= steps:
+        raise RecipeError(f"halving rungs {rungs}: ascending, each below max_steps {steps}")
+    if odd := [r for r in rungs if r % every]:
+        raise RecipeError(f"halving rung {odd[0]} is not a multiple of the checkpoint interval {every}: a rung is "
+                          f"judged on its checkpoint")
+
+
+def sweep_stages(params: dict) -> list[int]:
+    """The step each stage of the sweep trains to: max_steps for a grid; each rung, then max_steps, for halving."""
+    rungs = params["halving_rungs"] if params["sweep_strategy"] == "halving" else []
+    return [*rungs, params["max_steps"]]
+
+
+def stop_at(params: dict, stage: int) -> int | None:
+    """`train --stop-at-step` of a stage (None: train to max_steps)."""
+    step = sweep_stages(params)[stage]
+    return step if step < params["max_steps"] else None
 
 
 def _parses(template: str) -> bool:
@@ -90,9 +114,28 @@ def training_options(params: dict, run: str, dataset: dict, cache: str, parent_r
         "learning_rate": lr, "max_steps": params["max_steps"], "checkpointing_steps": params["checkpointing_steps"],
         "rank": params["rank"], "mixed_precision": params["mixed_precision"],
         "gradient_checkpointing": params["gradient_checkpointing"], "seed": params["seed"],
-        "experiment": params["subject"], "parent_run_id": parent_run_id,
+        "experiment": params["subject"], "parent_run_id": parent_run_id, "stop_at_step": stop_at(params, 0),
+        "gpu_hour_price": DEPLOYMENT.gpu_hour_price,
         "tags": [f"dataset.{k}={dataset[k]}" for k in ("rev", "commit", "hash")],
     } for lr in params["learning_rates"]]
+
+
+def halving_options(params: dict, run: str, rung: int, training_results: list[dict]) -> list[dict]:
+    """`halve` options at rung `rung` (1-based) for the learning rates that reached it; [] when the sweep has no
+    such rung (a grid, or fewer rungs), which skips the rung's tasks."""
+    if rung >= len(sweep_stages(params)) or not training_results:
+        return []
+    return [{"evaluations": f"{run}/eval", "output": f"{run}/sweep",
+             "learning_rates": sorted(r["learning_rate"] for r in training_results),
+             "rung": sweep_stages(params)[rung - 1], "max_steps": params["max_steps"], "keep": params["halving_keep"],
+             **{k: params[k] for k in ("weight_accuracy", "weight_flexibility", "weight_preservation")}}]
+
+
+def continued_training(params: dict, rung: int, first_stage: list[dict], kept: list[float]) -> list[dict]:
+    """The `train` options of the learning rates kept at rung `rung`: the first stage's, to the next stop; each
+    resumes from its rung checkpoint."""
+    return [{**options, "stop_at_step": stop_at(params, rung)} for options in first_stage
+            if options["learning_rate"] in kept]
 
 
 def evaluation_suite(params: dict, run: str) -> dict:

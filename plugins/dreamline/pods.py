@@ -17,6 +17,7 @@ import argparse
 import copy
 import contextlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -44,6 +45,7 @@ def planned_pods(conf: dict, images: int = 5, champion: bool = True, run_id: str
 
     from dreamline import plan
     from dreamline.deployment import DEPLOYMENT, REPO_ROOT
+    from dreamline.params import MAX_RUNGS
     from dreamline.operators import step_operator_class
 
     DEPLOYMENT.check()
@@ -88,6 +90,17 @@ def planned_pods(conf: dict, images: int = 5, champion: bool = True, run_id: str
         "confirm": plan.confirmation_options(params, run, {"checkpoint": "<select.selected.checkpoint>"}, current),
     }
     skipped = set() if params["prior_preservation"] else {"class_images", "encode_class_images"}
+    kept = trained
+    for number in range(1, MAX_RUNGS + 1):  # successive halving: as if the first rates ranked best at each rung
+        halve = plan.halving_options(params, run, number, kept)
+        if not halve:
+            skipped |= {f"rung_{number}.{task}" for task in ("halve", "train", "evaluate")}
+            continue
+        kept = kept[:max(1, math.ceil(params["halving_keep"] * len(kept)))]
+        computed |= {f"rung_{number}.halve": halve, f"rung_{number}.evaluate": plan.evaluation_options(
+                         params, run, kept, None, base=False),
+                     f"rung_{number}.train": plan.continued_training(params, number, computed["train"],
+                                                                     [r["learning_rate"] for r in kept])}
     if not params["require_approval"]:
         skipped.add("promote")  # register promotes; nothing waits
     operator = step_operator_class("kubernetes")

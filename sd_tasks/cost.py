@@ -1,0 +1,80 @@
+"""What a night costs: one record per try of every step, summed per step and for the night.
+
+The Airflow side names a record file for each try of each task (`DREAMLINE_COST_RECORD`: `<run>/cost/<task>[.<map
+index>].try-<n>.json`); the step CLI writes the process's wall seconds and the GPUs it held when the step ends,
+whether it succeeded or failed. A retry is another try and writes its own file, a resumed training (a later rung of
+successive halving) is another task; rewriting one try's file replaces it. So summing the files counts every
+second once: the failed try's seconds too (the GPU was paid for), never one twice. A process killed outright
+(SIGKILL, a lost node) writes nothing: its seconds are missing, not guessed. `register` totals the ledger onto the
+pipeline's MLflow run and the registered version, with an estimated price at the deployment's GPU-hour price.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+from sd_tasks.storage import join, list_dir, read_json, write_file
+
+RECORD_ENV = "DREAMLINE_COST_RECORD"
+RECORD = re.compile(r"(?P<task>.+?)(?:\.(?P<map>\d+))?\.try-(?P<try>\d+)\.json")
+
+
+def gpus_in_use() -> int:
+    """GPUs the step held: one per process of `accelerate launch` (WORLD_SIZE), none when it ran on the CPU. Only a
+    step that imported torch can have used one."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return 0
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def record_step(step: str, seconds: float, exit_code: int) -> None:
+    """Write this try's record where the Airflow side asked for it (nothing when run by hand)."""
+    uri = os.environ.get(RECORD_ENV)
+    if not uri or int(os.environ.get("RANK", "0")) != 0:
+        return
+    gpus = gpus_in_use()
+    record = {"step": step, "seconds": round(seconds, 3), "gpus": gpus, "gpu_seconds": round(seconds * gpus, 3),
+              "exit_code": exit_code}
+    try:
+        write_file(uri, json.dumps(record).encode())
+    except Exception as exc:  # the step's own outcome matters more than its bill
+        print(f"warning: cost record {uri}: {exc}", file=sys.stderr)
+
+
+def ledger(folder: str) -> list[dict]:
+    """Every try's record under `folder`, with its task, map index and try number."""
+    records = []
+    for name in list_dir(folder):
+        if match := RECORD.fullmatch(name):
+            records.append({**read_json(join(folder, name)), "task": match["task"],
+                            "map_index": int(match["map"]) if match["map"] else -1, "try": int(match["try"])})
+    return records
+
+
+def summarise(records: list[dict], gpu_hour_price: float) -> dict:
+    """Per DAG task (its step, mapped tasks, tries, seconds, GPU-seconds, price) and the night's totals."""
+    steps: dict[str, dict] = {}
+    for r in records:
+        row = steps.setdefault(r["task"], {"task": r["task"], "step": r["step"], "tasks": set(), "tries": 0,
+                                           "seconds": 0.0, "gpu_seconds": 0.0})
+        row["tasks"].add(r["map_index"])
+        row["tries"] += 1
+        row["seconds"] += r["seconds"]
+        row["gpu_seconds"] += r["gpu_seconds"]
+    rows = [{**row, "tasks": len(row["tasks"]), "price": row["gpu_seconds"] / 3600 * gpu_hour_price}
+            for row in steps.values()]
+    total = {k: sum(row[k] for row in rows) for k in ("tries", "seconds", "gpu_seconds", "price")}
+    return {"steps": sorted(rows, key=lambda r: -r["seconds"]), "total": total, "gpu_hour_price": gpu_hour_price}
+
+
+def table(summary: dict) -> str:
+    """The per-task cost table of the report (markdown), the most expensive first."""
+    lines = ["| task | step | tasks | tries | seconds | GPU-seconds | estimated price |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in summary["steps"] + [{"task": "**night**", "step": "", "tasks": "", **summary["total"]}]:
+        lines.append(f"| {r['task']} | {r['step']} | {r['tasks']} | {r['tries']} | {r['seconds']:.1f} | "
+                     f"{r['gpu_seconds']:.1f} | {r['price']:.2f} |")
+    return "\n".join(lines)
