@@ -2,25 +2,18 @@
 
     .venv/bin/python bench/evaluate.py [--learning-rates 1e-4 5e-4 1e-5] [--checkpoints 3] [--repeat 2]
 
-Setup (untimed): the tiny random SDXL and evaluators (`python -m sd_tasks tiny-model`), sample_data/dog through
-validate -> caption -> resize -> encode at the demo's 64 px. Each round then trains every learning rate with the real
-`python -m sd_tasks train` (--checkpoints checkpoints, one every --checkpointing-steps steps: its wall, CPU and
-seconds per step are measured) and evaluates those checkpoints two ways, in turn, with the DAG's suite at the demo's
-settings (scripts/demo.py: DreamBench's 25 `live` prompts for "sks dog", class prompt "a photo of dog", 2 images per
-prompt, 4 inference steps, 64 px, seed 0, no evaluation cache, MLflow logging to the training run):
-  (a) per checkpoint: one `evaluate --checkpoint C` process per checkpoint (the DAG's old shape);
-  (b) per training run: one `evaluate --training-run R` process per learning rate (pipeline and evaluators loaded
-      once, LoRA hot-swapped).
-The order of (a) and (b) alternates between rounds; the best wall time of each over the rounds is kept. Every
-evaluate process runs as `python bench/evaluate.py --probe OUT evaluate ...`, which is `python -m sd_tasks evaluate
-...` (cli.main in the same process) with perf_counter/process_time around imports, the pipeline load
-(Generator.__init__), the evaluators' load (Scorer.__init__: CLIP, DINO, the real images' embeddings), the base
-model's class images and each checkpoint's evaluation (the rest of evaluate(): generation, scoring, MLflow, writing).
-  (c) inside training is not a command that exists; it is derived from those parts of (b): a train process that
-      evaluated at each checkpoint would skip the evaluate process's start, imports and exit (and at most its
-      pipeline load, were the training UNet reused), and would add every other part of (b) to training's own time.
-Wall seconds per process from the parent; CPU seconds from getrusage(RUSAGE_CHILDREN) around each process; peak RSS
-from wait4. All processes get the same OMP_NUM_THREADS (--threads).
+Setup (untimed): the tiny SDXL and evaluators, sample_data/dog through validate -> caption -> resize -> encode at
+64 px. Each round trains every learning rate with the real `python -m sd_tasks train` (wall, CPU, s/step), then
+evaluates its checkpoints with the DAG's suite at the demo's settings (DreamBench's 25 `live` prompts, class prompt,
+2 images per prompt, 4 inference steps, 64 px, seed 0, no evaluation cache, MLflow logging), in alternating order:
+  (a) one `evaluate --checkpoint C` process per checkpoint (the DAG's old shape);
+  (b) one `evaluate --training-run R` process per learning rate (loads once, LoRA hot-swapped).
+Best wall time of each over the rounds. Each evaluate process is `python bench/evaluate.py --probe OUT evaluate ...`:
+sd_tasks.cli.main in-process, with wall/CPU timers around the imports, the pipeline load, the evaluators' load, the
+base model's class images, each checkpoint's evaluation and each LoRA load.
+  (c) inside training is derived from (b)'s parts: a train process evaluating at each checkpoint would add all of
+      them but the process's start, imports and exit to training's time.
+CPU seconds: getrusage(RUSAGE_CHILDREN) around each process; peak RSS: wait4. docs/benchmarks.md has the figures.
 """
 from __future__ import annotations
 
@@ -208,7 +201,8 @@ def total(procs: list[dict]) -> dict:
     if procs and "parts" in procs[0]:
         for key in PARTS + ("imports", "run", "checkpoint", "lora"):
             calls = [c for p in procs for c in p["parts"].get(key, [])]
-            t |= {key: sum(c[0] for c in calls), key + "_cpu": sum(c[1] for c in calls), key + "s": [c[0] for c in calls]}
+            walls = [c[0] for c in calls]
+            t |= {key: sum(walls), key + "_cpu": sum(c[1] for c in calls), key + "s": walls}
         t["start"] = sum(p["start"] for p in procs)
         t["loads"] = sum(t[k] for k in PARTS)
         t["rest"] = t["wall"] - t["loads"] - t["checkpoint"]  # start, imports, suite fingerprint, exit
