@@ -191,8 +191,8 @@ def lora_dag(subject: subjects.Subject):
 
         @task(trigger_rule="all_done_min_one_success")  # a learning rate that diverged must not sink the sweep
         def checkpoint_evaluations(training_results: list[dict]) -> list[dict]:
-            """One `evaluate` options dict per checkpoint of every training run that finished, and one for the
-            current champion (dreamline.plan.evaluation_options)."""
+            """One `evaluate` options dict per training run that finished (all its checkpoints), one for the
+            current champion and one for the base model (dreamline.plan.evaluation_options)."""
             params, run = _params_and_run_dir()
             current = get_current_context()["ti"].xcom_pull(task_ids="champion")  # it ran before training
             finished = {r["learning_rate"] for r in training_results}  # a failed train task leaves no result
