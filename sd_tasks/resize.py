@@ -9,7 +9,7 @@ both are written to the manifest for `encode` and `train`, with the scaled size 
 Speed (bench/prep.py, docs/benchmarks.md): images are resized in a process pool (one worker per available CPU, or
 $SD_TASKS_WORKERS); a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers its scaled size
 (`Image.draft`), so a 12 MP phone photo is never decoded at full size; PNGs are written by sd_tasks.png (one fixed
-row filter, zlib's fast run-length strategy: lossless, 2.5x faster than Pillow's encoder). Sizes, crops and the
+row filter, zlib's fast run-length strategy: lossless, ~1.8x faster than Pillow's encoder). Sizes, crops and the
 manifest are exactly those of a full-scale decode, computed from the header's size; pixel values differ by well
 under one grey level on average from resizing the full-scale decode.
 """
