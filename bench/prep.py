@@ -10,9 +10,9 @@ Beyond the number of source photos, mirrored and rotated variants are added, so 
 
 Baseline: for each file, one process: PIL open, convert to RGB, LANCZOS resize to cover the same SDXL bucket that
 resize picks (the short side for a square bucket), center crop, save PNG with PIL's defaults. No validation.
-Dreamline: validate (full decode, sha256, perceptual hash, duplicates; a process pool), caption (instance prompt,
-instant) and resize (JPEG draft decoding, a process pool, fast PNG) through their real `run` functions, once with
-one worker per usable CPU and once with one worker.
+Dreamline: validate (every byte decoded, JPEGs at reduced DCT scale; sha256, perceptual hash, duplicates; a process
+pool), caption (instance prompt, instant) and resize (JPEG draft decoding, a process pool, sd_tasks.png) through
+their real `run` functions, once with one worker per usable CPU and once with one worker.
 
 Both produce the same output sizes (checked); images per second counts the input files; the ratio is printed last.
 """

@@ -10,7 +10,8 @@ Each file goes through one check after another and stops at the first that fails
     identify   not an image, whatever its extension (content decides, so a JPEG named .png is a JPEG)
     pixels     the header announces more than `max_pixels`: rejected before any pixel is allocated
     animation  more than one frame: rejected, or frame 0 used and noted (`animated`)
-    decode     every byte decoded at full scale (an animation: frame 0): truncated or corrupt data fails here
+    decode     every byte of the image data decoded (an animation: frame 0): truncated or corrupt data fails here;
+               a JPEG at a reduced DCT scale, which reads and checks exactly the same bytes (see `decode`)
     size       shorter side below `min_side`, or longer / shorter side above `max_aspect_ratio`
     duplicate  same bytes as, or a perceptual hash within `near_duplicate_distance` bits of, an earlier file
 
@@ -36,8 +37,8 @@ from PIL import Image, UnidentifiedImageError
 
 from sd_tasks.cli import option
 from sd_tasks.errors import StepError
-from sd_tasks.images import (ALPHA_MODES, DEFAULT_MAX_PIXELS, TooManyPixels, colour_profile, normalise, open_image,
-                             orientation, parallel_map, perceptual_hash)
+from sd_tasks.images import (ALPHA_MODES, DEFAULT_MAX_PIXELS, TooManyPixels, colour_profile, draft_for, normalise,
+                             open_image, orientation, parallel_map, perceptual_hash, upright_size)
 from sd_tasks.storage import read_dir, write_dir, write_json
 
 ANIMATION_POLICIES = ("first-frame", "reject")
@@ -46,6 +47,10 @@ ANIMATION_POLICIES = ("first-frame", "reject")
 # damaged image, not "not an image".
 MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"BM")
 ISOBMFF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis")
+
+# A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that leaves both sides at least this long: plenty for
+# the 32x32 perceptual hash (a 12 MP photo: 1/8, 504x378). 0 decodes at full scale.
+DRAFT_SIDE = 256
 
 
 @dataclass
@@ -122,22 +127,23 @@ def check_all(paths: list[Path], folder: Path, config: ValidateConfig) -> list[d
     return parallel_map(check_file, [(path, folder, config) for path in paths], config.workers)
 
 
-def check_file(path: Path, root: Path, config: ValidateConfig) -> dict:
-    """One file through every per-file check: its accepted record (with `phash`), or `check` and `reason`."""
+def check_file(path: Path, root: Path, config: ValidateConfig, draft_side: int = DRAFT_SIDE) -> dict:
+    """One file through every per-file check: its accepted record (with `phash`), or `check` and `reason`.
+    `draft_side`: see DRAFT_SIDE (0: every JPEG at full scale, which gives the same verdicts, only slower)."""
     rel = path.relative_to(root).as_posix()
     try:
         data = read_regular_file(path, root)
         im = identify(data, config.max_pixels)
         with im:  # closes the file pointer only; the decoded image stays usable
             frame_note = select_frame(im, config.animated)
-            image = decode(im)
+            image, size = decode(im, draft_side)
             notes = [note for note in (frame_note, extension_note(path, im.format), orientation_note(im),
                                        mode_note(im), profile_note(im)) if note]
             fmt = im.format
-        check_size(image.size, config)
+        check_size(size, config)
     except Rejected as rejection:
         return {"path": rel, "check": rejection.check, "reason": rejection.reason}
-    record = {"path": rel, "width": image.width, "height": image.height, "format": fmt,
+    record = {"path": rel, "width": size[0], "height": size[1], "format": fmt,
               "sha256": hashlib.sha256(data).hexdigest(), "phash": perceptual_hash(image)}
     if notes:
         record["notes"] = notes
@@ -220,10 +226,22 @@ def extension_note(path: Path, fmt: str | None) -> str | None:
     return None
 
 
-def decode(im: Image.Image) -> Image.Image:
-    """Decode every pixel at full scale (truncation and corruption fail here), upright and in RGB."""
+def decode(im: Image.Image, draft_side: int = DRAFT_SIDE) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode all of the image data (truncation and corruption fail here), upright and in RGB; return the image
+    and the full image's size after EXIF orientation, what the report and the size check use.
+
+    A JPEG is decoded at a reduced DCT scale (`draft_side`): libjpeg still reads and entropy-decodes every
+    coefficient of every block and only skips part of the inverse DCT, so a truncated or corrupt file fails, or
+    decodes, exactly as at full scale, with the same message (tests/test_validate_draft.py checks it on a corpus of
+    600 damaged baseline and progressive JPEGs). Only the pixels are smaller; other formats decode at full size.
+    """
     try:
-        return normalise(im)
+        size = None
+        if draft_side and im.format in ("JPEG", "MPO"):
+            size = upright_size(im)  # from the header, before the draft shrinks im.size
+            draft_for(im, (min(draft_side, size[0]), min(draft_side, size[1])))
+        image = normalise(im)
+        return image, size or image.size
     except Exception as exc:  # every decoder failure means the same thing: the file cannot be trained on
         raise Rejected("corrupt or truncated", f"corrupt or truncated image data ({_first_line(exc)})") from None
 
