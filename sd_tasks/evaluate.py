@@ -47,7 +47,8 @@ from sd_tasks.errors import StepError
 from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, matched_cosines, mean_cosines
 from sd_tasks.models import device, inference_dtype, load_pipeline
 from sd_tasks.storage import is_whole, join, read_dir, read_json, write_dir, write_json
-from sd_tasks.train import CHECKPOINT_INFO, LORA_WEIGHTS, list_checkpoints
+from sd_tasks.checkpoint_files import CHECKPOINT_INFO, LORA_WEIGHTS
+from sd_tasks.train import list_checkpoints
 
 IMAGE_METRICS = ("dino", "clip_i", "clip_t")  # per generated image; preservation is per class image
 BASE_INFO = {"step": None, "learning_rate": None, "run_id": None, "champion_version": None, "base_model": None}

@@ -18,7 +18,7 @@ from sd_tasks.compare import Yardstick
 from sd_tasks.errors import StepError
 from sd_tasks.select import scored_row
 from sd_tasks.storage import is_whole, join, list_dir, read_dir, read_json, whole_folders, write_dir, write_json
-from sd_tasks.train import CHECKPOINT_INFO
+from sd_tasks.checkpoint_files import CHECKPOINT_INFO
 
 
 @dataclass

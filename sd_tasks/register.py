@@ -31,7 +31,7 @@ from sd_tasks.cost import ledger, summarise
 from sd_tasks.promotion import CHAMPION, move_champion
 from sd_tasks.report import report, review
 from sd_tasks.storage import read_dir, read_json, whole_folders, write_dir, write_json
-from sd_tasks.train import CHECKPOINT_INFO, LORA_WEIGHTS
+from sd_tasks.checkpoint_files import CHECKPOINT_INFO, LORA_WEIGHTS
 
 CHALLENGER = "challenger"  # and CHAMPION, from sd_tasks.promotion: every move of that alias goes through it
 SCORES = ("score", "dino", "clip_i", "clip_t", "preservation")

@@ -20,15 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from sd_tasks import models, tracking
+from sd_tasks.checkpoint_files import CHECKPOINT_INFO, KOHYA_WEIGHTS, LORA_WEIGHTS, TRAINING_STATE  # noqa: F401
 from sd_tasks.cli import option
 from sd_tasks.cost import gpus_in_use
 from sd_tasks.errors import StepError
 from sd_tasks.storage import join, list_dir, read_dir, read_json, remove, why_not_whole, write_dir, write_json
-
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers format
-KOHYA_WEIGHTS = "kohya_lora.safetensors"  # A1111 / ComfyUI format
-CHECKPOINT_INFO = "dreamline.json"
-TRAINING_STATE = "training_state.pt"  # LoRA, optimizer, scheduler: what resuming needs (see step_randomness)
 
 
 @dataclass

@@ -1,0 +1,6 @@
+"""The files of a checkpoint-<step>/ folder that train writes, named once for every step that reads one (without
+importing torch, so the light steps stay light)."""
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers format
+KOHYA_WEIGHTS = "kohya_lora.safetensors"  # A1111 / ComfyUI format
+CHECKPOINT_INFO = "dreamline.json"  # what it is: step, learning rate, MLflow run, base model, training seconds
+TRAINING_STATE = "training_state.pt"  # LoRA, optimizer, scheduler: what resuming needs (see train.step_randomness)
