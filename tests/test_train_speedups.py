@@ -1,5 +1,6 @@
 """The GPU recipe's speed options (sd_tasks.speedups), run on the CPU: attention is SDPA, and training with
---channels-last or --compile gives the plain run's losses and LoRA weights to float tolerance.
+--channels-last or --compile gives the plain run's losses and LoRA weights to float tolerance; and the model FLOPs
+count behind the GPU benchmark's MFU (bench/flops.py).
 
 The compile test pays for inductor compiling a BasicTransformerBlock's forward and backward: about 30 s on 2 quiet
 cores and 45 s at load 5 with a cold cache ($TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER), 6 s
@@ -13,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bench.flops import count_step_flops, mfu, unet_step_flops
 from sd_tasks import speedups, tracking, train
 from sd_tasks.errors import StepError
 from sd_tasks.models import load_unet
@@ -111,3 +113,26 @@ def test_compile_without_a_compiler_is_a_clear_error(models, monkeypatch):
     with pytest.raises(StepError, match="needs a C\\+\\+ compiler"):
         speedups.apply(load_unet(models["sdxl"]), compile=True)
 
+
+# ---- model FLOPs (bench/flops.py) --------------------------------------------------------------------------------
+
+def test_flops_counted_from_shapes_alone_equal_a_real_step_with_explicit_attention(models):
+    """The meta-device count (no weights) against a real CPU step that runs attention as plain matrix products
+    (torch's counter has no formula for the CPU's fused SDPA kernel, which is why the bench counts on meta)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    shapes_only = unet_step_flops(models["sdxl"], batch_size=1, resolution=64)
+    unet = load_unet(models["sdxl"])
+    train.add_lora(unet, train.TrainConfig(cache="", output="", base_model=models["sdxl"]))
+    unet.set_attn_processor(AttnProcessor())
+    assert count_step_flops(unet, batch_size=1, resolution=64) == shapes_only
+    assert unet_step_flops(models["sdxl"], batch_size=4, resolution=64) == 4 * shapes_only
+    assert 3 * shapes_only < unet_step_flops(models["sdxl"], batch_size=1, resolution=128) < 5 * shapes_only
+
+
+def test_mfu():
+    assert mfu(14.1e12, 0.05, 989.0) == pytest.approx(14.1 / 0.05 / 989)
+    with pytest.raises(ValueError):
+        mfu(1e12, 0.0, 989.0)
+    with pytest.raises(ValueError):
+        count_step_flops(None, batch_size=1, resolution=60)
