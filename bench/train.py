@@ -26,7 +26,8 @@ first, a one-off cost reported apart. Each trainer runs for N and 2N steps, --re
 steps/s = N / (wall(2N) - wall(N)) and CPU seconds per step = (cpu(2N) - cpu(N)) / N, medians over rounds: start-up,
 model loading and the final save cancel. The headline is the in-process median step time (ours from MLflow's
 per-step loss timestamps, the reference from its progress bar). Peak memory: peak RSS on the CPU, the peak of
-nvidia-smi's memory.used on CUDA. MFU (CUDA): bench/flops.py's FLOPs per step / in-process s/step / --peak-tflops.
+nvidia-smi's memory.used on CUDA. Model TFLOP/s: bench/flops.py's FLOPs per step x in-process steps/s; MFU (CUDA):
+that / --peak-tflops.
 """
 from __future__ import annotations
 
@@ -195,12 +196,13 @@ def compare(args, env: dict, work: Path, model: str, prep: dict, warm_up: bool) 
                 print(f"  {side:9s} {steps:4d} steps: {result['wall_s']:7.2f} s wall, {result['cpu_s']:7.2f} CPU-s, "
                       f"{result['threads']} threads, peak {result['peak_mib']:.0f} MiB, load {load()}", flush=True)
     figures = {side: summarise(args, runs[(side, args.steps)], runs[(side, 2 * args.steps)]) for side in sides}
-    if args.device == "cuda":
-        flops = unet_step_flops(model, args.batch_size, args.resolution, args.rank)
-        for f in figures.values():
-            rate = f["inner_steps_per_s"] or f["steps_per_s"]
-            f |= {"flops_per_step": flops, "mfu": mfu(flops, 1 / rate, args.peak_tflops)}
-        print(f"UNet + LoRA forward + backward: {flops / 1e12:.2f} TFLOP per step (batch {args.batch_size})")
+    flops = unet_step_flops(model, args.batch_size, args.resolution, args.rank)  # shapes only: seconds
+    for f in figures.values():
+        rate = f["inner_steps_per_s"] or f["steps_per_s"]
+        f |= {"flops_per_step": flops, "model_tflops_per_s": flops * rate / 1e12}
+        if args.device == "cuda":  # the peak is an accelerator's
+            f["mfu"] = mfu(flops, 1 / rate, args.peak_tflops)
+    print(f"UNet + LoRA forward + backward: {flops / 1e9:.3g} GFLOP per step (batch {args.batch_size})")
     report(args, figures, prep)
     return figures
 
@@ -334,12 +336,12 @@ def report(args, figures: dict, prep: dict) -> None:
     memory = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
     print(f"load average at the end: {load()}")
     print(f"\n{'':28s} {'in-process steps/s':>18s} {'wall steps/s':>12s} {'CPU-s/step':>10s} {'cores':>5s} "
-          f"{'threads':>7s} {memory:>12s}" + (f" {'MFU':>6s}" if "mfu" in ours else ""))
+          f"{'threads':>7s} {memory:>12s} {'TFLOP/s':>8s}" + (f" {'MFU':>6s}" if "mfu" in ours else ""))
     for name, f in (("dreamline (encode cache)", ours), ("reference (VAE every step)", ref)):
         inner = f"{f['inner_steps_per_s']:.2f}" if f["inner_steps_per_s"] else "-"
         cores = f"{f['cores_busy']:.2f}" if f["cores_busy"] else "-"
         print(f"{name:28s} {inner:>18s} {f['steps_per_s']:12.2f} {f['cpu_s_per_step']:10.3f} {cores:>5s} "
-              f"{','.join(map(str, f['threads'])):>7s} {f['peak_mib']:12.0f}"
+              f"{','.join(map(str, f['threads'])):>7s} {f['peak_mib']:12.0f} {f['model_tflops_per_s']:8.3g}"
               + (f" {f['mfu']:6.1%}" if "mfu" in f else ""))
     if "torch_peak_allocated_mib" in ours:
         print(f"dreamline torch.cuda.max_memory_allocated: {ours['torch_peak_allocated_mib']:.0f} MiB")
@@ -361,10 +363,10 @@ def report(args, figures: dict, prep: dict) -> None:
 def grid_table(args, results: dict) -> None:
     """docs/benchmarks.md's GPU table, filled in."""
     print(f"\n| row | trainer | steps/s (in-process) | steps/s (wall) | peak {'GPU' if args.device == 'cuda' else 'RSS'}"
-          f" MiB | MFU | ours / reference steps/s | ours / reference memory |\n|" + " --- |" * 8)
+          f" MiB | model TFLOP/s | MFU | ours / reference steps/s | ours / reference memory |\n|" + " --- |" * 9)
     for row, figures in results.items():
         if "failed" in figures:
-            print(f"| {row} | both | failed: {figures['failed']} | | | | | |")
+            print(f"| {row} | both | failed: {figures['failed']} | | | | | | |")
             continue
         ours, ref = figures["ours"], figures["reference"]
         speed = (ours["inner_steps_per_s"] or ours["steps_per_s"]) / (ref["inner_steps_per_s"] or ref["steps_per_s"])
@@ -372,8 +374,9 @@ def grid_table(args, results: dict) -> None:
             inner = f"{f['inner_steps_per_s']:.2f}" if f["inner_steps_per_s"] else "-"
             utilisation = f"{f['mfu']:.1%}" if "mfu" in f else "-"
             ratios = f"{speed:.2f}x | {ours['peak_mib'] / ref['peak_mib']:.2f}" if name == "dreamline" else " | "
-            print(f"| {row} | {name} | {inner} | {f['steps_per_s']:.2f} | {f['peak_mib']:.0f} | {utilisation} | "
-                  f"{ratios} |")
+            print(f"| {row} | {name} | {inner} | {f['steps_per_s']:.2f} | {f['peak_mib']:.0f} | "
+                  f"{f['model_tflops_per_s']:.3g} | {utilisation} | {ratios} |")
+
 
 def machine() -> str:
     cpus = len(os.sched_getaffinity(0))
