@@ -5,8 +5,8 @@ CPU time is the user + system seconds of the run's whole process tree, from wait
 the reference, `accelerate launch` above it (the launcher's share is the same in a run of N and of 2N steps, so it
 cancels in bench/train.py's per-step figure). Threads come from a probe: a `sitecustomize.py` that every Python of
 the run imports at start-up (its folder leads PYTHONPATH) and that writes, at exit, each process's
-`torch.get_num_threads()`, `torch.get_num_interop_threads()` and its own CPU seconds to a file; the process with the
-most CPU time is the trainer.
+`torch.get_num_threads()`, `torch.get_num_interop_threads()` and its own CPU seconds to a file; the trainer is the
+process that started no other (for the reference, the script, not `accelerate launch` above it).
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def _note():
     import json, resource
     usage = resource.getrusage(resource.RUSAGE_SELF)
     with open(path, "a") as f:
-        f.write(json.dumps({{"pid": os.getpid(), "argv0": sys.argv[0], "threads": torch.get_num_threads(),
+        f.write(json.dumps({{"pid": os.getpid(), "ppid": os.getppid(), "argv0": sys.argv[0],
+                            "threads": torch.get_num_threads(),
                             "interop_threads": torch.get_num_interop_threads(),
                             "cpu_s": usage.ru_utime + usage.ru_stime}}) + "\\n")
 
@@ -77,7 +78,8 @@ def timed(cmd: list[str], env: dict, out: Path, device: str) -> dict:
     if proc.returncode:
         raise RunFailed(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{text_err[-3000:]}")
     processes = [json.loads(line) for line in probe.read_text().splitlines()] if probe.exists() else []
-    trainer = max(processes, key=lambda p: p["cpu_s"], default={})
+    parents = {p["ppid"] for p in processes}  # `accelerate launch` is the script's parent
+    trainer = max((p for p in processes if p["pid"] not in parents), key=lambda p: p["cpu_s"], default={})
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
             "peak_mib": gpu_peak if gpu else usage.ru_maxrss / 1024,  # Linux: KiB
             "threads": trainer.get("threads"), "interop_threads": trainer.get("interop_threads"),
