@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from sd_tasks import models, tracking
+from sd_tasks import models, speedups, tracking
 from sd_tasks.checkpoint_files import CHECKPOINT_INFO, KOHYA_WEIGHTS, LORA_WEIGHTS, TRAINING_STATE  # noqa: F401
 from sd_tasks.cli import option
 from sd_tasks.cost import gpus_in_use
@@ -61,6 +61,8 @@ class TrainConfig:
     noise_offset: float = option("offset noise strength (helps very dark and bright images)", 0.0)
     mixed_precision: str = option("auto (bf16 on a CUDA GPU, none on the CPU), no, fp16 or bf16", "auto")
     gradient_checkpointing: bool = option("trade compute for memory in the UNet", False)
+    compile: bool = option("torch.compile the UNet's repeated blocks (see sd_tasks.speedups)", False)
+    channels_last: bool = option("UNet in channels-last memory format (see sd_tasks.speedups)", False)
     seed: int = option("seed for LoRA init, data order, noise and timesteps", 0)
     gpu_hour_price: float = option("price of one GPU-hour, for the estimated cost logged to MLflow", 2.5)
     experiment: str = option("MLflow experiment", "dreamline")
@@ -81,6 +83,7 @@ def run(config: TrainConfig) -> dict:
     noise_scheduler = DDPMScheduler.from_pretrained(config.base_model, subfolder="scheduler")
     unet = models.load_unet(config.base_model)
     add_lora(unet, config)
+    speedups.apply(unet, compile=config.compile, channels_last=config.channels_last)
     optimizer = make_optimizer(param_groups(unet, text, config), config)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
