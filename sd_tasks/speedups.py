@@ -16,7 +16,7 @@ final weights) and before accelerate wraps the model, and each must give the pla
   compiled graph, so compiling takes seconds, not the minutes of the whole UNet (the tiny model's forward and
   backward: about 30 s on a quiet 2-core CPU with a cold inductor cache). Each block is compiled in place, so the
   state dict and the checkpoints keep their keys and resuming is unchanged. On the CPU the tiny model gets slower
-  (per-call guard checks outweigh its small kernels); off by default until the GPU benchmark shows it helps.
+  (likely the per-call overhead, with kernels this small); off by default until the GPU benchmark shows it helps.
 """
 from __future__ import annotations
 
