@@ -9,15 +9,13 @@ early keeps its early checkpoints as candidates for `select`, but has shown it w
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
 from sd_tasks.cli import option
-from sd_tasks.compare import Yardstick
 from sd_tasks.errors import StepError
-from sd_tasks.select import scored_row
-from sd_tasks.storage import is_whole, join, list_dir, read_dir, read_json, whole_folders, write_dir, write_json
+from sd_tasks.select import read_evaluations, score_weights, scored_row
+from sd_tasks.storage import is_whole, join, list_dir, read_json, write_dir, write_json
 from sd_tasks.checkpoint_files import CHECKPOINT_INFO
 
 
@@ -39,16 +37,9 @@ class HalveConfig:
 def run(config: HalveConfig) -> dict:
     if not 0 < config.keep <= 1:
         raise StepError(f"--keep {config.keep}: a fraction above 0 and at most 1")
-    weights = {"accuracy": config.weight_accuracy, "flexibility": config.weight_flexibility,
-               "preservation": config.weight_preservation}
-    folder = read_dir(config.evaluations)
-    evaluations = [json.loads((f / "metrics.json").read_text()) for f in whole_folders(folder)
-                   if (f / "metrics.json").exists()]
-    base = next((m for m in evaluations if m.get("base")), None)
-    if base is None:
-        raise StepError(f"{config.evaluations}: no evaluation of the base model: scores are normalised against it")
-    yardstick = Yardstick.from_base(base, f"{config.evaluations}: the base model's evaluation")
-    at_rung = {m["learning_rate"]: m for m in evaluations if m.get("step") == config.rung and not m.get("base")
+    weights = score_weights(config)
+    _, evaluations, yardstick = read_evaluations(config.evaluations)
+    at_rung = {m["learning_rate"]: m for m in evaluations.values() if m.get("step") == config.rung and not m.get("base")
                and not m.get("champion_version") and m.get("learning_rate") in config.learning_rates}
     if not at_rung:
         raise StepError(f"{config.evaluations}: no evaluation at step {config.rung} of learning rates "

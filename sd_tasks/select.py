@@ -14,6 +14,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from sd_tasks import tracking
 from sd_tasks.cli import option
@@ -41,19 +42,9 @@ class SelectConfig:
 
 
 def run(config: SelectConfig) -> dict:
-    weights = {"accuracy": config.weight_accuracy, "flexibility": config.weight_flexibility,
-               "preservation": config.weight_preservation}
-    if any(w < 0 for w in weights.values()) or not sum(weights.values()):
-        raise StepError("--weight-accuracy, --weight-flexibility, --weight-preservation: non-negative, not all zero")
-    folder = read_dir(config.evaluations)
-    # whole evaluations only: an evaluate task killed while writing leaves a folder that is not
-    evaluations = {f: json.loads((f / "metrics.json").read_text()) for f in whole_folders(folder)
-                   if (f / "metrics.json").exists()}
-    base = next((m for m in evaluations.values() if m.get("base")), None)
-    if base is None:
-        raise StepError(f"{config.evaluations}: no evaluation of the base model (evaluate without --checkpoint): "
-                        f"scores are normalised against it")
-    yardstick = Yardstick.from_base(base, f"{config.evaluations}: the base model's evaluation")
+    weights = score_weights(config)
+    folder, evaluations, yardstick = read_evaluations(config.evaluations)
+    base = next(m for m in evaluations.values() if m.get("base"))
     rows = [scored_row(m, yardstick, weights) for m in evaluations.values()]
     candidates = sorted((r for r in rows if not (r["champion_version"] or r["base"])
                          and r["suite"] == base.get("suite")), key=lambda r: (r["learning_rate"], r["step"]))
@@ -82,6 +73,28 @@ def run(config: SelectConfig) -> dict:
         log_review(config.parent_run_id, evaluations, candidates)
     return {"selection": f"{config.output}/selection.json", "selected": ranking[0], "candidates": len(candidates),
             "missing": missing}
+
+
+def score_weights(config) -> dict[str, float]:
+    """The weights of the score from a step's --weight-* options (select's, halve's), checked."""
+    weights = {"accuracy": config.weight_accuracy, "flexibility": config.weight_flexibility,
+               "preservation": config.weight_preservation}
+    if any(w < 0 for w in weights.values()) or not sum(weights.values()):
+        raise StepError("--weight-accuracy, --weight-flexibility, --weight-preservation: non-negative, not all zero")
+    return weights
+
+
+def read_evaluations(uri: str) -> tuple[Path, dict[Path, dict], Yardstick]:
+    """The folder, its whole evaluations (an evaluate task killed while writing leaves a folder that is not) by
+    folder, and the yardstick of the base model's evaluation among them."""
+    folder = read_dir(uri)
+    evaluations = {f: json.loads((f / "metrics.json").read_text()) for f in whole_folders(folder)
+                   if (f / "metrics.json").exists()}
+    base = next((m for m in evaluations.values() if m.get("base")), None)
+    if base is None:
+        raise StepError(f"{uri}: no evaluation of the base model (evaluate without --checkpoint): scores are "
+                        f"normalised against it")
+    return folder, evaluations, Yardstick.from_base(base, f"{uri}: the base model's evaluation")
 
 
 def halving_history(sweep: str | None) -> list[dict]:
