@@ -23,13 +23,17 @@ export DVC_NO_ANALYTICS ?= 1
 export DREAMLINE_STACK ?= $(CURDIR)/.stack
 STACK_ARGS ?=
 
-.PHONY: demo test test-stack test-browser stack stack-down stack-status ui pods install clean
+.PHONY: demo test test-reliability test-stack test-browser stack stack-down stack-status ui pods install clean
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest tests -m "not stack and not browser"
+	$(PY) -m pytest tests -m "not stack and not browser and not reliability"
+
+# Faults, load, hostile input and secrets; docs/reliability.md lists every scenario and the last run's figures.
+test-reliability: $(STAMP)
+	$(PY) -m pytest tests/reliability -m reliability
 
 # The whole stack from nothing in a temp folder, a DAG run through the REST API, then torn down (-s: its timings).
 test-stack: $(STAMP)
