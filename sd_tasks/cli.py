@@ -164,8 +164,11 @@ def build_parser(step: str, config_type: type) -> argparse.ArgumentParser:
 
 def make_config(config_type: type, args: argparse.Namespace, parser: argparse.ArgumentParser):
     values: dict = {}
+    fields = {f.name: f for f in dataclasses.fields(config_type)}
     if args.config:
-        values.update(_read_config_file(args.config))
+        hints = typing.get_type_hints(config_type)
+        values.update({name: _converted(args.config, name, value, hints[name], fields[name])
+                       if name in fields else value for name, value in _read_config_file(args.config).items()})
     values.update({k: v for k, v in vars(args).items() if k != "config"})
     names = {f.name for f in dataclasses.fields(config_type)}
     unknown = sorted(set(values) - names)
@@ -194,6 +197,43 @@ def _read_config_file(path: str) -> dict:
     if not isinstance(data, dict):
         raise StepError(f"{path}: config file must hold a mapping of settings")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _converted(path: str, name: str, value, hint, f: dataclasses.Field):
+    """A config file's value as the setting's type, by the flags' rules (YAML 1.1 reads `1e-4` as a string, and
+    a list may be given as one item); a value that does not convert is refused, naming the file and the setting."""
+    kind, is_list = _scalar_type(hint)
+    if value is None:
+        if not _required(f) and _default(f) is None:
+            return None
+        raise StepError(f"{path}: {name}: null is not a {'list' if is_list else kind.__name__}")
+    if is_list:
+        return [_converted_item(path, name, item, kind) for item in (value if isinstance(value, list) else [value])]
+    return _converted_item(path, name, value, kind)
+
+
+def _converted_item(path: str, name: str, value, kind: type):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise StepError(f"{path}: {name}: {value!r} is not true or false")
+    if kind is str:
+        if isinstance(value, bool) or isinstance(value, float):  # `1.10` became 1.1, `yes` became True
+            raise StepError(f"{path}: {name}: {value!r} is a {'number' if isinstance(value, float) else 'boolean'}, "
+                            f"not text (quote it)")
+        if isinstance(value, (str, int)):
+            return str(value)
+    elif kind in (int, float) and not isinstance(value, (bool, list, dict)):
+        if isinstance(value, kind) or (kind is float and isinstance(value, int)):
+            return kind(value)
+        if isinstance(value, str):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    raise StepError(f"{path}: {name}: {value!r} is not a{'n' if kind is int else ''} {kind.__name__}")
 
 
 def _scalar_type(hint) -> tuple[type, bool]:
