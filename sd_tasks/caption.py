@@ -4,7 +4,7 @@ Strategies: `instance` (the DreamBooth instance prompt for every image, the defa
 convention: `photo.txt` or `photo.caption` beside `photo.jpg`) and `model` (a captioning model through
 transformers, BLIP-class, e.g. Salesforce/blip-image-captioning-large), combined with the instance prompt through a
 template such as `{instance_prompt}, {caption}`. Images whose caption is missing or empty fall back to the instance
-prompt and are reported.
+prompt and are reported; so are those whose sidecar is refused (a link, or outside the image folder: never read).
 """
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ def run(config: CaptionConfig) -> dict:
     report = read_json(f"{config.report}/report.json")
     images = read_dir(report["source"])
     paths = [images / item["path"] for item in report["accepted"]]
+    refused: list[str] = []
     if config.strategy == "sidecar":
-        found = [sidecar_caption(p) for p in paths]
+        found = [sidecar_caption(p, images, refused) for p in paths]
     elif config.strategy == "model":
         found = model_captions(paths, config.caption_model, config.batch_size)
     else:
@@ -52,8 +53,10 @@ def run(config: CaptionConfig) -> dict:
             missing.append(item["path"])
         records.append({**item, "caption": caption})
     with write_dir(config.output) as out:
-        write_json(out / "manifest.json", {"source": report["source"], "records": records, "missing": missing})
-    return {"manifest": f"{config.output}/manifest.json", "captioned": len(records), "missing_captions": missing}
+        write_json(out / "manifest.json", {"source": report["source"], "records": records, "missing": missing,
+                                           "refused_captions": refused})
+    return {"manifest": f"{config.output}/manifest.json", "captioned": len(records), "missing_captions": missing,
+            "refused_captions": refused}
 
 
 def model_captions(paths: list[Path], model_id: str, batch_size: int) -> list[str]:
@@ -74,9 +77,19 @@ def model_captions(paths: list[Path], model_id: str, batch_size: int) -> list[st
     return captions
 
 
-def sidecar_caption(image: Path) -> str:
+def sidecar_caption(image: Path, folder: Path, refused: list[str]) -> str | None:
+    """The caption beside `image`; None (the instance prompt, unreported) for a sidecar that is refused: a link, or
+    one that resolves outside the image folder, could make any file on the worker (a secret) a caption."""
     for suffix in (".txt", ".caption"):
         side = image.with_suffix(suffix)
-        if side.is_file():
-            return " ".join(side.read_text(errors="replace").split())
+        name = side.relative_to(folder).as_posix()
+        if side.is_symlink():
+            refused.append(f"{name}: a symbolic link; not read")
+            return None
+        if not side.is_file():
+            continue
+        if not side.resolve().is_relative_to(folder.resolve()):
+            refused.append(f"{name}: resolves outside the image folder; not read")
+            return None
+        return " ".join(side.read_text(errors="replace").split())
     return ""
