@@ -83,6 +83,11 @@ def publish(config: PublishConfig) -> dict:
     source, repo = Path(config.source), Path(config.repo)
     if not source.is_dir() or not any(source.iterdir()):
         raise StepError(f"{source}: not a folder with files")
+    check_subject_path(repo, config.path)  # publishing replaces that folder: it must be one the registry can lose
+    if source.resolve() == repo.resolve() or source.resolve().is_relative_to(repo.resolve()) \
+            or repo.resolve().is_relative_to(source.resolve()):
+        raise StepError(f"{source}: the registry itself or a folder inside it; publish a folder from outside the "
+                        f"registry")
     if not (repo / ".dvc").is_dir():
         if not config.remote:
             raise StepError(f"{repo}: not a DVC registry yet; pass --remote to create one")
@@ -105,6 +110,24 @@ def publish(config: PublishConfig) -> dict:
     _git(repo, "tag", config.tag)
     return {"repo": str(repo), "path": config.path, "tag": config.tag, "commit": _git(repo, "rev-parse", "HEAD").strip(),
             "hash": content_hash(target)}
+
+
+def check_subject_path(repo: Path, path: str) -> None:
+    """Refuse a subject folder that is the registry itself, lies outside it, or is Git's or DVC's own."""
+    if Path(path).is_absolute():
+        reason = "an absolute path"
+    else:
+        root = repo.resolve()
+        target = (repo / path).resolve()
+        if target == root:
+            reason = "the registry itself"
+        elif not target.is_relative_to(root):
+            reason = "outside the registry"
+        elif target.relative_to(root).parts[0].startswith((".git", ".dvc")):  # .gitignore, .dvcignore too
+            reason = "Git's or DVC's own folder"
+        else:
+            return
+    raise StepError(f"--path {path!r}: {reason}; name a folder inside the registry, e.g. dog")
 
 
 def _git(repo: Path, *args: str) -> str:

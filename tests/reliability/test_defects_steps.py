@@ -149,7 +149,7 @@ def test_publish_refuses_paths_that_reach_the_registry_itself(small_registry, tm
     cases = {".": "the registry itself", "": "the registry itself", "dog/..": "the registry itself",
              "..": "outside the registry", "../elsewhere": "outside the registry", str(elsewhere): "an absolute path",
              "escape": "outside the registry", ".git": "Git's or DVC's own folder", "dog/../.dvc/tmp": "Git's or DVC's own folder",
-             ".git/hooks": "Git's or DVC's own folder"}
+             ".git/hooks": "Git's or DVC's own folder", ".gitignore": "Git's or DVC's own folder"}
     for n, (path, reason) in enumerate(cases.items()):
         proc = sd_tasks("publish-dataset", "--source", str(photos), "--repo", str(small_registry), f"--path={path}",
                         "--tag", f"bad-{n}")
