@@ -227,7 +227,8 @@ def test_a_retried_task_reattaches_to_its_running_pod_and_keeps_failed_pods():
     context = {"ti": ti, "run_id": "scheduled__2026-11-23T02:00:00+00:00", "dag": SimpleNamespace()}
     request = op.build_pod_request_obj(context, dry_run=True)
     env = {e.name: e.value for e in request.spec.containers[0].env}
-    assert env["DREAMLINE_COST_RECORD"].endswith("/lora_dog/scheduled__2026-11-23T02_00_00_00_00/cost/train.1.try-2.json")
+    assert re.search(r"/lora_dog/scheduled__2026-11-23T02_00_00_00_00-[0-9a-f]{10}/cost/train\.1\.try-2\.json$",
+                     env["DREAMLINE_COST_RECORD"])
     first_try = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="sd-train-first", namespace="dreamline",
                                                     labels={**request.metadata.labels, "try_number": "1"}),
                           status=k8s.V1PodStatus(phase="Running"))

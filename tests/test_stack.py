@@ -43,7 +43,7 @@ from deploy.local.bootstrap import s3_client
 from deploy.local.processes import leftovers
 from deploy.local.seaweedfs import free_port_pairs, is_free
 from deploy.local.settings import Stack
-from dreamline.deployment import slug
+from dreamline.deployment import run_folder
 from sd_tasks.storage import MARKER
 
 pytestmark = pytest.mark.stack
@@ -353,7 +353,7 @@ def test_airflow_ran_on_postgres_and_the_paused_dag_starts_no_more_runs(stack, r
 
 def test_every_artifact_of_the_run_is_in_s3(stack, dag_run):
     settings: Stack = stack["settings"]
-    run = f"runs/{DAG_ID}/{slug(dag_run['run_id'])}/"
+    run = f"runs/{DAG_ID}/{run_folder(dag_run['run_id'])}/"
     keys = [k.removeprefix(run) for k in bucket_keys(settings, run)]
     images = sorted(p.name for p in SAMPLE.iterdir())
     assert sorted(k for k in keys if k.startswith("dataset/")) == [f"dataset/{MARKER}", "dataset/dataset.json",
@@ -382,7 +382,7 @@ def test_registered_version_and_lineage_are_in_mlflows_postgres(stack, dag_run):
     tags = dict(query(settings, "mlflow", "SELECT key, value FROM model_version_tags WHERE name = %s AND version = 1",
                       "dog-sdxl-lora"))
     dataset = json.loads(s3_client(settings).get_object(
-        Bucket=settings.bucket, Key=f"runs/{DAG_ID}/{slug(dag_run['run_id'])}/dataset/dataset.json")["Body"].read())
+        Bucket=settings.bucket, Key=f"runs/{DAG_ID}/{run_folder(dag_run['run_id'])}/dataset/dataset.json")["Body"].read())
     assert tags["dataset.rev"] == "dog-v1" and tags["dataset.hash"] == dataset["hash"]
     assert tags["dataset.hash"].startswith("sha256:") and tags["dataset.commit"] == dataset["commit"]
     code = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -417,7 +417,7 @@ def test_tomorrows_run_fetches_the_champion_from_the_mlflow_server(stack, dag_ru
     fetched = s3.get_object(Bucket=settings.bucket, Key="runs/champion-check/pytorch_lora_weights.safetensors")
     tags = dict(query(settings, "mlflow", "SELECT key, value FROM model_version_tags WHERE name = %s AND version = 1",
                       "dog-sdxl-lora"))
-    trained = s3.get_object(Bucket=settings.bucket, Key=f"runs/{DAG_ID}/{slug(dag_run['run_id'])}/train/"
+    trained = s3.get_object(Bucket=settings.bucket, Key=f"runs/{DAG_ID}/{run_folder(dag_run['run_id'])}/train/"
                                                         f"lr-{float(tags['learning_rate']):g}/checkpoint-{tags['step']}/"
                                                         "pytorch_lora_weights.safetensors")
     assert fetched["Body"].read() == trained["Body"].read()
@@ -459,7 +459,7 @@ def run_tasks(api, run_id: str) -> list[dict]:
 def registration(stack, run_id: str) -> dict:
     """register's result, as the step wrote it to the run's folder."""
     settings: Stack = stack["settings"]
-    key = f"runs/{DAG_ID}/{slug(run_id)}/register/registration.json"
+    key = f"runs/{DAG_ID}/{run_folder(run_id)}/register/registration.json"
     return json.loads(s3_client(settings).get_object(Bucket=settings.bucket, Key=key)["Body"].read())
 
 

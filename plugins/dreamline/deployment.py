@@ -35,6 +35,7 @@ written into a URI) fails DAG parsing with one line naming it: `Deployment.check
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ class Deployment:
 
     def run_dir(self, dag_id: str, run_id: str) -> str:
         """The one folder (URI) that holds everything a pipeline run writes."""
-        return f"{self.storage.rstrip('/')}/{dag_id}/{slug(run_id)}"
+        return f"{self.storage.rstrip('/')}/{dag_id}/{run_folder(run_id)}"
 
     def check(self) -> None:
         """Refuse, in one line naming the setting, what a step pod could not use."""
@@ -116,6 +117,12 @@ class Deployment:
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def run_folder(run_id: str) -> str:
+    """A run's folder name: readable (its slug, cut short) and one per run id (a hash of the exact id), since the
+    slug alone maps `...+00:00` and `...-00:00`, or ids differing only in dropped characters, to one folder."""
+    return f"{slug(run_id)[:64]}-{hashlib.sha256(run_id.encode()).hexdigest()[:10]}"
 
 
 def is_remote_uri(uri: str) -> bool:
