@@ -32,6 +32,7 @@ from pathlib import Path
 
 from sd_tasks.cost import record_step
 from sd_tasks.errors import IncompleteFolder, StepError
+from sd_tasks.redact import redact
 
 # step name -> ("module[:function]", one-line description); the function defaults to `run`. Modules import lazily so `validate` never pays for torch.
 STEPS: dict[str, tuple[str, str]] = {
@@ -90,21 +91,21 @@ def _main(step: str, argv: list[str]) -> int:
         config = make_config(config_type, args, parser)
         result = func(config)
     except StepError as exc:
-        print(f"error: {step}: {exc}", file=sys.stderr)
+        print(redact(f"error: {step}: {exc}"), file=sys.stderr)
         return EXIT_REFUSED
     except IncompleteFolder as exc:  # a writer was stopped, or a folder changed while read: a retry can help
-        print(f"error: {step}: {exc}", file=sys.stderr)
+        print(redact(f"error: {step}: {exc}"), file=sys.stderr)
         return EXIT_CRASHED
     except KeyboardInterrupt:
         print(f"error: {step}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # a bug, not bad input: keep the traceback for the log, then the one line
-        traceback.print_exc()
-        print(f"error: {step}: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        print(redact(traceback.format_exc()), end="", file=sys.stderr)
+        print(redact(f"error: {step}: {type(exc).__name__}: {exc}".splitlines()[0]), file=sys.stderr)
         return EXIT_CRASHED
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # one of several processes under `accelerate launch`/torchrun: the main process reports
-    line = json.dumps(result, sort_keys=True, default=str)
+    line = redact(json.dumps(result, sort_keys=True, default=str))  # a URL's credentials never reach XCom or logs
     if os.environ.get(RESULT_FILE_ENV):
         Path(os.environ[RESULT_FILE_ENV]).parent.mkdir(parents=True, exist_ok=True)
         Path(os.environ[RESULT_FILE_ENV]).write_text(line)

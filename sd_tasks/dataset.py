@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sd_tasks.cli import option
 from sd_tasks.errors import StepError
+from sd_tasks.redact import redact
 from sd_tasks.storage import write_dir, write_json
 
 
@@ -32,22 +33,23 @@ class DatasetConfig:
 def run(config: DatasetConfig) -> dict:
     from dvc.api import DVCFileSystem
 
+    repo = redact(config.repo)  # as shown and recorded: a token in the URL is for cloning only
     try:
         fs = DVCFileSystem(config.repo, rev=config.rev)
         commit = fs.repo.scm.get_rev()
         info = fs.info(config.path)
     except FileNotFoundError:
-        raise StepError(f"{config.repo}: no {config.path!r} at rev {config.rev!r}") from None
+        raise StepError(f"{repo}: no {config.path!r} at rev {config.rev!r}") from None
     except Exception as exc:  # dvc/scmrepo raise many types for a bad repo or rev
-        raise StepError(f"{config.repo}@{config.rev}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        raise StepError(redact(f"{repo}@{config.rev}: {type(exc).__name__}: {exc}".splitlines()[0])) from None
     if info["type"] != "directory":
-        raise StepError(f"{config.repo}: {config.path!r} at rev {config.rev!r} is not a folder")
+        raise StepError(f"{repo}: {config.path!r} at rev {config.rev!r} is not a folder")
     with write_dir(config.output) as out:
         images = out / "images"
         fs.get(config.path.rstrip("/") + "/", str(images), recursive=True)
         files = sorted(p.relative_to(images).as_posix() for p in images.rglob("*") if p.is_file())
         result = {
-            "repo": config.repo,
+            "repo": repo,
             "path": config.path,
             "rev": config.rev,
             "commit": commit,
@@ -143,5 +145,5 @@ def _call(argv: list[str], cwd: Path) -> str:
     proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise StepError(f"{cwd}: `{' '.join(argv[-3:])}` failed: {detail[-1] if detail else proc.returncode}")
+        raise StepError(redact(f"{cwd}: `{' '.join(argv[-3:])}` failed: {detail[-1] if detail else proc.returncode}"))
     return proc.stdout

@@ -29,6 +29,7 @@ from sd_tasks.cli import option
 from sd_tasks.compare import Yardstick, describe, paired_difference
 from sd_tasks.cost import ledger, summarise
 from sd_tasks.promotion import CHAMPION, move_champion
+from sd_tasks.redact import redact
 from sd_tasks.report import report, review
 from sd_tasks.storage import read_dir, read_json, whole_folders, write_dir, write_json
 from sd_tasks.checkpoint_files import CHECKPOINT_INFO, LORA_WEIGHTS
@@ -73,7 +74,8 @@ def run(config: RegisterConfig) -> dict:
     run_key = config.parent_run_id or best["checkpoint"]
     tags = {
         "dreamline.run_key": run_key,
-        "dataset.repo": dataset["repo"], "dataset.path": dataset["path"], "dataset.rev": dataset["rev"],
+        "dataset.repo": redact(dataset["repo"]),  # dataset.json of older runs may hold a token
+        "dataset.path": dataset["path"], "dataset.rev": dataset["rev"],
         "dataset.commit": dataset["commit"], "dataset.hash": dataset["hash"], "code_version": code_version(),
         "base_model": info["base_model"], "learning_rate": f"{best['learning_rate']:g}", "step": str(best["step"]),
         "training_run_id": str(best["run_id"]), "eval.suite": str(best.get("suite")),

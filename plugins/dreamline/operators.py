@@ -29,6 +29,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from dreamline.deployment import DEPLOYMENT, MODEL_CACHE_MOUNT, REPO_ROOT
 from dreamline.profiles import PROFILES, step_resources
+from dreamline.redact import redact, secrets_in
 
 # sd_tasks.cli.FINAL_EXIT_CODES (a test keeps them equal): Airflow's components do not have sd_tasks on their path.
 FINAL_EXIT_CODES = frozenset({65, 2})
@@ -129,7 +130,7 @@ class LocalStepOperator(BaseOperator):
 
     def execute(self, context) -> dict:
         argv = [sys.executable, "-m", "sd_tasks", *step_argv(self.step, self.options)]
-        self.log.info("Running %s", " ".join(argv[1:]))
+        self.log.info("Running %s", shown_argv(argv[1:]))
         record = cost_record(context)
         env = {**os.environ, **DEPLOYMENT.step_env, **({COST_RECORD_ENV: record} if record else {}),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
@@ -139,11 +140,11 @@ class LocalStepOperator(BaseOperator):
         for line in self._process.stdout:
             line = line.rstrip("\n")
             lines.append(line)
-            self.log.info("%s", line)
+            self.log.info("%s", redact(line))
         if self._process.wait() != 0:
             errors = [line for line in lines if line.startswith("error: ")]
             raise step_failure(self._process.returncode,
-                               errors[-1] if errors else f"step {self.step} exited {self._process.returncode}")
+                               redact(errors[-1]) if errors else f"step {self.step} exited {self._process.returncode}")
         result = parse_result(lines)
         if result is None:
             raise AirflowException(f"step {self.step} printed no JSON result")
@@ -237,6 +238,7 @@ def _kubernetes_operator():
                 raise AirflowFailException(
                     f"{self.step}: --{name.replace('_', '-')} {value} is a path on this machine; in kubernetes mode "
                     f"step inputs and outputs must be remote URIs (a pod's disk is gone when it ends)")
+            shown_argv(step_argv(self.step, self.options))  # masks credentials in the pod's logs and spec as shown
             return super().execute(context)
 
         def build_pod_request_obj(self, context=None, **kwargs):
@@ -256,6 +258,17 @@ def _kubernetes_operator():
                                    str(failure)) from failure
 
     return KubernetesStepOperator
+
+
+def shown_argv(argv: list[str]) -> str:
+    """The argv as a log may show it: credentials in URLs as ***; and each registered with Airflow's secrets masker,
+    so the step's own output and Airflow's task log hide it too."""
+    from airflow.sdk.log import mask_secret
+
+    text = " ".join(argv)
+    for secret in secrets_in(text):
+        mask_secret(secret)
+    return redact(text)
 
 
 def cost_record(context) -> str | None:

@@ -202,9 +202,10 @@ def test_redact_hides_userinfo_and_signed_query_parameters():
     assert redact("ssh://git@host/repo.git s3://bucket/runs/x git@github.com:o/r.git") == (
         "ssh://git@host/repo.git s3://bucket/runs/x git@github.com:o/r.git")
     assert secrets_in(f"{SECRET_URL} {signed}") == [TOKEN, "AKIA"]
+    assert (REPO / "plugins" / "dreamline" / "redact.py").read_text() == (REPO / "sd_tasks" / "redact.py").read_text()
 
 
-def test_a_registry_url_with_a_token_shows_in_no_error_line_or_log(tmp_path, caplog, figures):
+def test_a_registry_url_with_a_token_shows_in_no_error_line_or_log(tmp_path, capfd, figures):
     from airflow.sdk._shared.secrets_masker import redact as airflow_redact
     from dreamline.operators import LocalStepOperator, StepRefused
 
@@ -215,11 +216,13 @@ def test_a_registry_url_with_a_token_shows_in_no_error_line_or_log(tmp_path, cap
 
     operator = LocalStepOperator(task_id="dataset", step="dataset",
                                  options={"repo": SECRET_URL, "path": "dog", "output": str(tmp_path / "out")})
-    caplog.set_level("INFO")
+    capfd.readouterr()
     with pytest.raises(StepRefused) as refused:
         operator.execute({})
-    assert "Running dataset --repo=https://dreamline:***@127.0.0.1:9/" in caplog.text
-    assert TOKEN not in caplog.text and TOKEN not in str(refused.value)
+    logged = "".join(capfd.readouterr())  # the task log: Airflow's structlog writes it to the process's output
+    assert "Running -m sd_tasks dataset --repo=https://dreamline:***@127.0.0.1:9/" in logged
+    assert "error: dataset: https://dreamline:***@127.0.0.1:9/" in logged
+    assert TOKEN not in logged and TOKEN not in str(refused.value)
     assert airflow_redact(f"a line holding {TOKEN}") == "a line holding ***"  # Airflow masks it in task logs too
     figures.record("secrets", "registry URL with a token through the dataset step and its operator",
                    "the error line, the operator's log and its failure show *** in its place; Airflow's masker "
