@@ -83,7 +83,8 @@ def run(config: RegisterConfig) -> dict:
         "score.broken": "true" if best.get("broken") else "false",  # `rollback` and `promote` refuse such a version
         **lineage_tags(dataset["hash"], config.recipe_hash, info["base_model"]),
     }
-    version = existing_version(client, config.model_name, run_key) or log_version(config, best, info, tags)
+    found = existing_version(client, config.model_name, run_key)
+    version = complete_version(client, found, tags) if found else log_version(config, best, info, tags)
     confirmation = confirmation_evaluations(config.confirmation)
     eligible, reason, comparison = decide(client, config.model_name, version, best, confirmation,
                                           selection["weights"], config.confidence, config.margin)
@@ -168,12 +169,29 @@ def decide(client, name: str, version: str, best: dict, confirmation: list[dict]
     return False, f"{verdict} does not lie above the margin {margin:g}; v{current} kept", comparison
 
 
-def existing_version(client, name: str, run_key: str) -> str | None:
+def existing_version(client, name: str, run_key: str):
+    """The version this pipeline run registered before (a retry), or None. Only "not found" means none: any other
+    error (an MLflow outage) fails the step, which is retried, rather than registering the run twice."""
+    from mlflow.exceptions import MlflowException
+
     try:
         found = client.search_model_versions(f"name = '{name}' and tags.`dreamline.run_key` = '{run_key}'")
-    except Exception:  # the registered model does not exist yet
-        return None
-    return str(found[0].version) if found else None
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":  # the registered model does not exist yet
+            return None
+        raise
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def complete_version(client, found, tags: dict) -> str:
+    """A version an earlier try created but was stopped before finishing: its missing tags and card."""
+    version = str(found.version)
+    for key, value in tags.items():
+        if key not in found.tags:
+            client.set_model_version_tag(found.name, version, key, value)
+    if not found.description:
+        client.update_model_version(found.name, version, description=model_card(found.name, {**tags, **found.tags}))
+    return version
 
 
 def log_version(config: RegisterConfig, best: dict, info: dict, tags: dict) -> str:
@@ -185,14 +203,13 @@ def log_version(config: RegisterConfig, best: dict, info: dict, tags: dict) -> s
     with mlflow.start_run(run_id=run_id):  # leaving it marks the parent run FINISHED: registering is the last step
         model = mlflow.diffusers.log_model(
             str(checkpoint / LORA_WEIGHTS), base_model=info["base_model"], adapter_type="lora", name="lora",
-            registered_model_name=config.model_name,
             pip_requirements=_requirements(),  # skip MLflow's slow requirement inference
         )
-    version = str(model.registered_model_version)
-    client = tracking.client()
-    for key, value in tags.items():
-        client.set_model_version_tag(config.model_name, version, key, value)
-    client.update_model_version(config.model_name, version, description=model_card(config.model_name, tags))
+    # The tags, the run key among them, are on the version from its creation: a try stopped right after it leaves
+    # a version its retry finds (and completes) instead of registering another.
+    version = str(mlflow.register_model(model.model_uri, config.model_name, tags=tags).version)
+    tracking.client().update_model_version(config.model_name, version,
+                                           description=model_card(config.model_name, tags))
     return version
 
 

@@ -297,7 +297,7 @@ def test_a_register_killed_between_creating_the_version_and_tagging_it_registers
         register.run(config)
     assert register.run(config)["version"] == 1
     versions = tracking.client().search_model_versions("name = 'defects-retry'")
-    assert [v.version for v in versions] == ["1"]
+    assert [int(v.version) for v in versions] == [1]
     tags = versions[0].tags
     assert tags["dreamline.run_key"] == config_key(selected) and tags["step"] == "10" and tags["dataset.rev"] == "dog-v1"
     assert "SDXL DreamBooth-LoRA `defects-retry`" in versions[0].description
@@ -328,7 +328,7 @@ def test_an_mlflow_outage_while_looking_for_the_version_fails_the_step_instead_o
     with pytest.raises(MlflowException, match="503"):
         register.run(config)
     monkeypatch.undo()
-    assert [v.version for v in tracking.client().search_model_versions("name = 'defects-outage'")] == ["1"]
+    assert [int(v.version) for v in tracking.client().search_model_versions("name = 'defects-outage'")] == [1]
     figures.record("defect", "MLflow outage in existing_version",
                    "only 'not found' counts as absent: an outage fails the step (retried) instead of registering "
                    "a second version", versions=1)
