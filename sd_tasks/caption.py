@@ -13,7 +13,8 @@ from pathlib import Path
 
 from sd_tasks.cli import option
 from sd_tasks.errors import StepError
-from sd_tasks.storage import read_dir, read_json, write_dir, write_json
+from sd_tasks.manifest import MAX_CAPTION_CHARS, caption_text, inside, load
+from sd_tasks.storage import read_dir, write_dir, write_json
 
 STRATEGIES = ("instance", "sidecar", "model")
 
@@ -34,9 +35,11 @@ class CaptionConfig:
 def run(config: CaptionConfig) -> dict:
     if config.strategy not in STRATEGIES:
         raise StepError(f"--strategy {config.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    report = read_json(f"{config.report}/report.json")
+    uri = f"{config.report}/report.json"
+    report = load(uri, lists=("accepted",), texts=("source",))
     images = read_dir(report["source"])
-    paths = [images / item["path"] for item in report["accepted"]]
+    paths = [inside(images, item.get("path"), f"{uri}: accepted[{i}].path")
+             for i, item in enumerate(report["accepted"])]
     if config.strategy == "sidecar":
         found = [sidecar_caption(p) for p in paths]
     elif config.strategy == "model":
@@ -50,7 +53,7 @@ def run(config: CaptionConfig) -> dict:
             caption = config.template.format(instance_prompt=config.instance_prompt, caption=text)
         elif text is not None:
             missing.append(item["path"])
-        records.append({**item, "caption": caption})
+        records.append({**item, "caption": caption_text(caption, item["path"])})
     with write_dir(config.output) as out:
         write_json(out / "manifest.json", {"source": report["source"], "records": records, "missing": missing})
     return {"manifest": f"{config.output}/manifest.json", "captioned": len(records), "missing_captions": missing}
@@ -77,6 +80,7 @@ def model_captions(paths: list[Path], model_id: str, batch_size: int) -> list[st
 def sidecar_caption(image: Path) -> str:
     for suffix in (".txt", ".caption"):
         side = image.with_suffix(suffix)
-        if side.is_file():
-            return " ".join(side.read_text(errors="replace").split())
+        if side.is_file():  # only the start of it: a caption longer than the text encoders read is cut anyway
+            with open(side, encoding="utf-8", errors="replace") as f:
+                return caption_text(f.read(MAX_CAPTION_CHARS * 2), str(side))
     return ""

@@ -21,11 +21,14 @@ MAX_CAPTION_CHARS = 4096
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1 and the Unicode line separators
 
 
-def load(uri: str, lists: tuple[str, ...] = ("records",)) -> dict:
-    """A manifest that is a JSON object whose `lists` are lists of objects."""
+def load(uri: str, lists: tuple[str, ...] = ("records",), texts: tuple[str, ...] = ()) -> dict:
+    """A manifest that is a JSON object whose `lists` are lists of objects and whose `texts` are strings."""
     data = read_json(uri)
     if not isinstance(data, dict):
         raise StepError(f"{uri}: not a manifest (a JSON object is needed, found {type(data).__name__})")
+    for key in texts:
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise StepError(f"{uri}: {key} must be a URI, found {data.get(key)!r}"[:300])
     for key in lists:
         items = data.get(key)
         if not isinstance(items, list):
@@ -86,3 +89,4 @@ def resized_record(record: dict, where: str) -> dict:
                             f"image {scaled}")
     return {**record, "original_size": original, "target_size": target, "crop_top_left": [top, left],
             "caption": caption_text(record.get("caption"), f"{where}: caption")}
+
