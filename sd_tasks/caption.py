@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sd_tasks.cli import option
 from sd_tasks.errors import StepError
-from sd_tasks.manifest import MAX_CAPTION_CHARS, caption_text, inside, load
+from sd_tasks.manifest import MAX_CAPTION_CHARS, caption_text, check_template, inside, load
 from sd_tasks.storage import read_dir, write_dir, write_json
 
 STRATEGIES = ("instance", "sidecar", "model")
@@ -35,6 +35,7 @@ class CaptionConfig:
 def run(config: CaptionConfig) -> dict:
     if config.strategy not in STRATEGIES:
         raise StepError(f"--strategy {config.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    check_template(config.template, ("instance_prompt", "caption"), "--template")
     uri = f"{config.report}/report.json"
     report = load(uri, lists=("accepted",), texts=("source",))
     images = read_dir(report["source"])

@@ -9,6 +9,7 @@ captioning model may well hold a stray tab or a whole page.
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path, PurePosixPath
 
 from sd_tasks.errors import StepError
@@ -90,3 +91,18 @@ def resized_record(record: dict, where: str) -> dict:
     return {**record, "original_size": original, "target_size": target, "crop_top_left": [top, left],
             "caption": caption_text(record.get("caption"), f"{where}: caption")}
 
+
+def check_template(template: str, fields: tuple[str, ...], where: str) -> str:
+    """A str.format template whose only replacement fields are `{name}` for `fields`: no attribute or index access
+    (`{x.__class__}`), no conversion or format spec (`{x:>99999999}` pads to 100 MB), no positional field. `{{` and
+    `}}` stay literal braces."""
+    allowed = " and ".join("{" + f + "}" for f in fields)
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:  # a lone brace
+        raise StepError(f"{where} {template!r}: {exc}; the only fields are {allowed} ({{{{ and }}}} for braces)"[:300])
+    for _, name, spec, conversion in parsed:
+        if name is not None and (name not in fields or spec or conversion):
+            raise StepError(f"{where} {template!r}: field {{{name}{'!' + conversion if conversion else ''}"
+                            f"{':' + spec if spec else ''}}} is not allowed; the only fields are {allowed}"[:300])
+    return template

@@ -223,7 +223,7 @@ def test_captions_are_plain_text_of_bounded_length(steps, tmp_path, capsys, figu
 @pytest.mark.parametrize("template", [
     "{instance_prompt.__class__.__mro__}", "{instance_prompt.__init__.__globals__}", "{0}", "{}",
     "{caption!r:>99999999}", "{caption:>99999999}", "{caption[0]}", "{instance_prompt}, {caption", "{{caption}",
-    "{caption}}}", "{secret}",
+    "{caption}}", "{caption:{instance_prompt}}", "{secret}",
 ])
 def test_a_caption_template_has_only_its_two_fields(steps, tmp_path, capsys, figures, template):
     out = tmp_path / "captions"
