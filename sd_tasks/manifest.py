@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import string
+import math
 from pathlib import Path, PurePosixPath
 
 from sd_tasks.errors import StepError
@@ -19,6 +20,7 @@ MAX_SIDE = 65_535  # pixels: JPEG's and WebP's own limit; validate's pixel limit
 # SDXL's CLIP tokenizers read 77 tokens; a token is a word piece of at most a few dozen characters, so a caption cut
 # here still holds more than they use, and a 10 MB caption file costs nothing downstream.
 MAX_CAPTION_CHARS = 4096
+SHARD = re.compile(r"shard-\d{5}-of-\d{5}")  # encode's shard folder names (sd_tasks.encode.shard_name)
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1 and the Unicode line separators
 
 
@@ -90,6 +92,31 @@ def resized_record(record: dict, where: str) -> dict:
                             f"image {scaled}")
     return {**record, "original_size": original, "target_size": target, "crop_top_left": [top, left],
             "caption": caption_text(record.get("caption"), f"{where}: caption")}
+
+
+def load_cache(uri: str) -> dict:
+    """An encode cache's manifest.json (what train reads): shards by their own names only, every record in one of
+    them, its micro-conditioning sane, a finite scaling factor."""
+    manifest_uri = f"{uri}/manifest.json"
+    data = load(manifest_uri)
+    shards = data.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise StepError(f"{manifest_uri}: shards must be a list of shard names, found {shards!r}"[:300])
+    for name in shards:
+        if not isinstance(name, str) or not SHARD.fullmatch(name):
+            raise StepError(f"{manifest_uri}: {name!r} is not a shard name (shard-NNNNN-of-NNNNN)"[:300])
+    factor = data.get("scaling_factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+        raise StepError(f"{manifest_uri}: scaling_factor must be a positive number, found {factor!r}"[:300])
+    records = []
+    for i, record in enumerate(data["records"]):
+        where = f"{manifest_uri}: records[{i}]"
+        if record.get("shard") not in shards:
+            raise StepError(f"{where}: shard {record.get('shard')!r} is not one of the cache's shards"[:300])
+        if not isinstance(record.get("key"), str) or CONTROL.search(record["key"]):
+            raise StepError(f"{where}: key must be text, found {record.get('key')!r}"[:300])
+        records.append(resized_record(record, where))
+    return {**data, "records": records}
 
 
 def check_template(template: str, fields: tuple[str, ...], where: str) -> str:

@@ -218,6 +218,61 @@ def test_captions_are_plain_text_of_bounded_length(steps, tmp_path, capsys, figu
                    f"resize writes it cleaned, cut to {len(text)} characters")
 
 
+def encode_cache(folder: Path) -> Path:
+    """An encode cache as encode writes it (one shard of real safetensors, its completion markers), small."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sd_tasks.storage import write_dir
+
+    shard = "shard-00000-of-00001"
+    with write_dir(str(folder / shard)) as out:
+        save_file({"images/00000.png.latent_moments": torch.zeros(8, 8, 8),
+                   "images/00000.png.prompt_embeds": torch.zeros(77, 64),
+                   "images/00000.png.pooled_prompt_embeds": torch.zeros(32)}, out / "latents.safetensors")
+        (out / "records.json").write_text("{}")
+    record = {"file": "images/00000.png", "key": "images/00000.png", "shard": shard, "caption": "a photo of sks dog",
+              "flipped": False, "original_size": [80, 96], "crop_top_left": [0, 16], "target_size": [64, 64],
+              "scaled_size": [64, 96]}
+    (folder / "manifest.json").write_text(json.dumps({"format": 1, "scaling_factor": 0.13, "shards": [shard],
+                                                      "records": [record]}))
+    return folder
+
+
+def cache_record(field: str, value):
+    def change(data):
+        data["records"][0][field] = value
+    return change
+
+
+CACHE_CASES = [
+    (cache_record("original_size", [10**9, 10**9]), "original_size: 1000000000 is not a size"),
+    (cache_record("crop_top_left", [-8, 0]), "crop_top_left: -8 is not a size"),
+    (cache_record("target_size", [0, 0]), "target_size: 0 is not a size"),
+    (cache_record("shard", "shard-00001-of-00001"), "not one of the cache's shards"),
+    (lambda d: d.update(shards=["../../elsewhere"]), "is not a shard name"),
+    (lambda d: d.update(scaling_factor=float("nan")), "scaling_factor"),
+    (lambda d: d.update(records={"0": 1}), "records must be a list"),
+]
+
+
+@pytest.mark.parametrize("change, fragment", CACHE_CASES, ids=[c[1][:30] for c in CACHE_CASES])
+def test_a_tampered_encode_cache_is_refused_by_train(tmp_path, capsys, figures, change, fragment):
+    from sd_tasks import train
+
+    cache = encode_cache(tmp_path / "cache")
+    assert len(train.LatentCache(str(cache)).items) == 1  # the untampered cache is read
+    data = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps(change(data) or data))
+    before = tree_snapshot(tmp_path)
+    out = tmp_path / "train"
+    code, err = run_step(capsys, ["train", "--cache", cache, "--output", out, "--base-model", tmp_path / "no-model",
+                                  "--mixed-precision", "no"])
+    line = assert_one_line(err, "train", str(cache / "manifest.json"), fragment)
+    assert code == cli.EXIT_REFUSED and not out.exists() and tree_snapshot(tmp_path) == before
+    figures.record("hostile", f"encode cache manifest: {fragment}", line, lost=0)
+
+
 # -- templates and prompts ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("template", [
