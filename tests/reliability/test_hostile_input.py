@@ -273,6 +273,21 @@ def test_a_tampered_encode_cache_is_refused_by_train(tmp_path, capsys, figures, 
     figures.record("hostile", f"encode cache manifest: {fragment}", line, lost=0)
 
 
+def test_a_file_name_with_control_characters_is_rejected_and_the_rest_go_on(steps, tmp_path, capsys, figures):
+    shutil.copytree(steps / "images", tmp_path / "images")
+    pattern(60).save(tmp_path / "images" / "new\nline\x1b.jpg")
+    code, err = run_step(capsys, ["validate", "--input", tmp_path / "images", "--output", tmp_path / "v"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "v" / "report.json").read_text())
+    rejected = {r["path"]: r["reason"] for r in report["rejected"]}
+    assert rejected["new\nline\x1b.jpg"] == "file name contains control characters" and len(report["accepted"]) == 3
+    code, err = run_step(capsys, ["caption", "--report", tmp_path / "v", "--output", tmp_path / "c",
+                                  "--instance-prompt", "a photo of sks dog"])
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "c" / "manifest.json").read_text())["records"]) == 3
+    figures.record("hostile", "image file named with a newline and ESC", rejected["new\nline\x1b.jpg"], lost=0)
+
+
 # -- templates and prompts ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("template", [
