@@ -21,7 +21,7 @@ from sd_tasks import caption, cli, evaluate, resize, validate
 from sd_tasks.errors import StepError
 from sd_tasks.manifest import MAX_CAPTION_CHARS
 from sd_tasks.storage import MARKER, _listing, _marker
-from test_validate import ACCEPTED, REJECTED, dataset, exact_tree, pattern  # noqa: F401 (dataset is a fixture)
+from test_validate import ACCEPTED, REJECTED, dataset, exact_tree, pattern  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.reliability
 
@@ -42,7 +42,7 @@ def assert_one_line(err: str, step: str, *fragments: str) -> str:
 
 # -- images and archives: one representative run through the CLI, as a subprocess -------------------------------
 
-def test_damaged_images_and_archives_through_the_cli(dataset, tmp_path, figures):
+def test_damaged_images_and_archives_through_the_cli(dataset, tmp_path, figures):  # noqa: F811
     members = tmp_path / "members"
     members.mkdir()
     pattern(30).save(members / "x.jpg")
@@ -383,4 +383,5 @@ def test_a_bad_param_is_refused_naming_it(dag, figures, conf):
 
 def test_the_default_form_still_passes(dag):
     assert refusal(dag, {}) is None
-    assert refusal(dag, {"instance_prompt": "a photo of sks dög, 📷", "evaluation_prompts": ["a {instance}"]}) is None
+    good = {"instance_prompt": "a photo of sks dög, 📷", "evaluation_prompts": ["a {instance} on a {class_noun} rug"]}
+    assert refusal(dag, good) is None
