@@ -385,3 +385,17 @@ def test_the_default_form_still_passes(dag):
     assert refusal(dag, {}) is None
     good = {"instance_prompt": "a photo of sks dög, 📷", "evaluation_prompts": ["a {instance} on a {class_noun} rug"]}
     assert refusal(dag, good) is None
+
+
+@pytest.mark.parametrize("run_id", [".", "..", "../..", "../lora_backpack", "", ".hidden", "a/../../b"])
+def test_a_run_id_names_one_folder_inside_the_dags_own(run_id, figures):
+    """A trigger's run id comes from the user (REST API, `airflow dags trigger -r`); Airflow's default
+    allowed_run_id_pattern `^[A-Za-z0-9_.~:+-]+$` lets `.` and `..` through. `..` would put the run's folders beside
+    the DAG's, `.` into the DAG's own (where writing `dataset/` replaces the run folder of a run named `dataset`)."""
+    from dreamline.deployment import DEPLOYMENT
+
+    dag_folder = Path(DEPLOYMENT.storage) / "lora_dog"
+    run = Path(DEPLOYMENT.run_dir("lora_dog", run_id))
+    assert run.parent == dag_folder and run.name not in ("", ".", "..") and not run.name.startswith("."), run
+    assert os.path.normpath(run) == str(run)
+    figures.record("hostile", f"run id {run_id!r}", f"run folder {run.name!r} inside the DAG's folder", lost=0)
