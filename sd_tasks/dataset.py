@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ class DatasetConfig:
 def run(config: DatasetConfig) -> dict:
     from dvc.api import DVCFileSystem
 
+    registry_folder(config.path)
     try:
         fs = DVCFileSystem(config.repo, rev=config.rev)
         commit = fs.repo.scm.get_rev()
@@ -81,6 +83,9 @@ class PublishConfig:
 
 def publish(config: PublishConfig) -> dict:
     source, repo = Path(config.source), Path(config.repo)
+    registry_folder(config.path)  # publish deletes and rewrites it: it must be one folder below the repo's root
+    if not TAG.fullmatch(config.tag):
+        raise StepError(f"--tag {config.tag!r}: a Git tag of letters, digits and ._/- not starting with - or .")
     if not source.is_dir() or not any(source.iterdir()):
         raise StepError(f"{source}: not a folder with files")
     if not (repo / ".dvc").is_dir():
@@ -105,6 +110,19 @@ def publish(config: PublishConfig) -> dict:
     _git(repo, "tag", config.tag)
     return {"repo": str(repo), "path": config.path, "tag": config.tag, "commit": _git(repo, "rev-parse", "HEAD").strip(),
             "hash": content_hash(target)}
+
+
+TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+
+
+def registry_folder(path: str) -> str:
+    """A subject's folder in a data registry: relative, inside it, not its .git or .dvc."""
+    parts = Path(path).parts
+    if not path or Path(path).is_absolute() or any(p in ("..", ".") for p in path.split("/")) or \
+            parts[0] in (".git", ".dvc") or any(ord(c) < 32 or c in "\\\x7f" for c in path):
+        raise StepError(f"--path {path!r}: a folder inside the registry is needed, e.g. dog (no ., .., "
+                        f"absolute path, .git, .dvc or control character)")
+    return path
 
 
 def _git(repo: Path, *args: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tree_snapshot
+from conftest import REPO, SAMPLE, tree_snapshot
 from sd_tasks import caption, cli, evaluate, resize, validate
 from sd_tasks.errors import StepError
 from sd_tasks.manifest import MAX_CAPTION_CHARS
@@ -286,6 +286,31 @@ def test_a_file_name_with_control_characters_is_rejected_and_the_rest_go_on(step
     assert code == 0, err
     assert len(json.loads((tmp_path / "c" / "manifest.json").read_text())["records"]) == 3
     figures.record("hostile", "image file named with a newline and ESC", rejected["new\nline\x1b.jpg"], lost=0)
+
+
+def test_publish_dataset_never_deletes_outside_its_folder_of_the_registry(tmp_path, capsys, figures):
+    """publish-dataset replaces the subject's folder of the registry: a --path of `..`, `.`, an absolute path or
+    `.git` would have it delete the registry's history, its parent, or any folder; a --tag that starts with `-` is a
+    flag to git. Each is refused in one line before anything is touched."""
+    from sd_tasks.dataset import PublishConfig, publish
+
+    work = tmp_path / "work"  # what a bad --path could reach: the registry, a neighbour, the photos
+    shutil.copytree(SAMPLE, work / "photos")
+    publish(PublishConfig(source=str(work / "photos"), repo=str(work / "registry"), path="dog", tag="dog-v1",
+                          remote=str(work / "remote")))
+    (work / "neighbour").mkdir()
+    (work / "neighbour" / "keep.txt").write_text("not the registry's")
+    before = tree_snapshot(work)
+    config = tmp_path / "publish.json"  # a file, so that a NUL can be passed too
+    cases = [(path, "dog-v2") for path in ("..", ".", "", "dog/../..", str(work / "neighbour"), ".git", ".dvc",
+                                           "dog\x00")] + [("dog", "--force"), ("dog", "-d")]
+    for path, tag in cases:
+        config.write_text(json.dumps({"source": str(work / "photos"), "repo": str(work / "registry"), "path": path,
+                                      "tag": tag}))
+        code, err = run_step(capsys, ["publish-dataset", "--config", config])
+        line = assert_one_line(err, "publish-dataset", "--tag" if tag.startswith("-") else "--path")
+        assert code == cli.EXIT_REFUSED and tree_snapshot(work) == before, (path, line)
+        figures.record("hostile", f"publish-dataset path {path!r} tag {tag!r}", line, lost=0)
 
 
 # -- templates and prompts ---------------------------------------------------------------------------------------
