@@ -88,6 +88,8 @@ def publish(config: PublishConfig) -> dict:
         raise StepError(f"--tag {config.tag!r}: a Git tag of letters, digits and ._/- not starting with - or .")
     if not source.is_dir() or not any(source.iterdir()):
         raise StepError(f"{source}: not a folder with files")
+    if link := next((p for p in sorted(source.rglob("*")) if p.is_symlink()), None):  # copytree would follow it
+        raise StepError(f"{link}: symbolic link; publish a folder of regular files (what it points to may be private)")
     if not (repo / ".dvc").is_dir():
         if not config.remote:
             raise StepError(f"{repo}: not a DVC registry yet; pass --remote to create one")

@@ -312,6 +312,15 @@ def test_publish_dataset_never_deletes_outside_its_folder_of_the_registry(tmp_pa
         assert code == cli.EXIT_REFUSED and tree_snapshot(work) == before, (path, line)
         figures.record("hostile", f"publish-dataset path {path!r} tag {tag!r}", line, lost=0)
 
+    (tmp_path / "secret.txt").write_text("api key")  # a link in the photos would publish what it points to
+    os.symlink(tmp_path / "secret.txt", work / "photos" / "notes.jpg")
+    before = tree_snapshot(work)
+    code, err = run_step(capsys, ["publish-dataset", "--source", work / "photos", "--repo", work / "registry",
+                                  "--path", "dog", "--tag", "dog-v2"])
+    line = assert_one_line(err, "publish-dataset", f"{work / 'photos' / 'notes.jpg'}: symbolic link")
+    assert code == cli.EXIT_REFUSED and tree_snapshot(work) == before
+    figures.record("hostile", "publish-dataset source with a symbolic link out of it", line, lost=0, secrets_found=0)
+
 
 # -- templates and prompts ---------------------------------------------------------------------------------------
 
