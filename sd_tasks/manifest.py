@@ -1,4 +1,5 @@
-"""Reading what one step hands the next: validate's report.json, caption's and resize's manifest.json.
+"""Reading what one step hands the next (validate's report.json, caption's, resize's and encode's manifest.json),
+and the one template a user writes (caption's --template).
 
 A manifest is input like any other (a pod's volume, an S3 prefix, a hand edit), so nothing in it is trusted: every
 path must stay inside its folder, every size be a sane number of pixels and every caption be plain text. What is
@@ -8,9 +9,9 @@ captioning model may well hold a stray tab or a whole page.
 """
 from __future__ import annotations
 
+import math
 import re
 import string
-import math
 from pathlib import Path, PurePosixPath
 
 from sd_tasks.errors import StepError
@@ -49,7 +50,7 @@ def inside(folder: Path, value, where: str) -> Path:
     if CONTROL.search(value):
         raise StepError(f"{where}: path {value!r} contains control characters"[:300])
     relative = PurePosixPath(value)
-    if relative.is_absolute() or ".." in relative.parts or "\\" in value:
+    if relative.is_absolute() or ".." in relative.parts:
         raise StepError(f"{where}: path {value!r} leaves its folder {folder}"[:300])
     path = folder / relative
     if not path.resolve().is_relative_to(folder.resolve()):
