@@ -26,6 +26,16 @@ from test_validate import ACCEPTED, REJECTED, dataset, exact_tree, pattern  # no
 pytestmark = pytest.mark.reliability
 
 
+_defects: set[str] = set()
+
+
+def defect(figures, scenario: str, outcome: str) -> None:
+    """A defect this suite found and the fix it proves, recorded once however many cases show it."""
+    if scenario not in _defects:
+        _defects.add(scenario)
+        figures.record("defect", scenario, outcome, lost=0)
+
+
 def run_step(capsys, argv: list[str]) -> tuple[int, str]:
     """The step CLI in this process: (exit code, stderr)."""
     code = cli.main([str(a) for a in argv])
@@ -177,6 +187,8 @@ def test_a_tampered_manifest_is_refused_in_one_line(steps, tmp_path, capsys, fig
     assert code == cli.EXIT_REFUSED and (str(manifest) in line or str(folder) in line), line
     assert not out.exists() and tree_snapshot(tmp_path) == before
     figures.record("hostile", f"{step} manifest: {fragment}", line, lost=0)
+    defect(figures, "manifests were trusted (paths out of their folder, any sizes, any JSON types)",
+           "caption, resize, encode and evaluate check every record; one line naming manifest, record and field")
 
 
 def test_instance_images_of_evaluate_stay_inside_their_folder(steps, tmp_path, figures):
@@ -207,6 +219,7 @@ def test_captions_are_plain_text_of_bounded_length(steps, tmp_path, capsys, figu
     figures.record("hostile", "sidecar caption with NUL, ESC, CR/LF, U+2028",
                    "control characters become spaces", caption=captions[0])
     figures.record("hostile", "sidecar caption of 10 MB", f"cut to {len(captions[1])} characters")
+    defect(figures, "captions kept control characters and any length", "cleaned and cut to 4096 characters")
 
     captions_folder = tampered(steps, tmp_path / "t", "captions", first("records", "caption", "x\x00y\n" * 3_000_000))
     code, err = run_step(capsys, ["resize", "--captions", captions_folder, "--output", tmp_path / "resized",
@@ -271,6 +284,7 @@ def test_a_tampered_encode_cache_is_refused_by_train(tmp_path, capsys, figures, 
     line = assert_one_line(err, "train", str(cache / "manifest.json"), fragment)
     assert code == cli.EXIT_REFUSED and not out.exists() and tree_snapshot(tmp_path) == before
     figures.record("hostile", f"encode cache manifest: {fragment}", line, lost=0)
+    defect(figures, "train trusted the encode cache's manifest (shard ../, sizes)", "checked before any model loads")
 
 
 def test_a_file_name_with_control_characters_is_rejected_and_the_rest_go_on(steps, tmp_path, capsys, figures):
@@ -286,6 +300,7 @@ def test_a_file_name_with_control_characters_is_rejected_and_the_rest_go_on(step
     assert code == 0, err
     assert len(json.loads((tmp_path / "c" / "manifest.json").read_text())["records"]) == 3
     figures.record("hostile", "image file named with a newline and ESC", rejected["new\nline\x1b.jpg"], lost=0)
+    defect(figures, "validate accepted file names with control characters", "rejected with a reason; the rest go on")
 
 
 def test_publish_dataset_never_deletes_outside_its_folder_of_the_registry(tmp_path, capsys, figures):
@@ -311,6 +326,8 @@ def test_publish_dataset_never_deletes_outside_its_folder_of_the_registry(tmp_pa
         line = assert_one_line(err, "publish-dataset", "--tag" if tag.startswith("-") else "--path")
         assert code == cli.EXIT_REFUSED and tree_snapshot(work) == before, (path, line)
         figures.record("hostile", f"publish-dataset path {path!r} tag {tag!r}", line, lost=0)
+    defect(figures, "publish-dataset --path .. / . / '' deleted the registry's parent or the registry",
+           "--path must be a folder inside the registry, --tag a tag")
 
     (tmp_path / "secret.txt").write_text("api key")  # a link in the photos would publish what it points to
     os.symlink(tmp_path / "secret.txt", work / "photos" / "notes.jpg")
@@ -320,6 +337,7 @@ def test_publish_dataset_never_deletes_outside_its_folder_of_the_registry(tmp_pa
     line = assert_one_line(err, "publish-dataset", f"{work / 'photos' / 'notes.jpg'}: symbolic link")
     assert code == cli.EXIT_REFUSED and tree_snapshot(work) == before
     figures.record("hostile", "publish-dataset source with a symbolic link out of it", line, lost=0, secrets_found=0)
+    defect(figures, "publish-dataset followed symbolic links in the source", "refused, naming the link")
 
 
 # -- templates and prompts ---------------------------------------------------------------------------------------
@@ -336,6 +354,8 @@ def test_a_caption_template_has_only_its_two_fields(steps, tmp_path, capsys, fig
     line = assert_one_line(err, "caption", "--template", "{instance_prompt} and {caption}")
     assert code == cli.EXIT_REFUSED and not out.exists()
     figures.record("hostile", f"caption template {template}", line)
+    defect(figures, "caption --template was str.format with attribute access and format specs",
+           "only {instance_prompt} and {caption}; refused in one line")
 
 
 def test_a_good_template_and_braces_in_captions_are_kept(steps, tmp_path, capsys):
@@ -413,11 +433,14 @@ def test_a_bad_param_is_refused_naming_it(dag, figures, conf):
     assert line is not None, f"{name}={value!r} passed the form and the recipe check"
     assert name in line, line
     figures.record("hostile", f"param {name}={repr(value)[:40]}", line[:200])
+    if "Invalid input for param" not in line:  # the schema's own refusals were there before
+        defect(figures, "the form let NaN, infinity, 500.0 for an integer, control characters and megabytes through",
+               "the recipe task refuses them naming the Param")
 
 
 def test_the_default_form_still_passes(dag):
     assert refusal(dag, {}) is None
-    good = {"instance_prompt": "a photo of sks dög, 📷", "evaluation_prompts": ["a {instance} on a {class_noun} rug"]}
+    good = {"instance_prompt": "a photo of sks dög, 📷", "evaluation_prompts": ["a {instance} on a {class_noun}"]}
     assert refusal(dag, good) is None
 
 
@@ -433,3 +456,5 @@ def test_a_run_id_names_one_folder_inside_the_dags_own(run_id, figures):
     assert run.parent == dag_folder and run.name not in ("", ".", "..") and not run.name.startswith("."), run
     assert os.path.normpath(run) == str(run)
     figures.record("hostile", f"run id {run_id!r}", f"run folder {run.name!r} inside the DAG's folder", lost=0)
+    defect(figures, "a run id of '.' or '..' made the DAG's folder or its parent the run folder",
+           "slug never gives '', '.', '..' or a hidden name")
