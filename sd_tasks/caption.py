@@ -13,7 +13,8 @@ from pathlib import Path
 
 from sd_tasks.cli import option
 from sd_tasks.errors import StepError
-from sd_tasks.storage import read_dir, read_json, write_dir, write_json
+from sd_tasks.manifest import MAX_CAPTION_CHARS, caption_text, check_template, inside, load
+from sd_tasks.storage import read_dir, write_dir, write_json
 
 STRATEGIES = ("instance", "sidecar", "model")
 
@@ -34,9 +35,12 @@ class CaptionConfig:
 def run(config: CaptionConfig) -> dict:
     if config.strategy not in STRATEGIES:
         raise StepError(f"--strategy {config.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    report = read_json(f"{config.report}/report.json")
+    check_template(config.template, ("instance_prompt", "caption"), "--template")
+    uri = f"{config.report}/report.json"
+    report = load(uri, lists=("accepted",), texts=("source",))
     images = read_dir(report["source"])
-    paths = [images / item["path"] for item in report["accepted"]]
+    paths = [inside(images, item.get("path"), f"{uri}: accepted[{i}].path")
+             for i, item in enumerate(report["accepted"])]
     refused: list[str] = []
     if config.strategy == "sidecar":
         found = [sidecar_caption(p, images, refused) for p in paths]
@@ -51,7 +55,7 @@ def run(config: CaptionConfig) -> dict:
             caption = config.template.format(instance_prompt=config.instance_prompt, caption=text)
         elif text is not None:
             missing.append(item["path"])
-        records.append({**item, "caption": caption})
+        records.append({**item, "caption": caption_text(caption, item["path"])})
     with write_dir(config.output) as out:
         write_json(out / "manifest.json", {"source": report["source"], "records": records, "missing": missing,
                                            "refused_captions": refused})
@@ -91,5 +95,6 @@ def sidecar_caption(image: Path, folder: Path, refused: list[str]) -> str | None
         if not side.resolve().is_relative_to(folder.resolve()):
             refused.append(f"{name}: resolves outside the image folder; not read")
             return None
-        return " ".join(side.read_text(errors="replace").split())
+        with open(side, encoding="utf-8", errors="replace") as f:  # only the start: the text encoders read no more
+            return caption_text(f.read(MAX_CAPTION_CHARS * 2), str(side))
     return ""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +35,7 @@ class DatasetConfig:
 def run(config: DatasetConfig) -> dict:
     from dvc.api import DVCFileSystem
 
+    check_subject_path(config.path)
     repo = redact(config.repo)  # as shown and recorded: a token in the URL is for cloning only
     try:
         fs = DVCFileSystem(config.repo, rev=config.rev)
@@ -83,13 +86,17 @@ class PublishConfig:
 
 def publish(config: PublishConfig) -> dict:
     source, repo = Path(config.source), Path(config.repo)
+    if not TAG.fullmatch(config.tag):
+        raise StepError(f"--tag {config.tag!r}: a Git tag of letters, digits and ._/- not starting with - or .")
     if not source.is_dir() or not any(source.iterdir()):
         raise StepError(f"{source}: not a folder with files")
-    check_subject_path(repo, config.path)  # publishing replaces that folder: it must be one the registry can lose
+    check_subject_path(config.path, repo)  # publishing replaces that folder: it must be one the registry can lose
     if source.resolve() == repo.resolve() or source.resolve().is_relative_to(repo.resolve()) \
             or repo.resolve().is_relative_to(source.resolve()):
         raise StepError(f"{source}: the registry itself or a folder inside it; publish a folder from outside the "
                         f"registry")
+    if link := next((p for p in sorted(source.rglob("*")) if p.is_symlink()), None):  # copytree would follow it
+        raise StepError(f"{link}: symbolic link; publish a folder of regular files (what it points to may be private)")
     if not (repo / ".dvc").is_dir():
         if not config.remote:
             raise StepError(f"{repo}: not a DVC registry yet; pass --remote to create one")
@@ -114,18 +121,26 @@ def publish(config: PublishConfig) -> dict:
             "hash": content_hash(target)}
 
 
-def check_subject_path(repo: Path, path: str) -> None:
-    """Refuse a subject folder that is the registry itself, lies outside it, or is Git's or DVC's own."""
-    if Path(path).is_absolute():
+TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+
+
+def check_subject_path(path: str, repo: Path | None = None) -> None:
+    """Refuse a subject folder that is the registry itself, lies outside it, or is Git's or DVC's own (publishing
+    replaces the folder); given the registry's local path, symbolic links are followed too."""
+    if any(ord(c) < 32 or c == "\x7f" for c in path):
+        reason = "a control character"
+    elif Path(path).is_absolute():
         reason = "an absolute path"
     else:
-        root = repo.resolve()
-        target = (repo / path).resolve()
-        if target == root:
+        relative = posixpath.normpath(path or ".")
+        if repo is not None:
+            target, root = (repo / path).resolve(), repo.resolve()
+            relative = target.relative_to(root).as_posix() if target.is_relative_to(root) else ".."
+        if relative == ".":
             reason = "the registry itself"
-        elif not target.is_relative_to(root):
+        elif relative == ".." or relative.startswith("../"):
             reason = "outside the registry"
-        elif target.relative_to(root).parts[0].startswith((".git", ".dvc")):  # .gitignore, .dvcignore too
+        elif relative.split("/")[0].startswith((".git", ".dvc")):  # .gitignore, .dvcignore too
             reason = "Git's or DVC's own folder"
         else:
             return

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from sd_tasks.cli import option
 from sd_tasks.errors import IncompleteFolder, StepError
+from sd_tasks.manifest import inside, load, resized_record
 from sd_tasks.storage import is_whole, join, read_dir, read_json, why_not_whole, write_dir, write_file, write_json
 
 FORMAT_VERSION = 1  # bump when what is cached changes meaning
@@ -47,8 +48,13 @@ def run(config: EncodeConfig) -> dict:
         raise StepError(f"--dtype {config.dtype!r}: choose one of {', '.join(DTYPES)}")
     if not 0 <= config.shard_index < config.num_shards:
         raise StepError(f"--shard-index {config.shard_index} is outside 0..{config.num_shards - 1}")
-    manifest = read_json(f"{config.images}/manifest.json")
+    uri = f"{config.images}/manifest.json"
+    manifest = load(uri)
     folder = read_dir(config.images)
+    for i, record in enumerate(manifest["records"]):  # before any model loads: a bad record costs nothing
+        where = f"{uri}: records[{i}]"
+        inside(folder, record.get("file"), f"{where}.file")
+        manifest["records"][i] = resized_record(record, where)
     key = cache_key(folder, manifest, config)
     cache = join(config.output, key)
     shard = shard_name(config.shard_index, config.num_shards)

@@ -44,6 +44,7 @@ from sd_tasks.compare import METRICS
 from sd_tasks.dataset import content_hash
 from sd_tasks.encode import model_fingerprint
 from sd_tasks.errors import StepError
+from sd_tasks.manifest import inside, load
 from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, matched_cosines, mean_cosines
 from sd_tasks.models import device, inference_dtype, load_pipeline
 from sd_tasks.storage import is_whole, join, read_dir, read_json, write_dir, write_json
@@ -289,8 +290,9 @@ def to_image(array: np.ndarray) -> Image.Image | None:
 
 def load_instance_images(uri: str) -> list[Image.Image]:
     folder = read_dir(uri)
-    manifest = read_json(f"{uri}/manifest.json")
-    images = [Image.open(folder / r["file"]).convert("RGB") for r in manifest["records"]]
+    manifest = load(f"{uri}/manifest.json")
+    images = [Image.open(inside(folder, r.get("file"), f"{uri}/manifest.json: records[{i}].file")).convert("RGB")
+              for i, r in enumerate(manifest["records"])]
     if not images:
         raise StepError(f"{uri}: no instance images to compare with")
     return images

@@ -25,8 +25,9 @@ from PIL import Image
 from sd_tasks.cli import option
 from sd_tasks.errors import StepError
 from sd_tasks.images import DEFAULT_MAX_PIXELS, draft_for, normalise, open_image, parallel_map, upright_size
+from sd_tasks.manifest import caption_text, inside, load, side
 from sd_tasks.png import save_png
-from sd_tasks.storage import read_dir, read_json, write_dir, write_json
+from sd_tasks.storage import read_dir, write_dir, write_json
 
 
 @dataclass
@@ -46,8 +47,11 @@ class ResizeConfig:
 def run(config: ResizeConfig) -> dict:
     if config.crop not in ("center", "random"):
         raise StepError(f"--crop {config.crop!r}: choose center or random")
-    manifest = read_json(f"{config.captions}/manifest.json")
+    uri = f"{config.captions}/manifest.json"
+    manifest = load(uri, texts=("source",))
     source = read_dir(manifest["source"])
+    manifest["records"] = [checked_record(source, item, f"{uri}: records[{i}]")
+                           for i, item in enumerate(manifest["records"])]
     buckets = aspect_buckets(config.resolution, config.bucket_step, config.max_aspect_ratio)
     jobs = [(source / item["path"], f"images/{i:05d}.png", pixel_limit(item)) for i, item in
             enumerate(manifest["records"])]
@@ -65,6 +69,15 @@ def run(config: ResizeConfig) -> dict:
         write_json(out / "manifest.json", {"resolution": config.resolution, "records": records})
     return {"manifest": f"{config.output}/manifest.json", "images": len(records),
             "buckets": sorted({f"{r['target_size'][1]}x{r['target_size'][0]}" for r in records})}
+
+
+def checked_record(source: Path, item: dict, where: str) -> dict:
+    """A record of caption's manifest: its path inside the source folder, its size sane, its caption text."""
+    inside(source, item.get("path"), f"{where}.path")
+    for name in ("width", "height"):
+        if item.get(name) is not None:
+            side(item[name], f"{where}.{name}")
+    return {**item, "caption": caption_text(item.get("caption"), f"{where}.caption")}
 
 
 def pixel_limit(item: dict) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from sd_tasks import models, speedups
+from sd_tasks import manifest as manifests, models, speedups
 from sd_tasks.checkpoint_files import CHECKPOINT_INFO, KOHYA_WEIGHTS, LORA_WEIGHTS, TRAINING_STATE  # noqa: F401
 from sd_tasks.cli import option
 from sd_tasks.cost import gpus_in_use
@@ -385,7 +385,7 @@ class LatentCache:
     def __init__(self, uri: str, text: TextEncoderLora | None = None):
         from safetensors.torch import load_file
 
-        manifest = read_json(f"{uri}/manifest.json")
+        manifest = manifests.load_cache(uri)
         shards = {name: load_file(read_dir(join(uri, name), whole=True) / "latents.safetensors")
                   for name in manifest["shards"]}
         self.scaling_factor = manifest["scaling_factor"]

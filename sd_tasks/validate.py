@@ -5,6 +5,7 @@ orientation), format and sha256, so later steps and the MLflow run can name exac
 
 Each file goes through one check after another and stops at the first that fails:
 
+    name       control characters in the path (a newline or NUL that every later manifest reader refuses)
     link       symbolic links (to files or folders) and anything whose real path leaves the dataset folder
     file       not a regular file (FIFO, socket, device), or empty
     identify   not an image, whatever its extension (content decides, so a JPEG named .png is a JPEG)
@@ -39,6 +40,7 @@ from sd_tasks.cli import option
 from sd_tasks.errors import StepError
 from sd_tasks.images import (ALPHA_MODES, DEFAULT_MAX_PIXELS, TooManyPixels, colour_profile, draft_for, normalise,
                              open_image, orientation, parallel_map, perceptual_hash, upright_size)
+from sd_tasks.manifest import CONTROL
 from sd_tasks.storage import read_dir, write_dir, write_json
 
 ANIMATION_POLICIES = ("first-frame", "reject")
@@ -132,6 +134,8 @@ def check_file(path: Path, root: Path, config: ValidateConfig, draft_side: int =
     `draft_side`: see DRAFT_SIDE (0: every JPEG at full scale, which gives the same verdicts, only slower)."""
     rel = path.relative_to(root).as_posix()
     try:
+        if CONTROL.search(rel):
+            raise Rejected("control characters in name", "file name contains control characters")
         data = read_regular_file(path, root)
         im = identify(data, config.max_pixels)
         with im:  # closes the file pointer only; the decoded image stays usable

@@ -116,7 +116,9 @@ class Deployment:
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+    """A folder name for any text (a run id comes from whoever triggers): never empty, `.`, `..` or hidden."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+    return re.sub(r"^\.", "_", name) or "_"
 
 
 def run_folder(run_id: str) -> str:

@@ -50,6 +50,16 @@ def evaluation_prompts(params: dict) -> list[str]:
     return [t.format(instance=instance, class_noun=params["class_noun"]) for t in templates]
 
 
+def integer_params() -> frozenset[str]:
+    """The Params whose JSON type is integer, alone or as array items: JSON schema takes 500.0 for one, where the
+    step's argparse refuses `--max-steps=500.0`, after the run has started."""
+    subject = Subject("any", "thing")
+    form = {**run_params(), **subject_params(subject), **training_params(), **evaluation_params(),
+            **promotion_params(subject)}
+    return frozenset(name for name, p in form.items()
+                     if "integer" in (p.schema.get("type"), p.schema.get("items", {}).get("type")))
+
+
 RUN = "This run"
 MAX_LEARNING_RATES = 8
 MAX_CHECKPOINTS = 20  # per training run; each is evaluated

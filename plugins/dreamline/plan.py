@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import string
 
 from dreamline.deployment import DEPLOYMENT
-from dreamline.params import MAX_CHECKPOINTS, MAX_RUNGS, evaluation_prompts
+from dreamline.params import MAX_CHECKPOINTS, MAX_RUNGS, evaluation_prompts, integer_params
 
 # Form settings that do not change what a run trains or how it is judged: left out of the recipe's fingerprint.
 NOT_RECIPE = frozenset({"force", "subject", "dataset_repo", "dataset_path", "dataset_version", "encode_shard_size",
@@ -20,6 +21,10 @@ NOT_RECIPE = frozenset({"force", "subject", "dataset_repo", "dataset_path", "dat
 # 1,000,000 with at most 100 prompts and 64 images each), so the winner is judged on images it was not chosen on.
 CONFIRMATION_SEED_OFFSET = 1_000_000
 MAX_MAPPED = 1024  # Airflow's [core] max_map_length
+# A form's text becomes one argument of a step's command line (Linux takes at most 128 KiB per argument; a NUL none)
+# and part of prompts, paths and URLs, where a control character is never meant.
+MAX_TEXT = 2000
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class RecipeError(ValueError):
@@ -28,6 +33,7 @@ class RecipeError(ValueError):
 
 def check_recipe(params: dict) -> dict:
     """Refuse, in one line, what the form's JSON schema cannot say; return the numbers a run will launch."""
+    check_values(params)
     every, steps = params["checkpointing_steps"], params["max_steps"]
     if steps % every:
         raise RecipeError(f"max_steps {steps} is not a multiple of the checkpoint interval {every}: the last steps "
@@ -55,6 +61,22 @@ def check_recipe(params: dict) -> dict:
         raise RecipeError(f"{evaluations} evaluations would exceed Airflow's {MAX_MAPPED} mapped tasks")
     return {"training_runs": len(params["learning_rates"]), "evaluations": evaluations,
             "recipe_hash": recipe_hash(params)}
+
+
+def check_values(params: dict) -> None:
+    """What JSON schema lets through: NaN and infinity as numbers, 500.0 as an integer, control characters and
+    megabytes as text."""
+    integers = integer_params()
+    for name, value in params.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise RecipeError(f"{name}: {item!r} is not a finite number")
+            if isinstance(item, float) and name in integers:
+                raise RecipeError(f"{name}: {item!r} is not an integer (write {item:.0f})")
+            if isinstance(item, str) and len(item) > MAX_TEXT:
+                raise RecipeError(f"{name}: {len(item):,} characters, at most {MAX_TEXT:,}")
+            if isinstance(item, str) and (found := CONTROL.search(item)):
+                raise RecipeError(f"{name}: {item[:60]!r} contains the control character U+{ord(found[0]):04X}")
 
 
 def check_rungs(rungs: list[int], every: int, steps: int) -> None:
