@@ -224,7 +224,7 @@ def test_a_registry_url_with_a_token_shows_in_no_error_line_or_log(tmp_path, cap
     assert "error: dataset: https://dreamline:***@127.0.0.1:9/" in logged
     assert TOKEN not in logged and TOKEN not in str(refused.value)
     assert airflow_redact(f"a line holding {TOKEN}") == "a line holding ***"  # Airflow masks it in task logs too
-    figures.record("secrets", "registry URL with a token through the dataset step and its operator",
+    figures.record("defect", "registry URL with a token through the dataset step and its operator",
                    "the error line, the operator's log and its failure show *** in its place; Airflow's masker "
                    "knows it", secrets_found=0)
 
@@ -268,7 +268,7 @@ def test_register_tags_and_card_hold_no_token(selected, figures):
     assert version.tags["dataset.repo"] == "https://dreamline:***@127.0.0.1:9/data-registry.git"
     assert TOKEN not in json.dumps(version.tags) + version.description + json.dumps(result)
     assert TOKEN not in (selected / "register" / "registration.json").read_text()
-    figures.record("secrets", "registry URL with a token in dataset.json, registered",
+    figures.record("defect", "registry URL with a token in dataset.json, registered",
                    "the version's tags and model card name the repo with *** for the token", secrets_found=0)
 
 
@@ -361,7 +361,7 @@ def test_two_processes_reading_one_s3_uri_at_once_both_get_the_whole_copy(s3, tm
     expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in SAMPLE.iterdir()}
     assert {k: v for k, v in seen[0]["files"].items() if k != storage.MARKER} == expected
     assert [p.name for p in (tmp_path / "sd_tasks-cache").iterdir()] == [Path(seen[0]["path"]).name]
-    figures.record("load", "two processes read one S3 folder at once",
+    figures.record("defect", "two processes read one S3 folder at once",
                    "both end with one whole, identical copy; no staging folder left", lost=0, readers=2)
 
 
