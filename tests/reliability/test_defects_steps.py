@@ -174,13 +174,15 @@ def test_publish_refuses_paths_that_reach_the_registry_itself(small_registry, tm
 
 
 def test_run_folders_are_distinct_for_distinct_run_ids_and_stable_for_one(figures):
-    from dreamline.deployment import DEPLOYMENT, run_folder
+    from dreamline.deployment import DEPLOYMENT
 
     pairs = [("manual__2026-11-24T01:00:00+00:00", "manual__2026-11-24T01:00:00-00:00"),
              ("manual__a b", "manual__a/b"), ("run!", "run?"), ("_x_", "x"), ("é", "è")]
     for a, b in pairs:
         assert DEPLOYMENT.run_dir("lora_dog", a) != DEPLOYMENT.run_dir("lora_dog", b), (a, b)
         assert DEPLOYMENT.run_dir("lora_dog", a) == DEPLOYMENT.run_dir("lora_dog", a)
+    from dreamline.deployment import run_folder
+
     name = run_folder("scheduled__2026-11-24T02:00:00+00:00")
     assert name.startswith("scheduled__2026-11-24T02_00_00_00_00-") and "/" not in name and len(name) < 100
     assert len(run_folder("x" * 500)) < 100
