@@ -221,7 +221,7 @@ def _converted_item(path: str, name: str, value, kind: type):
             return value.lower() == "true"
         raise StepError(f"{path}: {name}: {value!r} is not true or false")
     if kind is str:
-        if isinstance(value, bool) or isinstance(value, float):  # `1.10` became 1.1, `yes` became True
+        if isinstance(value, (bool, float)):  # `1.10` became 1.1, `yes` became True
             raise StepError(f"{path}: {name}: {value!r} is a {'number' if isinstance(value, float) else 'boolean'}, "
                             f"not text (quote it)")
         if isinstance(value, (str, int)):

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, SAMPLE
+from test_s3 import BUCKET, _clear_fsspec_instances, s3, s3_endpoint  # noqa: F401 (fixtures)
 
-from conftest import REPO, SAMPLE, tree_snapshot
 from sd_tasks import caption, cli, dataset, validate
 from sd_tasks.errors import StepError
-from test_s3 import BUCKET, _clear_fsspec_instances, s3, s3_endpoint  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.reliability
 
@@ -26,7 +26,7 @@ TOKEN = "ghp_s3cr3tT0kenForTheTest"  # what must never show
 
 def sd_tasks(*argv: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sd_tasks", *argv], cwd=REPO, capture_output=True, text=True,
-                          **kwargs)
+                          check=False, **kwargs)
 
 
 def config_of(step_config: type, path: Path, **flags):
@@ -58,7 +58,8 @@ def test_config_file_values_are_converted_to_the_settings_types(tmp_path, figure
     assert evaluation.prompts == ["a sks dog"] and evaluation.seed == 7
     rates = tmp_path / "halve.yaml"  # YAML 1.1: 1e-4 and 5e-5 are strings, 0.001 a float
     rates.write_text("learning_rates: [1e-4, 5e-5, 0.001]\n")
-    assert config_of(HalveConfig, rates, evaluations="e", output="o", rung="1", max_steps="4").learning_rates == [1e-4, 5e-5, 1e-3]
+    halve = config_of(HalveConfig, rates, evaluations="e", output="o", rung="1", max_steps="4")
+    assert halve.learning_rates == [1e-4, 5e-5, 1e-3]
 
     for text, reason in (("max_steps: many", "max_steps: 'many' is not an int"),
                          ("learning_rate: [1, 2]", "learning_rate: [1, 2] is not a float"),
@@ -148,7 +149,8 @@ def test_publish_refuses_paths_that_reach_the_registry_itself(small_registry, tm
     shutil.copytree(SAMPLE, photos)
     cases = {".": "the registry itself", "": "the registry itself", "dog/..": "the registry itself",
              "..": "outside the registry", "../elsewhere": "outside the registry", str(elsewhere): "an absolute path",
-             "escape": "outside the registry", ".git": "Git's or DVC's own folder", "dog/../.dvc/tmp": "Git's or DVC's own folder",
+             "escape": "outside the registry", ".git": "Git's or DVC's own folder",
+             "dog/../.dvc/tmp": "Git's or DVC's own folder",
              ".git/hooks": "Git's or DVC's own folder", ".gitignore": "Git's or DVC's own folder"}
     for n, (path, reason) in enumerate(cases.items()):
         proc = sd_tasks("publish-dataset", "--source", str(photos), "--repo", str(small_registry), f"--path={path}",
@@ -172,13 +174,15 @@ def test_publish_refuses_paths_that_reach_the_registry_itself(small_registry, tm
 
 
 def test_run_folders_are_distinct_for_distinct_run_ids_and_stable_for_one(figures):
-    from dreamline.deployment import DEPLOYMENT, run_folder
+    from dreamline.deployment import DEPLOYMENT
 
     pairs = [("manual__2026-11-24T01:00:00+00:00", "manual__2026-11-24T01:00:00-00:00"),
              ("manual__a b", "manual__a/b"), ("run!", "run?"), ("_x_", "x"), ("é", "è")]
     for a, b in pairs:
         assert DEPLOYMENT.run_dir("lora_dog", a) != DEPLOYMENT.run_dir("lora_dog", b), (a, b)
         assert DEPLOYMENT.run_dir("lora_dog", a) == DEPLOYMENT.run_dir("lora_dog", a)
+    from dreamline.deployment import run_folder
+
     name = run_folder("scheduled__2026-11-24T02:00:00+00:00")
     assert name.startswith("scheduled__2026-11-24T02_00_00_00_00-") and "/" not in name and len(name) < 100
     assert len(run_folder("x" * 500)) < 100
@@ -224,7 +228,7 @@ def test_a_registry_url_with_a_token_shows_in_no_error_line_or_log(tmp_path, cap
     assert "error: dataset: https://dreamline:***@127.0.0.1:9/" in logged
     assert TOKEN not in logged and TOKEN not in str(refused.value)
     assert airflow_redact(f"a line holding {TOKEN}") == "a line holding ***"  # Airflow masks it in task logs too
-    figures.record("secrets", "registry URL with a token through the dataset step and its operator",
+    figures.record("defect", "registry URL with a token through the dataset step and its operator",
                    "the error line, the operator's log and its failure show *** in its place; Airflow's masker "
                    "knows it", secrets_found=0)
 
@@ -268,7 +272,7 @@ def test_register_tags_and_card_hold_no_token(selected, figures):
     assert version.tags["dataset.repo"] == "https://dreamline:***@127.0.0.1:9/data-registry.git"
     assert TOKEN not in json.dumps(version.tags) + version.description + json.dumps(result)
     assert TOKEN not in (selected / "register" / "registration.json").read_text()
-    figures.record("secrets", "registry URL with a token in dataset.json, registered",
+    figures.record("defect", "registry URL with a token in dataset.json, registered",
                    "the version's tags and model card name the repo with *** for the token", secrets_found=0)
 
 
@@ -299,15 +303,12 @@ def test_a_register_killed_between_creating_the_version_and_tagging_it_registers
     versions = tracking.client().search_model_versions("name = 'defects-retry'")
     assert [int(v.version) for v in versions] == [1]
     tags = versions[0].tags
-    assert tags["dreamline.run_key"] == config_key(selected) and tags["step"] == "10" and tags["dataset.rev"] == "dog-v1"
+    assert tags["dreamline.run_key"] == str(selected / "train" / "checkpoint-10")
+    assert tags["step"] == "10" and tags["dataset.rev"] == "dog-v1"
     assert "SDXL DreamBooth-LoRA `defects-retry`" in versions[0].description
     figures.record("defect", "register killed between version and tags",
                    "the run key is on the version from its creation; the retry finds it and completes its tags and "
                    "card: one version", versions=len(versions))
-
-
-def config_key(root: Path) -> str:
-    return str(root / "train" / "checkpoint-10")
 
 
 def test_an_mlflow_outage_while_looking_for_the_version_fails_the_step_instead_of_registering_again(
@@ -361,7 +362,7 @@ def test_two_processes_reading_one_s3_uri_at_once_both_get_the_whole_copy(s3, tm
     expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in SAMPLE.iterdir()}
     assert {k: v for k, v in seen[0]["files"].items() if k != storage.MARKER} == expected
     assert [p.name for p in (tmp_path / "sd_tasks-cache").iterdir()] == [Path(seen[0]["path"]).name]
-    figures.record("load", "two processes read one S3 folder at once",
+    figures.record("defect", "two processes read one S3 folder at once",
                    "both end with one whole, identical copy; no staging folder left", lost=0, readers=2)
 
 
