@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import REPO
 from dreamline.operators import step_argv
 from sd_tasks import models as sd_models
-from sd_tasks import train
+from sd_tasks import lora_files, train
 from sd_tasks.errors import StepError
 from sd_tasks.storage import MARKER
 
@@ -200,6 +200,7 @@ def test_a_dora_checkpoint_writes_no_kohya_file_comfyui_would_misread(config, tm
     assert not kohya.exists()
     assert "DoRA" in json.loads((checkpoint / train.CHECKPOINT_INFO).read_text())["kohya"]
     assert any(k.endswith("lora_magnitude_vector") for k in load_file(checkpoint / train.LORA_WEIGHTS))
+    lora_files.check_checkpoints([str(checkpoint)], config.base_model)  # evaluate takes it
     figures.record("defect", "kohya export with DoRA",
                    "no kohya file with keys ComfyUI cannot read; the diffusers file keeps the magnitudes", lost=0)
 
