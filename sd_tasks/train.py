@@ -360,21 +360,14 @@ def limit_checkpoints(output: str, limit: int | None) -> None:
 def resume(output: str, loras: dict, optimizer, lr_scheduler, scaler=None) -> tuple[int, float]:
     """Load the latest checkpoint's state, if any; return the step it was taken at (0 for a fresh start) and the
     training seconds its steps took."""
-    from peft.utils import set_peft_model_state_dict
-
     checkpoints = list_checkpoints(output, report_incomplete=True)
     if not checkpoints:
         return 0, 0.0
     latest = checkpoints[-1]
-    state = training_state.load(read_dir(latest["uri"], whole=True), latest["uri"])
-    for name, module in loras.items():
-        set_peft_model_state_dict(module, state["lora"][name])
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
+    step = training_state.restore(read_dir(latest["uri"], whole=True), latest["uri"], loras, optimizer, lr_scheduler,
+                                  scaler)
     print(f"resuming from {latest['uri']}", file=sys.stderr)
-    return state["step"], read_json(f"{latest['uri']}/{CHECKPOINT_INFO}").get("train_seconds", 0.0)
+    return step, read_json(f"{latest['uri']}/{CHECKPOINT_INFO}").get("train_seconds", 0.0)
 
 
 class LatentCache:

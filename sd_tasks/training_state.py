@@ -41,7 +41,7 @@ def load(folder: Path, uri: str) -> dict:
         raise StepError(f"{uri}/{TRAINING_STATE}: not a readable safetensors file ({exc})") from None
     try:
         return _join(json.loads((folder / TRAINING_STATE_INFO).read_text()), tensors)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise StepError(f"{uri}/{TRAINING_STATE_INFO}: not the training state's description ({exc!r})") from None
 
 
@@ -76,3 +76,26 @@ def _join(value, tensors: dict) -> object:
     if tag == "tuple":
         return tuple(_join(v, tensors) for v in content)
     raise ValueError(f"unknown entry {tag!r}")
+
+
+def restore(folder: Path, uri: str, loras: dict, optimizer, lr_scheduler, scaler=None) -> int:
+    """Load the state in `folder` into the run's LoRA modules (by diffusers name), optimizer, schedule and fp16
+    loss scaler; return its step. A state that does not fit this run (another rank, targets or text-encoder
+    setting) is refused by name: peft would load the layers that match and leave the rest as initialised."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    state = load(folder, uri)
+    try:
+        for name, module in loras.items():
+            expected, saved = get_peft_model_state_dict(module), state["lora"][name]
+            if saved.keys() != expected.keys() or any(saved[k].shape != expected[k].shape for k in saved):
+                raise ValueError(f"its {name} LoRA has other layers or shapes than this run's")
+            set_peft_model_state_dict(module, saved)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        return int(state["step"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise StepError(f"{uri}/{TRAINING_STATE}: does not fit this run ({reason})") from None

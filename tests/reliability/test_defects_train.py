@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -123,6 +124,20 @@ def test_a_pickle_in_place_of_the_safetensors_state_is_refused(config, two_steps
     assert f"{forged}/training_state.safetensors" in message and "\n" not in message
     figures.record("hostile", "a pickle named training_state.safetensors",
                    "refused as not a safetensors file, naming it; never unpickled", lost=0)
+
+
+def test_a_state_of_another_rank_is_refused_not_half_loaded(config, two_steps, tmp_path, figures):
+    # peft loads the layers whose shapes match and leaves the others as initialised; a run started again with
+    # another rank must say so instead.
+    output = tmp_path / "other-rank"
+    shutil.copytree(two_steps, output / "checkpoint-2")
+    with pytest.raises(StepError) as refused:
+        train.run(replace(config, output=str(output), rank=8, max_steps=4))
+    message = str(refused.value)
+    assert message.startswith(f"{output}/checkpoint-2/{train.TRAINING_STATE}: does not fit this run")
+    assert "\n" not in message and not (output / "checkpoint-4").exists()
+    figures.record("fault", "resume with another LoRA rank",
+                   "refused in one line naming the state file; nothing half-loaded, nothing written", lost=0)
 
 
 def test_the_fp16_loss_scaler_is_saved_and_restored(config, two_steps, tmp_path, figures):
