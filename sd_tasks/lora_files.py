@@ -64,8 +64,8 @@ def _split_key(key: str) -> tuple[str | None, str | None]:
         return None, None
     for part, suffixes in (("down", DOWN), ("up", UP), ("magnitude", MAGNITUDE)):
         for suffix in suffixes:
-            module = key[len(component) + 1:-len(suffix) - 1]
-            if key.endswith("." + suffix) and module and ".." not in f".{module}.":
+            module = key[len(component) + 1:-len(suffix) - 1] if key.endswith("." + suffix) else ""
+            if module and "" not in module.split("."):
                 return f"{component}.{module}", part
     return None, None
 

@@ -125,9 +125,7 @@ def test_evaluate_refuses_each_hostile_lora_file_before_loading_anything(good, p
                    f"nothing loaded or written", cases=len(cases), refused=refused, lost=0)
 
 
-def test_the_good_file_still_evaluates_and_a_hostile_one_exits_65_in_one_line(good, prepared, models, tmp_path,
-                                                                              figures):
-    assert lora(good)[0]  # the fixture's file is the one hostile_files alters
+def test_a_hostile_file_through_the_evaluate_cli_exits_65_in_one_line(good, prepared, models, tmp_path, figures):
     weights, _ = hostile_files(good, tmp_path)["a layer the base model lacks"]
     checkpoint = checkpoint_with(good, tmp_path / "bad" / "checkpoint-1", weights)
     config = evaluate_config(checkpoint, tmp_path / "eval", prepared, models)
@@ -189,7 +187,7 @@ def test_a_hostile_champion_is_not_fetched(good, home, tmp_path, figures):
                    "refused naming the model version; no checkpoint folder written, nothing unpickled", lost=0)
 
 
-def test_every_checkpoint_train_writes_passes_the_checks(good, models):
+def test_a_checkpoint_train_writes_passes_the_checks(good, models):
     # The checks refuse nothing train writes (a plain LoRA here; DoRA's magnitudes in test_defects_train).
     tensors, _ = lora(good)
     assert load_file(good / LORA_WEIGHTS).keys() == tensors.keys()
