@@ -259,7 +259,8 @@ class Generator:
         if lora is not None and self.loaded != lora:
             # The next checkpoint of a training run has the same rank and targets: its weights are copied into the
             # adapter already in the pipeline (hot-swap) rather than the adapter removed and injected again.
-            self.pipe.load_lora_weights(str(lora), adapter_name="checkpoint", hotswap=self.loaded is not None)
+            self.pipe.load_lora_weights(str(lora), weight_name=LORA_WEIGHTS,  # the checked file, not a .bin beside
+                                        adapter_name="checkpoint", hotswap=self.loaded is not None)
             self.loaded = lora
         if self.loaded is not None:
             (self.pipe.enable_lora if lora is not None else self.pipe.disable_lora)()
