@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd_tasks import tracking
+from sd_tasks import lora_files, tracking
 from sd_tasks.cli import option
 from sd_tasks.compare import METRICS
 from sd_tasks.dataset import content_hash
@@ -94,7 +94,10 @@ def run(config: EvaluateConfig) -> dict:
     if config.checkpoint is None and not config.base_model:
         raise StepError("--checkpoint or --base-model: evaluating the base model alone needs --base-model")
     info = read_json(f"{config.checkpoint}/{CHECKPOINT_INFO}") if config.checkpoint else BASE_INFO
-    return evaluate(config, Evaluator(config, config.base_model or info["base_model"]), info)
+    base_model = config.base_model or info["base_model"]
+    if config.checkpoint:  # before anything is loaded
+        lora_files.check_checkpoints([config.checkpoint], base_model)
+    return evaluate(config, Evaluator(config, base_model), info)
 
 
 def evaluate_training_run(config: EvaluateConfig) -> dict:
@@ -105,7 +108,9 @@ def evaluate_training_run(config: EvaluateConfig) -> dict:
     if not checkpoints:
         raise StepError(f"{config.training_run}: no whole checkpoint to evaluate (did train write any?)")
     infos = [read_json(f"{c['uri']}/{CHECKPOINT_INFO}") for c in checkpoints]
-    shared = Evaluator(config, config.base_model or infos[0]["base_model"])
+    base_model = config.base_model or infos[0]["base_model"]
+    lora_files.check_checkpoints([c["uri"] for c in checkpoints], base_model)
+    shared = Evaluator(config, base_model)
     results = []
     for c, info in zip(checkpoints, infos):
         one = replace(config, checkpoint=c["uri"], training_run=None, output=join(config.output, f"step-{c['step']}"))
@@ -255,7 +260,8 @@ class Generator:
         if lora is not None and self.loaded != lora:
             # The next checkpoint of a training run has the same rank and targets: its weights are copied into the
             # adapter already in the pipeline (hot-swap) rather than the adapter removed and injected again.
-            self.pipe.load_lora_weights(str(lora), adapter_name="checkpoint", hotswap=self.loaded is not None)
+            self.pipe.load_lora_weights(str(lora), weight_name=LORA_WEIGHTS,  # the checked file, not a .bin beside
+                                        adapter_name="checkpoint", hotswap=self.loaded is not None)
             self.loaded = lora
         if self.loaded is not None:
             (self.pipe.enable_lora if lora is not None else self.pipe.disable_lora)()

@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd_tasks import tracking
+from sd_tasks import lora_files, tracking
 from sd_tasks.cli import option
 from sd_tasks.compare import Yardstick, describe, paired_difference
 from sd_tasks.cost import ledger, summarise
@@ -70,6 +70,7 @@ def run(config: RegisterConfig) -> dict:
     dataset = read_json(f"{config.dataset}/dataset.json")
     best = selection["selected"]
     info = read_json(f"{best['checkpoint']}/{CHECKPOINT_INFO}")
+    lora_files.check_checkpoints([best["checkpoint"]])  # its header: this step stays without torch
     client = tracking.client()
     run_key = config.parent_run_id or best["checkpoint"]
     tags = {
@@ -267,6 +268,7 @@ def champion(config: ChampionConfig) -> dict:
         downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{config.model_name}/{current.version}",
                                                               dst_path=tmp))
         weights = next(downloaded.rglob("*.safetensors"))
+        lora_files.check(weights, f"models:/{config.model_name}/{current.version} ({weights.name})")
         (out / LORA_WEIGHTS).write_bytes(weights.read_bytes())
         write_json(out / CHECKPOINT_INFO, {"step": int(current.tags.get("step", 0)),
                                            "learning_rate": float(current.tags.get("learning_rate", 0)),

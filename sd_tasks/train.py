@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from sd_tasks import manifest as manifests, models, speedups
+from sd_tasks import kohya, manifest as manifests, models, speedups, training_state
 from sd_tasks.checkpoint_files import CHECKPOINT_INFO, KOHYA_WEIGHTS, LORA_WEIGHTS, TRAINING_STATE  # noqa: F401
 from sd_tasks.cli import option
 from sd_tasks.cost import gpus_in_use
@@ -48,7 +48,7 @@ class TrainConfig:
     lora_alpha: float | None = option("LoRA alpha (default: the rank, so the scale is 1)", None)
     lora_dropout: float = option("dropout on the LoRA path", 0.0)
     target_modules: list[str] = option("UNet modules that get LoRA adapters", ["to_k", "to_q", "to_v", "to_out.0"])
-    dora: bool = option("weight-decomposed LoRA (DoRA)", False)
+    dora: bool = option("weight-decomposed LoRA (DoRA); its checkpoints have no kohya file", False)
     train_text_encoder: bool = option("LoRA on both text encoders too (embeddings then computed every step)", False)
     text_encoder_lr: float | None = option("learning rate of the text encoders' LoRA (default: learning_rate)", None)
     batch_size: int = option("images per micro-batch", 1)
@@ -76,7 +76,7 @@ def run(config: TrainConfig) -> dict:
     from diffusers.optimization import get_scheduler
 
     config = replace(config, mixed_precision=models.training_precision(config.mixed_precision))
-    accelerator = fresh_accelerator(config.mixed_precision)
+    accelerator = fresh_accelerator(config.mixed_precision, unused_parameters=config.train_text_encoder)
     torch.manual_seed(config.seed)
     text = TextEncoderLora(config) if config.train_text_encoder else None
     data = LatentCache(config.cache, text)
@@ -94,7 +94,8 @@ def run(config: TrainConfig) -> dict:
     if text:
         text.encoders = tuple(accelerator.prepare(e) for e in text.encoders)
     loras = lora_modules(accelerator.unwrap_model(unet), text, accelerator)
-    start, spent = resume(config.output, loras, optimizer, lr_scheduler)  # spent: seconds of the steps before start
+    # spent: seconds of the steps before start
+    start, spent = resume(config.output, loras, optimizer, lr_scheduler, accelerator.scaler)
     last = min(config.stop_at_step or config.max_steps, config.max_steps)
     micro = config.gradient_accumulation_steps
     seed = config.seed + 1000 * accelerator.process_index  # each GPU of `accelerate launch` sees its own data
@@ -123,7 +124,8 @@ def run(config: TrainConfig) -> dict:
             mlflow_run.log_metrics({"loss": sum(losses) / micro, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
             if (step % config.checkpointing_steps == 0 or step == last) and accelerator.is_main_process:
                 total = spent + time.perf_counter() - started  # the steps' seconds over all attempts
-                save_checkpoint(loras, optimizer, lr_scheduler, config, step, mlflow_run.id, train_seconds=total)
+                save_checkpoint(loras, optimizer, lr_scheduler, config, step, mlflow_run.id, train_seconds=total,
+                                scaler=accelerator.scaler)
                 mlflow_run.flush()
             accelerator.wait_for_everyone()
 
@@ -139,15 +141,18 @@ def run(config: TrainConfig) -> dict:
             "train_seconds": total, "checkpoints": list_checkpoints(config.output)}
 
 
-def fresh_accelerator(mixed_precision: str):
+def fresh_accelerator(mixed_precision: str, unused_parameters: bool = False):
     """accelerate keeps one state per process and refuses a second Accelerator with another precision; start from a
     clean one so that `run` can be called again in one process (a notebook, the tests). The distributed part of the
-    state (the process group of `accelerate launch`) is kept."""
-    from accelerate import Accelerator
+    state (the process group of `accelerate launch`) is kept. `unused_parameters`: some trainable parameters get no
+    gradient (text encoder 1's last layer: SDXL reads its penultimate hidden state), which DDP must be told of, as
+    in the reference script, or it fails at the second step."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused_parameters else []
+    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers)
 
 
 def add_lora(unet, config: TrainConfig) -> None:
@@ -302,13 +307,12 @@ def stop_if_not_finite(loss: torch.Tensor, step: int) -> None:
 
 
 def save_checkpoint(loras: dict, optimizer, lr_scheduler, config: TrainConfig, step: int, run_id: str,
-                    train_seconds: float = 0.0) -> None:
+                    train_seconds: float = 0.0, scaler=None) -> None:
     """Write checkpoint-<step>/ atomically (a killed run never leaves a half checkpoint that looks whole):
     the LoRA in diffusers and kohya/ComfyUI formats, what it was trained from, and the state to resume from."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     states = {name: get_peft_model_state_dict(module) for name, module in loras.items()}
     metadata = {"unet": lora_config(config).to_dict(),
@@ -319,24 +323,16 @@ def save_checkpoint(loras: dict, optimizer, lr_scheduler, config: TrainConfig, s
             **{f"{name}_lora_layers": convert_state_dict_to_diffusers(state) for name, state in states.items()},
             **{f"{name}_lora_adapter_metadata": metadata["unet" if name == "unet" else "text_encoder"]
                for name in states})
-        save_file(kohya_state_dict(states, config.lora_alpha or config.rank), out / KOHYA_WEIGHTS)
+        kohya_file = kohya.write(out, states, config.lora_alpha or config.rank, config.dora)
         write_json(out / CHECKPOINT_INFO, {"step": step, "learning_rate": config.learning_rate, "run_id": run_id,
                                            "base_model": config.base_model, "cache": config.cache,
                                            "rank": config.rank, "text_encoder": config.train_text_encoder,
-                                           "train_seconds": train_seconds, "gpus": gpus_in_use()})
-        torch.save({"step": step, "lora": states, "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict()}, out / TRAINING_STATE)
+                                           "train_seconds": train_seconds, "gpus": gpus_in_use(),
+                                           "kohya": kohya_file})
+        training_state.save(out, {"step": step, "lora": states, "optimizer": optimizer.state_dict(),
+                                  "lr_scheduler": lr_scheduler.state_dict(),  # fp16's loss scaler, on a GPU
+                                  "scaler": scaler.state_dict() if scaler is not None else None})
     limit_checkpoints(config.output, config.checkpoints_total_limit)
-
-
-def kohya_state_dict(states: dict, alpha: float) -> dict:
-    """`lora_unet_*`, `lora_te1_*`, `lora_te2_*` keys with `.lora_down/.lora_up/.alpha`, which A1111 and ComfyUI
-    load."""
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-
-    kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, state in states.items() for k, v in state.items()})
-    # diffusers writes alpha = rank (scale 1); the scale we trained with is alpha / rank
-    return {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
 
 
 def list_checkpoints(output: str, report_incomplete: bool = False) -> list[dict]:
@@ -361,22 +357,17 @@ def limit_checkpoints(output: str, limit: int | None) -> None:
             remove(old["uri"])
 
 
-def resume(output: str, loras: dict, optimizer, lr_scheduler) -> tuple[int, float]:
+def resume(output: str, loras: dict, optimizer, lr_scheduler, scaler=None) -> tuple[int, float]:
     """Load the latest checkpoint's state, if any; return the step it was taken at (0 for a fresh start) and the
     training seconds its steps took."""
-    from peft.utils import set_peft_model_state_dict
-
     checkpoints = list_checkpoints(output, report_incomplete=True)
     if not checkpoints:
         return 0, 0.0
     latest = checkpoints[-1]
-    state = torch.load(read_dir(latest["uri"], whole=True) / TRAINING_STATE, weights_only=False)
-    for name, module in loras.items():
-        set_peft_model_state_dict(module, state["lora"][name])
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    step = training_state.restore(read_dir(latest["uri"], whole=True), latest["uri"], loras, optimizer, lr_scheduler,
+                                  scaler)
     print(f"resuming from {latest['uri']}", file=sys.stderr)
-    return state["step"], read_json(f"{latest['uri']}/{CHECKPOINT_INFO}").get("train_seconds", 0.0)
+    return step, read_json(f"{latest['uri']}/{CHECKPOINT_INFO}").get("train_seconds", 0.0)
 
 
 class LatentCache:

@@ -78,7 +78,7 @@ def test_train_writes_checkpoints_and_a_nested_mlflow_run(trained):
     weights = load_file(f"{result['checkpoints'][-1]['uri']}/pytorch_lora_weights.safetensors")
     assert weights and all(k.startswith("unet.") and "lora" in k for k in weights)
     files = list(Path(result["checkpoints"][-1]["uri"]).iterdir())  # readable by the MLflow server's user too
-    assert len(files) == 5 and {oct(f.stat().st_mode & 0o777) for f in files} == {"0o644"}
+    assert len(files) == 6 and {oct(f.stat().st_mode & 0o777) for f in files} == {"0o644"}  # state: 2 files
     client = tracking.client()
     run = client.get_run(result["run_id"])
     assert run.data.tags["mlflow.parentRunId"] == parent and run.info.status == "FINISHED"

@@ -70,7 +70,7 @@ def test_a_checkpoint_that_lost_a_file_is_skipped_and_training_resumes_from_the_
     again = train.run(config)
     assert again["resumed_from"] == 10 and [c["step"] for c in again["checkpoints"]] == [8, 10, 12]
     err = capfd.readouterr().err
-    assert f"{newest} is incomplete (training_state.pt is missing)" in err
+    assert f"{newest} is incomplete ({train.TRAINING_STATE} is missing)" in err
     assert f"resuming from {config.output}/checkpoint-10" in err
     rewritten = load_file(newest / train.LORA_WEIGHTS)
     assert all(torch.equal(rewritten[k], weights[k]) for k in weights)  # the same two steps, the same weights
