@@ -244,7 +244,9 @@ def selected(tmp_path, home):
 
     checkpoint = tmp_path / "train" / "checkpoint-10"
     with write_dir(str(checkpoint)) as out:
-        save_file({"unet.lora_A.weight": np.zeros((4, 8), np.float32)}, str(out / LORA_WEIGHTS))
+        layer = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # a well-formed LoRA of one layer
+        save_file({f"{layer}.lora_A.weight": np.zeros((4, 8), np.float32),
+                   f"{layer}.lora_B.weight": np.zeros((8, 4), np.float32)}, str(out / LORA_WEIGHTS))
         write_json(out / CHECKPOINT_INFO, {"step": 10, "learning_rate": 1e-4, "base_model": "tiny/sdxl"})
     best = {"checkpoint": str(checkpoint), "learning_rate": 1e-4, "step": 10, "run_id": "r1", "suite": "s",
             "score": 0.0, "dino": 0.5, "clip_i": 0.5, "clip_t": 0.2, "preservation": 1.0}
