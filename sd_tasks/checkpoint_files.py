@@ -4,3 +4,9 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers format
 KOHYA_WEIGHTS = "kohya_lora.safetensors"  # A1111 / ComfyUI format
 CHECKPOINT_INFO = "dreamline.json"  # what it is: step, learning rate, MLflow run, base model, training seconds
 TRAINING_STATE = "training_state.pt"  # LoRA, optimizer, scheduler: what resuming needs (see train.step_randomness)
+
+
+def adapter_metadata(lora_config) -> dict:
+    """A peft LoraConfig as the metadata saved with the weights, sets as sorted lists: peft keeps target_modules as
+    a set, whose order changes with the interpreter's hash seed, so the same weights gave a different file."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in lora_config.to_dict().items()}

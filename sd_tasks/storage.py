@@ -24,6 +24,7 @@ place is fetched again, and two processes fetching one folder at once both end w
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from typing import Iterator
 
 import fsspec
 
-from sd_tasks.errors import IncompleteFolder, StepError
+from sd_tasks.errors import IncompleteFolder, StepError, Unavailable
 
 MARKER = ".dreamline-complete.json"
 STAGING = ".staging-"  # in the name of a local writer's (or fetcher's) hidden staging folder: `.<name>.staging-<id>`
@@ -166,27 +167,43 @@ def write_dir(uri: str) -> Iterator[Path]:
         staging = Path(tempfile.mkdtemp(prefix="sd_tasks-out-"))
     staging.chmod(0o755)  # mkdtemp makes it private; outputs are ordinary folders
     try:
-        yield staging
-        for path in staging.rglob("*"):  # some writers (safetensors) create files private to their user
-            if not path.is_symlink():
-                path.chmod(0o755 if path.is_dir() else 0o644)
-        (staging / MARKER).unlink(missing_ok=True)
-        files = _listing(str(staging))
-        marker = json.dumps(_marker(files), indent=1, sort_keys=True) + "\n"
-        if is_remote(uri):
-            _publish_remote(staging, list(files), uri, marker)
-        else:
-            (staging / MARKER).write_text(marker)
-            (staging / MARKER).chmod(0o644)
-            old = final.with_name(f".{final.name}.old")
-            if final.exists():
+        with _disk_full_is_one_line(uri, staging):
+            yield staging
+            for path in staging.rglob("*"):  # some writers (safetensors) create files private to their user
+                if not path.is_symlink():
+                    path.chmod(0o755 if path.is_dir() else 0o644)
+            (staging / MARKER).unlink(missing_ok=True)
+            files = _listing(str(staging))
+            marker = json.dumps(_marker(files), indent=1, sort_keys=True) + "\n"
+            if is_remote(uri):
+                _publish_remote(staging, list(files), uri, marker)
+            else:
+                (staging / MARKER).write_text(marker)
+                (staging / MARKER).chmod(0o644)
+                old = final.with_name(f".{final.name}.old")
+                if final.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                    (final / MARKER).unlink(missing_ok=True)
+                    final.rename(old)
+                staging.rename(final)
                 shutil.rmtree(old, ignore_errors=True)
-                (final / MARKER).unlink(missing_ok=True)
-                final.rename(old)
-            staging.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(uri: str, staging: Path) -> Iterator[None]:
+    """A full disk, in one line naming the folder: safetensors and torch.save report it without the file's name (and
+    torch without the errno: "unexpected pos"), so a write that fails on a nearly full disk is taken for one."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, (Unavailable, StepError, IncompleteFolder)) or not (
+                getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
+                or shutil.disk_usage(staging).free < 2**20):
+            raise
+        raise Unavailable(f"{uri}: no space left on device to write it ({shutil.disk_usage(staging).free} bytes "
+                          f"free in {staging.parent}); the last whole version stays") from None
 
 
 def _publish_remote(staging: Path, names: list[str], uri: str, marker: str) -> None:
@@ -256,6 +273,16 @@ def remove(uri: str) -> None:
         return
     fs, path = fsspec.core.url_to_fs(uri)
     _remove_remote(fs, path.rstrip("/"))
+
+
+def remove_file(uri: str) -> None:
+    """Delete one file; nothing to do when it is not there."""
+    if not is_remote(uri):
+        _local(uri).unlink(missing_ok=True)
+        return
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm_file(path)
 
 
 def join(uri: str, *parts: str) -> str:
