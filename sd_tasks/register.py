@@ -81,7 +81,11 @@ def run(config: RegisterConfig) -> dict:
         "score.broken": "true" if best.get("broken") else "false",  # `rollback` and `promote` refuse such a version
         **lineage_tags(dataset["hash"], config.recipe_hash, info["base_model"]),
     }
-    version = existing_version(client, config.model_name, run_key) or log_version(config, best, info, tags)
+    run_id = config.parent_run_id or tracking.find_or_create_run(config.experiment, run_key, "register")
+    version = existing_version(client, config.model_name, run_key, run_id) or log_version(config, best, run_id, info)
+    for key, value in tags.items():  # also on a version found by its run: a kill may have come before its tags
+        client.set_model_version_tag(config.model_name, version, key, value)
+    client.update_model_version(config.model_name, version, description=model_card(config.model_name, tags))
     confirmation = confirmation_evaluations(config.confirmation)
     eligible, reason, comparison = decide(client, config.model_name, version, best, confirmation,
                                           selection["weights"], config.confidence, config.margin)
@@ -166,32 +170,28 @@ def decide(client, name: str, version: str, best: dict, confirmation: list[dict]
     return False, f"{verdict} does not lie above the margin {margin:g}; v{current} kept", comparison
 
 
-def existing_version(client, name: str, run_key: str) -> str | None:
+def existing_version(client, name: str, run_key: str, run_id: str) -> str | None:
+    """The version this pipeline run registered: by its run key tag, or by its MLflow run (registering and tagging
+    are two requests, and a step killed between them left a version without the tag)."""
     try:
-        found = client.search_model_versions(f"name = '{name}' and tags.`dreamline.run_key` = '{run_key}'")
+        found = (client.search_model_versions(f"name = '{name}' and tags.`dreamline.run_key` = '{run_key}'")
+                 or client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
     except Exception:  # the registered model does not exist yet
         return None
     return str(found[0].version) if found else None
 
 
-def log_version(config: RegisterConfig, best: dict, info: dict, tags: dict) -> str:
+def log_version(config: RegisterConfig, best: dict, run_id: str, info: dict) -> str:
     import mlflow
 
     checkpoint = read_dir(best["checkpoint"])
-    run_id = config.parent_run_id or tracking.find_or_create_run(config.experiment, tags["dreamline.run_key"],
-                                                                 "register")
     with mlflow.start_run(run_id=run_id):  # leaving it marks the parent run FINISHED: registering is the last step
         model = mlflow.diffusers.log_model(
             str(checkpoint / LORA_WEIGHTS), base_model=info["base_model"], adapter_type="lora", name="lora",
             registered_model_name=config.model_name,
             pip_requirements=_requirements(),  # skip MLflow's slow requirement inference
         )
-    version = str(model.registered_model_version)
-    client = tracking.client()
-    for key, value in tags.items():
-        client.set_model_version_tag(config.model_name, version, key, value)
-    client.update_model_version(config.model_name, version, description=model_card(config.model_name, tags))
-    return version
+    return str(model.registered_model_version)
 
 
 def model_card(name: str, tags: dict) -> str:

@@ -10,6 +10,7 @@ writes a random serialization id into every file; the weights files prove the re
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -219,4 +220,92 @@ def test_train_killed_mid_checkpoint_and_after_one_resumes_to_the_same_weights_a
     assert {m.step: m.value for m in history} == {m.step: m.value for m in reference}
     figures.record("fault", "train killed mid-checkpoint, then right after one",
                    "resumed to the same weights; one MLflow run, every step's loss once", lost=0,
+                   seconds=round(time.monotonic() - started, 1))
+
+
+def suite(prepared: Path, models: dict) -> dict:
+    return {"instance_images": str(prepared / "resized"), "prompts": PROMPTS, "clip_model": models["clip"],
+            "dino_model": models["dino"], "images_per_prompt": 1, "num_inference_steps": 2}
+
+
+def same_evaluation(folder: Path, reference: Path) -> None:
+    """The same images (by hash) and the same metrics.json numbers; its run_id may differ."""
+    assert hashes(folder / "images") == hashes(reference / "images")
+    one, other = (json.loads((f / "metrics.json").read_text()) for f in (folder, reference))
+    assert {k: v for k, v in one.items() if k != "checkpoint"} == {k: v for k, v in other.items() if k != "checkpoint"}
+
+
+def test_evaluate_killed_mid_write_and_per_run_killed_between_checkpoints_rerun_to_the_same_scores(
+        prepared, models, trained, workdir, figures):
+    from sd_tasks import evaluate
+
+    started = time.monotonic()
+    evaluations = workdir / "evaluations"
+    reference = workdir / "eval-ref" / "step-4"
+    evaluate.run(evaluate.EvaluateConfig(checkpoint=str(trained / "checkpoint-4"), output=str(reference),
+                                         **suite(prepared, models)))
+    out = workdir / "eval-one" / "step-4"
+    argv = sd_tasks("evaluate", {"checkpoint": str(trained / "checkpoint-4"), "output": str(out),
+                                 **suite(prepared, models)})
+    kill_midway(argv, staging_under(out.parent))
+    assert not storage.is_whole(str(out))
+    rerun(argv)
+    same_evaluation(out, reference)
+
+    per_run = evaluations / "lr-1e-3"
+    argv = sd_tasks("evaluate", {"training_run": str(trained), "output": str(per_run), **suite(prepared, models)})
+    kill_midway(argv, lambda: storage.is_whole(str(per_run / "step-2")))
+    assert not storage.is_whole(str(per_run / "step-4"))
+    result = rerun(argv)
+    assert [e.get("done", False) for e in result["evaluations"]] == [True, False]  # step-2 was whole: kept
+    same_evaluation(per_run / "step-4", reference)
+    training_run_id = json.loads((trained / "checkpoint-4" / train.CHECKPOINT_INFO).read_text())["run_id"]
+    history = tracking.client().get_metric_history(training_run_id, "eval/dino")
+    assert sorted(m.step for m in history) == [2, 4], "each checkpoint's scores once on its training run"
+    figures.record("fault", "evaluate killed mid-write; --training-run killed between checkpoints",
+                   "the same images and scores after the rerun, the whole step-2 kept, each score logged once",
+                   lost=0, seconds=round(time.monotonic() - started, 1))
+
+
+def test_select_and_register_killed_mid_work_rerun_to_one_selection_and_one_version(
+        prepared, models, workdir, figures):
+    from sd_tasks import evaluate, select
+
+    started = time.monotonic()
+    evaluations = workdir / "evaluations"
+    assert storage.is_whole(str(evaluations / "lr-1e-3" / "step-4")), "runs after the evaluate scenario"
+    evaluate.run(evaluate.EvaluateConfig(base_model=models["sdxl"], output=str(evaluations / "base"),
+                                         **suite(prepared, models)))
+    reference = workdir / "select-ref"
+    select.run(select.SelectConfig(evaluations=str(evaluations), output=str(reference)))
+    out = workdir / "select"
+    argv = sd_tasks("select", {"evaluations": str(evaluations), "output": str(out)})
+    kill_midway(argv, staging_under(workdir), clean=lambda: storage.remove(str(out)))
+    rerun(argv)
+    assert hashes(out) == hashes(reference)
+
+    parent = tracking.run(tracking.StartRunConfig(experiment="faults", run_key="faults/register"))["run_id"]
+    database = Path(tracking.tracking_uri().removeprefix("sqlite:///"))
+
+    def version_registered() -> bool:
+        with contextlib.closing(sqlite3.connect(database, timeout=0.1)) as db:
+            try:
+                return bool(db.execute("SELECT count(*) FROM model_versions WHERE name = 'faults-lora'").fetchone()[0])
+            except sqlite3.OperationalError:  # locked by the writer, or no table yet
+                return False
+
+    argv = sd_tasks("register", {"selection": str(out), "dataset": str(prepared / "dataset"),
+                                 "model_name": "faults-lora", "output": str(workdir / "register"),
+                                 "parent_run_id": parent, "margin": -10})
+    kill_midway(argv, version_registered)
+    assert not storage.is_whole(str(workdir / "register"))
+    result = rerun(argv)
+    client = tracking.client()
+    versions = client.search_model_versions("name = 'faults-lora'")
+    assert [str(v.version) for v in versions] == ["1"], "one model version per pipeline run"
+    assert result["version"] == 1 and "challenger" in result["aliases"]
+    assert versions[0].tags[tracking.RUN_KEY] == parent and versions[0].tags["step"] == str(result["step"])
+    assert client.get_run(parent).info.status == "FINISHED"
+    figures.record("fault", "select killed mid-write; register killed once its version existed",
+                   "the same selection; one model version with its lineage tags", lost=0,
                    seconds=round(time.monotonic() - started, 1))
