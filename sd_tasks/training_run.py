@@ -34,6 +34,7 @@ class training_run:
 
     FLUSH_SECONDS = 10.0
     SEND_TIMEOUT = 5  # seconds a batch may take while training runs: a stopped server must not stop training
+    LAST_SEND = (30, 2)  # timeout and retries of the last batch: about a minute, not MLflow's default minutes
 
     def __init__(self, config: TrainConfig, enabled: bool = True):
         self.config, self.enabled, self.id = config, enabled, None
@@ -109,7 +110,7 @@ class training_run:
             return
         self._flushed = time.monotonic()
         try:
-            with contextlib.nullcontext() if last else _bounded_requests(self.SEND_TIMEOUT):
+            with _bounded_requests(*(self.LAST_SEND if last else (self.SEND_TIMEOUT, 0))):
                 while self._pending:  # MLflow takes at most 1000 metrics a batch; a long outage spools more
                     batch = dict(list(self._pending.items())[:1000])
                     self._client.log_batch(self.id, metrics=list(batch.values()))
@@ -147,17 +148,20 @@ class training_run:
                 raise
             print(f"warning: MLflow: {logging_failed}", file=sys.stderr)
         finally:
-            if not self.unreachable:  # else the run stays RUNNING for the retry, not another wait on the server
+            if not self.unreachable:
                 mlflow.end_run("FAILED" if exc_type else "FINISHED")
+            else:  # one short try (end_run forgets the run first, so mlflow's exit hook waits on no dead server)
+                with _bounded_requests(self.SEND_TIMEOUT, 0), contextlib.suppress(Exception):
+                    mlflow.end_run("FAILED")  # the step fails: its retry sends the spool and ends the run
         return False
 
 
 @contextlib.contextmanager
-def _bounded_requests(timeout: int):
-    """MLflow's HTTP client reads its timeout and retries from the environment on every request: one try, `timeout`
-    seconds, for the requests made inside."""
+def _bounded_requests(timeout: int, retries: int):
+    """MLflow's HTTP client reads its timeout and retries from the environment on every request (defaults: 120 s, 7
+    retries with exponential backoff): these bounds for the requests made inside."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    os.environ.update(MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout), MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(retries))
     try:
         yield
     finally:
