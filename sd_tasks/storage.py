@@ -60,7 +60,8 @@ def _listing(uri: str) -> dict[str, dict]:
     fs, path = fsspec.core.url_to_fs(uri)
     path = path.rstrip("/")
     fs.invalidate_cache(path)  # another process (another pod) may have written since this one last looked
-    found = fs.find(path, detail=True)
+    with object_store(uri):
+        found = fs.find(path, detail=True)
     return {name[len(path) + 1:]: info for name, info in sorted(found.items())
             if name.startswith(path + "/") and not _in_staging(name[len(path) + 1:])}
 
@@ -136,7 +137,8 @@ def read_dir(uri: str, whole: bool = False) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=cache, prefix=f".{target.name}{STAGING}"))
         fs, path = fsspec.core.url_to_fs(uri)
-        fs.get([f"{path.rstrip('/')}/{n}" for n in files], [str(staging / n) for n in files])
+        with object_store(uri):
+            fs.get([f"{path.rstrip('/')}/{n}" for n in files], [str(staging / n) for n in files])
         if _listing(uri) != files:  # rewritten while it was fetched: the copy may mix two versions
             shutil.rmtree(staging, ignore_errors=True)
             raise IncompleteFolder(f"{uri}: changed while it was read; read it again")
@@ -176,7 +178,8 @@ def write_dir(uri: str) -> Iterator[Path]:
             files = _listing(str(staging))
             marker = json.dumps(_marker(files), indent=1, sort_keys=True) + "\n"
             if is_remote(uri):
-                _publish_remote(staging, list(files), uri, marker)
+                with object_store(uri):
+                    _publish_remote(staging, list(files), uri, marker)
             else:
                 (staging / MARKER).write_text(marker)
                 (staging / MARKER).chmod(0o644)
@@ -227,7 +230,7 @@ def _remove_remote(fs, path: str) -> None:
 
 def read_json(uri: str) -> dict:
     try:
-        with _open(uri, "r") as f:
+        with object_store(uri), _open(uri, "r") as f:
             return json.load(f)
     except FileNotFoundError:
         raise StepError(f"{uri}: no such file") from None
@@ -244,7 +247,7 @@ def write_file(uri: str, data: bytes) -> None:
     """Write a whole file so that readers see the old content or the new, never a part (a rename locally; a
     single PUT on object stores)."""
     if is_remote(uri):
-        with fsspec.open(uri, "wb") as f:
+        with object_store(uri), fsspec.open(uri, "wb") as f:
             f.write(data)
         return
     path = _local(uri)
@@ -262,7 +265,8 @@ def list_dir(uri: str) -> list[str]:
         return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     fs, path = fsspec.core.url_to_fs(uri)
     fs.invalidate_cache(path)
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) if fs.exists(path) else []
+    with object_store(uri):
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) if fs.exists(path) else []
 
 
 def remove(uri: str) -> None:
@@ -283,6 +287,27 @@ def remove_file(uri: str) -> None:
     fs, path = fsspec.core.url_to_fs(uri)
     if fs.exists(path):
         fs.rm_file(path)
+
+
+@contextlib.contextmanager
+def object_store(uri: str) -> Iterator[None]:
+    """An object store that does not answer (down, unreachable, the connection dropped), after botocore's and
+    s3fs's own retries, is one line naming the URI: the step's retry, once it is back, can succeed."""
+    try:
+        yield
+    except Exception as exc:
+        if not _unreachable(exc):
+            raise
+        raise Unavailable(f"{uri}: object store unreachable ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+
+
+def _unreachable(exc: Exception) -> bool:
+    try:
+        from aiohttp import ClientConnectionError
+        from botocore.exceptions import ConnectionError as EndpointDown, HTTPClientError
+    except ImportError:  # without s3fs there is no object store
+        return False
+    return isinstance(exc, (EndpointDown, HTTPClientError, ClientConnectionError))
 
 
 def join(uri: str, *parts: str) -> str:
