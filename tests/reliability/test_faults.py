@@ -68,14 +68,15 @@ def sd_tasks(step: str, options: dict) -> list[str]:
 
 
 def kill_midway(argv: list[str], mid_work: Callable[[], bool], clean: Callable[[], None] = lambda: None,
-                attempts: int = 8, timeout: float = 300) -> int:
+                attempts: int = 8, timeout: float = 300, poll: float = 0.0005) -> int:
     """Start the step and SIGKILL it as soon as `mid_work()` holds; return the attempt that was killed. A step that
-    ends before the moment is seen is cleaned and started again."""
+    ends before the moment is seen is cleaned and started again. `poll=0` watches without pausing, for moments of
+    microseconds."""
     for attempt in range(1, attempts + 1):
         proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while proc.poll() is None and not mid_work() and time.monotonic() < deadline:
-            time.sleep(0.0005)
+            time.sleep(poll)
         alive = proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -145,7 +146,7 @@ def test_encode_and_merge_killed_mid_write_rerun_to_the_same_cache(prepared, cac
         return any(name.startswith(".manifest.json.") for name in os.listdir(sharded / key))
 
     attempt = kill_midway(merge, temporary_manifest, clean=lambda: (sharded / key / "manifest.json").unlink(),
-                          attempts=20)
+                          attempts=60, poll=0)
     manifest = sharded / key / "manifest.json"
     assert not manifest.exists() or json.loads(manifest.read_text())["records"]  # never a torn file
     assert rerun(merge)["records"] == 5
