@@ -48,6 +48,21 @@ class training_run:
         if not self.enabled:
             return self
 
+        try:  # a server that does not answer fails the step in about a minute, in one line: its retry can succeed
+            with _bounded_requests(*self.LAST_SEND):
+                self._open()
+        except Exception as exc:
+            if not _unreachable(exc):
+                raise
+            with _bounded_requests(self.SEND_TIMEOUT, 0), contextlib.suppress(Exception):
+                mlflow.end_run("FAILED")  # forget a run already started: mlflow's exit hook would wait minutes
+            raise Unavailable(f"MLflow at {tracking.tracking_uri()}: unreachable ({exc})".splitlines()[0][:400]) \
+                from None
+        return self
+
+    def _open(self) -> None:
+        import mlflow
+
         self._client = tracking.client()  # also points mlflow at the tracking URI
         # Keyed by where the checkpoints go: a retried or resumed training continues its own MLflow run.
         key = f"{self.config.parent_run_id or 'standalone'}:{self.config.output}"
@@ -69,7 +84,6 @@ class training_run:
             for key, value, timestamp, step in read_json(self._spool)["metrics"]:
                 self._add(Metric(key, value, timestamp, step))
             self.flush()
-        return self
 
     @staticmethod
     def _log_params(params: dict[str, str], logged: dict[str, str]) -> None:
@@ -167,6 +181,13 @@ def _bounded_requests(timeout: int, retries: int):
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _unreachable(exc: Exception) -> bool:
+    """MLflow's client reports a server it cannot reach as an MlflowException raised while handling requests' error."""
+    import requests
+
+    return isinstance(exc.__context__, requests.RequestException) or isinstance(exc, requests.RequestException)
 
 
 def cost(seconds: float, processes: int, gpu_hour_price: float) -> dict:

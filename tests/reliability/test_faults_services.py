@@ -113,6 +113,13 @@ def test_mlflow_server_stopped_mid_training_training_goes_on_and_every_loss_arri
         assert proc.returncode == 1 and "metrics kept in" in line and SPOOL in line, line
         assert (out / SPOOL).exists() and storage.is_whole(str(out / "checkpoint-6"))
 
+        retried = time.monotonic()  # a retry while the server is still down: one line, in bounded time
+        down = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+        retried = time.monotonic() - retried
+        line = one_line_error(down.stderr)
+        assert down.returncode == 1 and f"MLflow at {server.url}: unreachable" in line, line
+        assert (out / SPOOL).exists(), "the spool waits for the server"
+
         server.start()  # back: the retry sends the spooled metrics and closes the run
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
         done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
@@ -128,7 +135,8 @@ def test_mlflow_server_stopped_mid_training_training_goes_on_and_every_loss_arri
             proc.kill()
     figures.record("fault", "MLflow server stopped, then killed, mid-training",
                    f"training went on ({stalled:.0f} s to the next checkpoint with the server stopped), failed in "
-                   f"one line at the end, its retry sent the spooled metrics: one run, every loss once", lost=0,
+                   f"one line at the end and on a retry while it was down ({retried:.0f} s); the retry once it was "
+                   f"back sent the spooled metrics: one run, every loss once", lost=0,
                    seconds=round(time.monotonic() - started, 1))
 
 
