@@ -20,6 +20,10 @@ registry) and boto3 alike. AWS_ENDPOINT_URL (all AWS services) and FSSPEC_S3_END
 for step URIs. MLflow's artifact client reads its own MLFLOW_S3_ENDPOINT_URL. A remote input is cached under
 SD_TASKS_CACHE (default: <tmp>/sd_tasks-cache) by its URI and its files' sizes and ETags, so a folder rewritten in
 place is fetched again, and two processes fetching one folder at once both end with a whole copy.
+
+Two failures of the environment end a step in one line naming the folder (`Unavailable`, exit 1, so it is retried):
+a full disk while a folder is written (its staging folder is removed; the last whole version stays), and an object
+store that does not answer once botocore's and s3fs's own retries are spent.
 """
 from __future__ import annotations
 
@@ -203,9 +207,9 @@ def _disk_full_is_one_line(uri: str, staging: Path) -> Iterator[None]:
     except Exception as exc:
         if isinstance(exc, (Unavailable, StepError, IncompleteFolder)) or not (
                 getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
-                or shutil.disk_usage(staging).free < 2**20):
+                or shutil.disk_usage(staging.parent).free < 2**20):
             raise
-        raise Unavailable(f"{uri}: no space left on device to write it ({shutil.disk_usage(staging).free} bytes "
+        raise Unavailable(f"{uri}: no space left on device to write it ({shutil.disk_usage(staging.parent).free} bytes "
                           f"free in {staging.parent}); the last whole version stays") from None
 
 
