@@ -8,3 +8,9 @@ CHECKPOINT_INFO = "dreamline.json"  # what it is: step, learning rate, MLflow ru
 TRAINING_STATE = "training_state.safetensors"
 TRAINING_STATE_INFO = "training_state.json"
 PICKLED_TRAINING_STATE = "training_state.pt"
+
+
+def adapter_metadata(lora_config) -> dict:
+    """A peft LoraConfig as the metadata saved with the weights, sets as sorted lists: peft keeps target_modules as
+    a set, whose order changes with the interpreter's hash seed, so the same weights gave a different file."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in lora_config.to_dict().items()}

@@ -9,7 +9,8 @@ argv runs as a local subprocess or as a Kubernetes pod.
 Failures end with one line on stderr, `error: <step>: <reason>`, and an exit code that says whether running the
 step again could help: 65 (sysexits' EX_DATAERR) for a `StepError` (bad input, or a run that cannot succeed as
 asked, like a diverging learning rate: final), 2 for bad arguments (argparse's; final), 1 for an `IncompleteFolder`
-(an input whose writer was stopped: its retry rewrites it) and for anything else (a bug or the environment, as for
+(an input whose writer was stopped: its retry rewrites it), for `Unavailable` (the tracking server or S3 down, a
+full disk: one line too, and a retry once it is back resumes) and for anything else (a bug or the environment, as for
 any uncaught Python exception: its traceback goes first, and a retry may succeed), 130 when interrupted. The final
 codes are distinct from 1 on purpose: 1 is also what Python, torchrun and `accelerate launch` return for any
 failure, so it must mean "maybe retry".
@@ -31,7 +32,7 @@ import typing
 from pathlib import Path
 
 from sd_tasks.cost import record_step
-from sd_tasks.errors import IncompleteFolder, StepError
+from sd_tasks.errors import IncompleteFolder, StepError, Unavailable
 from sd_tasks.redact import redact
 
 # step name -> ("module[:function]", one-line description); the function defaults to `run`. Modules import lazily so `validate` never pays for torch.
@@ -93,7 +94,7 @@ def _main(step: str, argv: list[str]) -> int:
     except StepError as exc:
         print(redact(f"error: {step}: {exc}"), file=sys.stderr)
         return EXIT_REFUSED
-    except IncompleteFolder as exc:  # a writer was stopped, or a folder changed while read: a retry can help
+    except (IncompleteFolder, Unavailable) as exc:  # a writer was stopped, a service is down: a retry can help
         print(redact(f"error: {step}: {exc}"), file=sys.stderr)
         return EXIT_CRASHED
     except KeyboardInterrupt:

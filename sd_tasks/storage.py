@@ -20,10 +20,15 @@ registry) and boto3 alike. AWS_ENDPOINT_URL (all AWS services) and FSSPEC_S3_END
 for step URIs. MLflow's artifact client reads its own MLFLOW_S3_ENDPOINT_URL. A remote input is cached under
 SD_TASKS_CACHE (default: <tmp>/sd_tasks-cache) by its URI and its files' sizes and ETags, so a folder rewritten in
 place is fetched again, and two processes fetching one folder at once both end with a whole copy.
+
+Two failures of the environment end a step in one line naming the folder (`Unavailable`, exit 1, so it is retried):
+a full disk while a folder is written (its staging folder is removed; the last whole version stays), and an object
+store that does not answer once botocore's and s3fs's own retries are spent.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -34,7 +39,7 @@ from typing import Iterator
 
 import fsspec
 
-from sd_tasks.errors import IncompleteFolder, StepError
+from sd_tasks.errors import IncompleteFolder, StepError, Unavailable
 
 MARKER = ".dreamline-complete.json"
 STAGING = ".staging-"  # in the name of a local writer's (or fetcher's) hidden staging folder: `.<name>.staging-<id>`
@@ -59,7 +64,8 @@ def _listing(uri: str) -> dict[str, dict]:
     fs, path = fsspec.core.url_to_fs(uri)
     path = path.rstrip("/")
     fs.invalidate_cache(path)  # another process (another pod) may have written since this one last looked
-    found = fs.find(path, detail=True)
+    with object_store(uri):
+        found = fs.find(path, detail=True)
     return {name[len(path) + 1:]: info for name, info in sorted(found.items())
             if name.startswith(path + "/") and not _in_staging(name[len(path) + 1:])}
 
@@ -135,7 +141,8 @@ def read_dir(uri: str, whole: bool = False) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=cache, prefix=f".{target.name}{STAGING}"))
         fs, path = fsspec.core.url_to_fs(uri)
-        fs.get([f"{path.rstrip('/')}/{n}" for n in files], [str(staging / n) for n in files])
+        with object_store(uri):
+            fs.get([f"{path.rstrip('/')}/{n}" for n in files], [str(staging / n) for n in files])
         if _listing(uri) != files:  # rewritten while it was fetched: the copy may mix two versions
             shutil.rmtree(staging, ignore_errors=True)
             raise IncompleteFolder(f"{uri}: changed while it was read; read it again")
@@ -166,27 +173,44 @@ def write_dir(uri: str) -> Iterator[Path]:
         staging = Path(tempfile.mkdtemp(prefix="sd_tasks-out-"))
     staging.chmod(0o755)  # mkdtemp makes it private; outputs are ordinary folders
     try:
-        yield staging
-        for path in staging.rglob("*"):  # some writers (safetensors) create files private to their user
-            if not path.is_symlink():
-                path.chmod(0o755 if path.is_dir() else 0o644)
-        (staging / MARKER).unlink(missing_ok=True)
-        files = _listing(str(staging))
-        marker = json.dumps(_marker(files), indent=1, sort_keys=True) + "\n"
-        if is_remote(uri):
-            _publish_remote(staging, list(files), uri, marker)
-        else:
-            (staging / MARKER).write_text(marker)
-            (staging / MARKER).chmod(0o644)
-            old = final.with_name(f".{final.name}.old")
-            if final.exists():
+        with _disk_full_is_one_line(uri, staging):
+            yield staging
+            for path in staging.rglob("*"):  # some writers (safetensors) create files private to their user
+                if not path.is_symlink():
+                    path.chmod(0o755 if path.is_dir() else 0o644)
+            (staging / MARKER).unlink(missing_ok=True)
+            files = _listing(str(staging))
+            marker = json.dumps(_marker(files), indent=1, sort_keys=True) + "\n"
+            if is_remote(uri):
+                with object_store(uri):
+                    _publish_remote(staging, list(files), uri, marker)
+            else:
+                (staging / MARKER).write_text(marker)
+                (staging / MARKER).chmod(0o644)
+                old = final.with_name(f".{final.name}.old")
+                if final.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                    (final / MARKER).unlink(missing_ok=True)
+                    final.rename(old)
+                staging.rename(final)
                 shutil.rmtree(old, ignore_errors=True)
-                (final / MARKER).unlink(missing_ok=True)
-                final.rename(old)
-            staging.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(uri: str, staging: Path) -> Iterator[None]:
+    """A full disk, in one line naming the folder: safetensors and torch.save report it without the file's name (and
+    torch without the errno: "unexpected pos"), so a write that fails on a nearly full disk is taken for one."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, (Unavailable, StepError, IncompleteFolder)) or not (
+                getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
+                or shutil.disk_usage(staging.parent).free < 2**20):
+            raise
+        raise Unavailable(f"{uri}: no space left on device to write it ({shutil.disk_usage(staging.parent).free} bytes "
+                          f"free in {staging.parent}); the last whole version stays") from None
 
 
 def _publish_remote(staging: Path, names: list[str], uri: str, marker: str) -> None:
@@ -210,7 +234,7 @@ def _remove_remote(fs, path: str) -> None:
 
 def read_json(uri: str) -> dict:
     try:
-        with _open(uri, "r") as f:
+        with object_store(uri), _open(uri, "r") as f:
             return json.load(f)
     except FileNotFoundError:
         raise StepError(f"{uri}: no such file") from None
@@ -227,7 +251,7 @@ def write_file(uri: str, data: bytes) -> None:
     """Write a whole file so that readers see the old content or the new, never a part (a rename locally; a
     single PUT on object stores)."""
     if is_remote(uri):
-        with fsspec.open(uri, "wb") as f:
+        with object_store(uri), fsspec.open(uri, "wb") as f:
             f.write(data)
         return
     path = _local(uri)
@@ -245,7 +269,8 @@ def list_dir(uri: str) -> list[str]:
         return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     fs, path = fsspec.core.url_to_fs(uri)
     fs.invalidate_cache(path)
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) if fs.exists(path) else []
+    with object_store(uri):
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) if fs.exists(path) else []
 
 
 def remove(uri: str) -> None:
@@ -256,6 +281,37 @@ def remove(uri: str) -> None:
         return
     fs, path = fsspec.core.url_to_fs(uri)
     _remove_remote(fs, path.rstrip("/"))
+
+
+def remove_file(uri: str) -> None:
+    """Delete one file; nothing to do when it is not there."""
+    if not is_remote(uri):
+        _local(uri).unlink(missing_ok=True)
+        return
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm_file(path)
+
+
+@contextlib.contextmanager
+def object_store(uri: str) -> Iterator[None]:
+    """An object store that does not answer (down, unreachable, the connection dropped), after botocore's and
+    s3fs's own retries, is one line naming the URI: the step's retry, once it is back, can succeed."""
+    try:
+        yield
+    except Exception as exc:
+        if not _unreachable(exc):
+            raise
+        raise Unavailable(f"{uri}: object store unreachable ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+
+
+def _unreachable(exc: Exception) -> bool:
+    try:
+        from aiohttp import ClientConnectionError
+        from botocore.exceptions import ConnectionError as EndpointDown, HTTPClientError
+    except ImportError:  # without s3fs there is no object store
+        return False
+    return isinstance(exc, (EndpointDown, HTTPClientError, ClientConnectionError))
 
 
 def join(uri: str, *parts: str) -> str:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from sd_tasks import kohya, manifest as manifests, models, speedups, training_state
 from sd_tasks.checkpoint_files import CHECKPOINT_INFO, KOHYA_WEIGHTS, LORA_WEIGHTS, TRAINING_STATE  # noqa: F401
+from sd_tasks.checkpoint_files import adapter_metadata
 from sd_tasks.cli import option
 from sd_tasks.cost import gpus_in_use
 from sd_tasks.errors import StepError
@@ -124,9 +125,9 @@ def run(config: TrainConfig) -> dict:
             mlflow_run.log_metrics({"loss": sum(losses) / micro, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
             if (step % config.checkpointing_steps == 0 or step == last) and accelerator.is_main_process:
                 total = spent + time.perf_counter() - started  # the steps' seconds over all attempts
+                mlflow_run.flush()  # first: a whole checkpoint's steps are in MLflow (or the spool), never lost
                 save_checkpoint(loras, optimizer, lr_scheduler, config, step, mlflow_run.id, train_seconds=total,
                                 scaler=accelerator.scaler)
-                mlflow_run.flush()
             accelerator.wait_for_everyone()
 
         seconds, done = time.perf_counter() - started, last - start
@@ -315,8 +316,8 @@ def save_checkpoint(loras: dict, optimizer, lr_scheduler, config: TrainConfig, s
     from peft.utils import get_peft_model_state_dict
 
     states = {name: get_peft_model_state_dict(module) for name, module in loras.items()}
-    metadata = {"unet": lora_config(config).to_dict(),
-                "text_encoder": lora_config(config, TextEncoderLora.TARGETS).to_dict()}
+    metadata = {"unet": adapter_metadata(lora_config(config)),
+                "text_encoder": adapter_metadata(lora_config(config, TextEncoderLora.TARGETS))}
     with write_dir(join(config.output, f"checkpoint-{step}")) as out:
         StableDiffusionXLPipeline.save_lora_weights(
             out, safe_serialization=True,
