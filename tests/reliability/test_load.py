@@ -72,6 +72,7 @@ def test_each_experiment_holds_only_its_own_subjects_runs(full_stack):
         assert hashes == {published["hash"]}, (subject, hashes)
         assert {value for _, key, value in rows if key == "dataset.rev"} == {f"{subject}-v1"}
         assert {run for run, key, _ in rows if key == "dataset.hash"} == runs  # every run names its dataset
+        assert {value for _, key, value in rows if key == "experiment"} == {subject}  # the training run's param
         for run, key, value in rows:
             assert not mixed(full_stack, subject, value), (subject, run, key, value)
 
@@ -119,12 +120,14 @@ def test_encode_cache_entries_are_keyed_by_content_never_shared(full_stack):
         encoded = api.get(f"{api.base}/dags/{dag_id(subject)}/dagRuns/{RUN_ID}/taskInstances/encode/xcomEntries/"
                           "return_value", params={"map_index": 0}).json()
         cache = encoded["value"]["cache"]
-        train = [t for t in full_stack["runs"][subject]["tasks"] if t["task_id"] == "train"]
-        assert len(train) == 1
         entries[subject] = cache
-        manifest = json.loads(s3.get_object(Bucket=settings.bucket, Key=f"{cache.split(f's3://{settings.bucket}/', 1)[1]}"
-                                            f"/manifest.json")["Body"].read())
-        assert sorted(r["file"].rsplit("/", 1)[-1].split(".")[0] for r in manifest["records"]) == list(subset), \
+        # the subject's training run trained on that entry
+        assert query(settings, "mlflow", "SELECT p.value FROM params p JOIN runs r USING (run_uuid) JOIN experiments "
+                                         "e USING (experiment_id) WHERE e.name = %s AND p.key = 'cache'",
+                     subject) == [(cache,)]
+        key = f"{cache.removeprefix(f's3://{settings.bucket}/')}/manifest.json"
+        manifest = json.loads(s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read())
+        assert sorted(r["source"] for r in manifest["records"]) == [f"{stem}.jpg" for stem in subset], \
             (subject, manifest["records"])
         assert all(f"sks {noun}" in r["caption"] for r in manifest["records"]), (subject, manifest["records"])
     assert len(set(entries.values())) == len(SUBJECT_DATA), entries  # ten contents, ten entries

@@ -64,12 +64,17 @@ def test_no_credential_in_mlflow(full_stack, figures):
                                      "UNION ALL SELECT 'tag ' || run_uuid || ' ' || key, value FROM tags "
                                      "UNION ALL SELECT 'version tag ' || name || ' ' || version || ' ' || key, value "
                                      "FROM model_version_tags "
-                                     "UNION ALL SELECT 'version ' || name || ' ' || version, coalesce(description, '') "
-                                     "|| ' ' || coalesce(source, '') FROM model_versions "
+                                     "UNION ALL SELECT 'model version ' || name || ' ' || version, "
+                                     "coalesce(description, '') || ' ' || coalesce(source, '') FROM model_versions "
                                      "UNION ALL SELECT 'model ' || name, coalesce(description, '') "
-                                     "FROM registered_models")
+                                     "FROM registered_models "
+                                     "UNION ALL SELECT 'logged model param ' || model_id || ' ' || param_key, "
+                                     "param_value FROM logged_model_params "
+                                     "UNION ALL SELECT 'logged model tag ' || model_id || ' ' || tag_key, tag_value "
+                                     "FROM logged_model_tags")
     texts = {where: value or "" for where, value in rows}
-    assert len([w for w in texts if w.startswith("version ")]) == 10
+    assert len([w for w in texts if w.startswith("model version ")]) == 10  # with their model cards
+    assert any(w.startswith("logged model param ") for w in texts)  # the evaluated checkpoints
     check(full_stack, figures, "MLflow params, tags, model versions and model cards", texts)
 
 
