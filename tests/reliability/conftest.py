@@ -47,3 +47,12 @@ def pytest_terminal_summary(terminalreporter):
     for kind in KINDS:
         terminalreporter.write_line(f"{kind:8} {counts.get(kind, 0)} scenarios")
     terminalreporter.write_line(f"secrets found {found}, data lost {lost}; details in {RECORD.relative_to(REPO)}")
+
+
+@pytest.fixture(scope="session")
+def full_stack(tmp_path_factory):
+    """The full stack after ten subjects' runs at once, with known fake credentials planted (full_stack.py);
+    shared by test_load.py and test_secrets.py, torn down at the end of the session."""
+    from reliability.full_stack import bring_up
+
+    yield from bring_up(tmp_path_factory)
