@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -29,12 +28,16 @@ def figures() -> Figures:
     return Figures()
 
 
+_started = time.monotonic()
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not _records:
         return
     RECORD.parent.mkdir(parents=True, exist_ok=True)
-    RECORD.write_text(json.dumps({"at": time.strftime("%Y-%m-%d %H:%M:%S"), "exit": int(exitstatus),
-                                  "records": _records}, indent=1) + "\n")
+    RECORD.write_text(json.dumps({"at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "exit": int(exitstatus),
+                                  "seconds": round(time.monotonic() - _started), "records": _records},
+                                 indent=1) + "\n")
 
 
 def pytest_terminal_summary(terminalreporter):
