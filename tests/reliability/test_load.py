@@ -10,13 +10,13 @@ import pytest
 from reliability.full_stack import GPU_SLOTS, RUN_ID, SUBJECT_DATA, dag_id
 from test_stack import GPU_TASKS, bucket_keys, most_at_once, query
 from deploy.local.bootstrap import s3_client
-from dreamline.deployment import slug
+from dreamline import deployment
 
 pytestmark = pytest.mark.reliability
 
 
 def run_folder(subject: str) -> str:
-    return f"runs/{dag_id(subject)}/{slug(RUN_ID)}/"
+    return f"runs/{dag_id(subject)}/{deployment.run_folder(RUN_ID)}/"
 
 
 def foreign_marks(full_stack, subject: str) -> dict[str, list[str]]:
