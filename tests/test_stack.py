@@ -110,9 +110,13 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api(stack):
+    return rest_session(stack["settings"])
+
+
+def rest_session(settings: Stack):
+    """A REST API v2 session logged in as the stack's admin."""
     import requests
 
-    settings = stack["settings"]
     session = requests.Session()
     session.trust_env = False  # loopback only, never a proxy
     token = session.post(f"{settings.airflow_url}/auth/token", timeout=30,

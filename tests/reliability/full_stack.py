@@ -28,7 +28,7 @@ from conftest import REPO
 from deploy.local.seaweedfs import free_port_pairs
 from deploy.local.settings import Stack
 from test_notify import Receiver
-from test_stack import FINISHED, path, stack_cli
+from test_stack import FINISHED, path, rest_session, stack_cli
 
 SOURCES = {"dog": REPO / "sample_data" / "dog", "backpack": REPO / "sample_data" / "backpack"}
 SUBSETS = [("00", "01", "02"), ("00", "01", "03"), ("00", "02", "04"), ("01", "03", "04"), ("02", "03", "04")]
@@ -73,20 +73,6 @@ def publish(settings: Stack, folder: Path) -> dict[str, dict]:
         assert step.returncode == 0, step.stderr[-3000:]
         published[name] = json.loads(step.stdout.splitlines()[-1])
     return published
-
-
-def rest_session(settings: Stack):
-    """A REST API v2 session logged in as the stack's admin, as test_stack's `api` fixture makes it."""
-    import requests
-
-    session = requests.Session()
-    session.trust_env = False  # loopback only, never a proxy
-    token = session.post(f"{settings.airflow_url}/auth/token", timeout=30,
-                         json={"username": "admin", "password": settings.secrets["airflow_admin_password"]})
-    assert token.status_code in (200, 201), token.text
-    session.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
-    session.base = f"{settings.airflow_url}/api/v2"
-    return session
 
 
 def webhook_connection(api, receiver: Receiver) -> None:

@@ -21,15 +21,10 @@ from sd_tasks.checkpoint_files import LORA_WEIGHTS
 from sd_tasks.errors import StepError
 from sd_tasks.storage import MARKER
 
+from reliability.test_defects_train import Payload
+
 pytestmark = pytest.mark.reliability
 
-
-class Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
 
 
 @pytest.fixture(scope="module")
