@@ -549,3 +549,13 @@ def test_the_docs_name_only_files_that_exist():
     applied = {w[i + 1] for w in documented_commands() if w[:2] == ["kubectl", "apply"]
                for i, word in enumerate(w) if word == "-f"}
     assert applied == {f"deploy/kubernetes/{p.name}" for p in OBJECTS.glob("*.yaml")}  # every object gets applied
+
+
+def test_the_local_stacks_ports_lie_outside_the_kernels_ephemeral_range():
+    """A port free when chosen inside the ephemeral range can be taken by an outgoing connection before the service
+    binds it: the reliability suite's stack once found its SeaweedFS gRPC port taken so."""
+    from deploy.local.seaweedfs import GRPC_OFFSET, _ephemeral_ports, free_port_pairs
+
+    low, high = _ephemeral_ports()
+    for port in free_port_pairs(8):
+        assert not low <= port <= high and not low <= port + GRPC_OFFSET <= high, port

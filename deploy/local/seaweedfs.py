@@ -61,9 +61,14 @@ def free_ports(count: int) -> list[int]:
 
 
 def free_port_pairs(count: int, taken: tuple[int, ...] = ()) -> list[int]:
-    """Ports p, each free together with p + GRPC_OFFSET, clear of each other and of `taken`."""
+    """Ports p, each free together with p + GRPC_OFFSET, clear of each other and of `taken`, and both outside the
+    kernel's ephemeral range: a port free when chosen there can be taken by any outgoing connection before the
+    service binds it (the reliability suite's stack once lost its SeaweedFS gRPC port that way)."""
+    low, high = _ephemeral_ports()
+    candidates = [p for p in range(20000, 65536 - GRPC_OFFSET)
+                  if not (low <= p <= high or low <= p + GRPC_OFFSET <= high)]
     chosen: list[int] = []
-    for port in random.Random().sample(range(20000, 65536 - GRPC_OFFSET), 2000):
+    for port in random.Random().sample(candidates, min(2000, len(candidates))):
         if len(chosen) == count:
             return chosen
         if any(abs(port - c) in (0, GRPC_OFFSET) for c in [*chosen, *taken]):
@@ -73,6 +78,15 @@ def free_port_pairs(count: int, taken: tuple[int, ...] = ()) -> list[int]:
     if len(chosen) < count:
         raise RuntimeError("no free loopback ports for SeaweedFS")
     return chosen
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections (Linux's default when it cannot be read)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def mini_argv(folder: Path, ports: dict[str, int], identities: Path | None = None) -> list[str]:
