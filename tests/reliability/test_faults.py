@@ -53,14 +53,29 @@ def content_hash(path: Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def staging_under(folder: Path) -> Callable[[], bool]:
-    """True once a writer's staging folder (`.<name>.staging-*`) exists anywhere under `folder`."""
-    def seen() -> bool:
+class NewStaging:
+    """True once a writer's staging folder (`.<name>.staging-*`) that was not there at `start()` exists anywhere under
+    `folder` (with `of`: the staging folder of the output `folder/of`, looked for among folder's own entries, fast
+    enough for a writer that takes milliseconds). A killed writer leaves its staging folder behind, and that one
+    must not count for the next try."""
+
+    def __init__(self, folder: Path, of: str | None = None):
+        self.folder, self.of, self.before = folder, of, set()
+
+    def _found(self) -> set[str]:
         try:
-            return any(storage.STAGING in name for _, dirs, _ in os.walk(folder) for name in dirs)
+            if self.of:
+                return {name for name in os.listdir(self.folder) if name.startswith(f".{self.of}{storage.STAGING}")}
+            return {os.path.join(top, name) for top, dirs, _ in os.walk(self.folder)
+                    for name in dirs if storage.STAGING in name}
         except OSError:
-            return False
-    return seen
+            return set()
+
+    def start(self) -> None:
+        self.before = self._found()
+
+    def __call__(self) -> bool:
+        return bool(self._found() - self.before)
 
 
 def sd_tasks(step: str, options: dict) -> list[str]:
@@ -68,11 +83,15 @@ def sd_tasks(step: str, options: dict) -> list[str]:
 
 
 def kill_midway(argv: list[str], mid_work: Callable[[], bool], clean: Callable[[], None] = lambda: None,
-                attempts: int = 8, timeout: float = 300, poll: float = 0.0005) -> int:
+                landed: Callable[[], bool] = lambda: False, attempts: int = 8, timeout: float = 300,
+                poll: float = 0.0005) -> int:
     """Start the step and SIGKILL it as soon as `mid_work()` holds; return the attempt that was killed. A step that
-    ends before the moment is seen is cleaned and started again. `poll=0` watches without pausing, for moments of
-    microseconds."""
+    ends before the moment is seen, or whose output has `landed()` by the time the signal arrives (the moment can
+    pass between seeing it and the kill: a small folder's rename takes microseconds), is cleaned and started again.
+    `poll=0` watches without pausing, for moments of microseconds."""
     for attempt in range(1, attempts + 1):
+        if hasattr(mid_work, "start"):  # a NewStaging watcher: what is there now does not count
+            mid_work.start()
         proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while proc.poll() is None and not mid_work() and time.monotonic() < deadline:
@@ -80,7 +99,7 @@ def kill_midway(argv: list[str], mid_work: Callable[[], bool], clean: Callable[[
         alive = proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        if alive:
+        if alive and not landed():
             return attempt
         clean()
     pytest.fail(f"{argv[3]} always ended before the moment to kill it was seen ({attempts} tries)")
@@ -116,11 +135,12 @@ def test_a_light_step_killed_mid_write_reruns_to_the_same_files(step, prepared, 
     }[step]
     argv = sd_tasks(step, {**options, "output": str(out)})
     started = time.monotonic()
-    attempt = kill_midway(argv, staging_under(workdir), clean=lambda: storage.remove(str(out)))
+    attempt = kill_midway(argv, NewStaging(workdir, of=step), clean=lambda: storage.remove(str(out)),
+                          landed=lambda: storage.is_whole(str(out)), attempts=30, poll=0)
     assert not storage.is_whole(str(out)), "a killed writer left a folder that reads as whole"
     rerun(argv)
     assert hashes(out) == hashes(reference)
-    assert not staging_under(out)()
+    assert not NewStaging(out)()
     figures.record("fault", f"{step} killed mid-write", f"rerun wrote the same files (killed on try {attempt})",
                    lost=0, seconds=round(time.monotonic() - started, 1))
 
@@ -129,9 +149,11 @@ def test_encode_and_merge_killed_mid_write_rerun_to_the_same_cache(prepared, cac
     started = time.monotonic()
     out = workdir / "encode"
     argv = sd_tasks("encode", {"images": str(prepared / "resized"), "output": str(out), "base_model": models["sdxl"]})
-    kill_midway(argv, staging_under(out))
     key = Path(cache).name
-    assert not storage.is_whole(str(out / key / "shard-00000-of-00001"))
+    shard = out / key / "shard-00000-of-00001"
+    kill_midway(argv, NewStaging(out), clean=lambda: storage.remove(str(out)),
+                landed=lambda: storage.is_whole(str(shard)))
+    assert not storage.is_whole(str(shard))
     assert rerun(argv)["cache"] == str(out / key)
     assert hashes(out / key) == hashes(Path(cache))
 
@@ -167,7 +189,8 @@ def test_class_images_killed_mid_generation_rerun_to_the_same_images(models, wor
     reference = class_images.run(class_images.ClassImagesConfig(output=str(workdir / "class-ref"), **options))
     out = workdir / "class"
     argv = sd_tasks("class-images", {**options, "output": str(out)})
-    kill_midway(argv, staging_under(out))
+    kill_midway(argv, NewStaging(out), clean=lambda: storage.remove(str(out)),
+                landed=lambda: storage.is_whole(str(out / reference["key"])))
     assert not storage.is_whole(str(out / reference["key"]))
     result = rerun(argv)
     assert not result["cached"]  # the killed attempt's folder was not taken for a cached one
@@ -200,7 +223,8 @@ def test_train_killed_mid_checkpoint_and_after_one_resumes_to_the_same_weights_a
     started = time.monotonic()
     out = workdir / "train"
     argv = sd_tasks("train", train_options(cache, models, out, "faults"))
-    kill_midway(argv, staging_under(out))  # while checkpoint-2 is being written
+    kill_midway(argv, NewStaging(out), clean=lambda: storage.remove(str(out)),  # while checkpoint-2 is written
+                landed=lambda: bool(train.list_checkpoints(str(out))))
     assert train.list_checkpoints(str(out)) == []
 
     def checkpoint_2_whole() -> bool:
@@ -248,14 +272,16 @@ def test_evaluate_killed_mid_write_and_per_run_killed_between_checkpoints_rerun_
     out = workdir / "eval-one" / "step-4"
     argv = sd_tasks("evaluate", {"checkpoint": str(trained / "checkpoint-4"), "output": str(out),
                                  **suite(prepared, models)})
-    kill_midway(argv, staging_under(out.parent))
+    attempt = kill_midway(argv, NewStaging(out.parent, of=out.name), clean=lambda: storage.remove(str(out)),
+                          landed=lambda: storage.is_whole(str(out)), attempts=30, poll=0)  # small images: a short moment
     assert not storage.is_whole(str(out))
     rerun(argv)
     same_evaluation(out, reference)
 
     per_run = evaluations / "lr-1e-3"
     argv = sd_tasks("evaluate", {"training_run": str(trained), "output": str(per_run), **suite(prepared, models)})
-    kill_midway(argv, lambda: storage.is_whole(str(per_run / "step-2")))
+    kill_midway(argv, lambda: storage.is_whole(str(per_run / "step-2")), clean=lambda: storage.remove(str(per_run)),
+                landed=lambda: storage.is_whole(str(per_run / "step-4")))
     assert not storage.is_whole(str(per_run / "step-4"))
     result = rerun(argv)
     assert [e.get("done", False) for e in result["evaluations"]] == [True, False]  # step-2 was whole: kept
@@ -264,7 +290,8 @@ def test_evaluate_killed_mid_write_and_per_run_killed_between_checkpoints_rerun_
     history = tracking.client().get_metric_history(training_run_id, "eval/dino")
     assert sorted(m.step for m in history) == [2, 4], "each checkpoint's scores once on its training run"
     figures.record("fault", "evaluate killed mid-write; --training-run killed between checkpoints",
-                   "the same images and scores after the rerun, the whole step-2 kept, each score logged once",
+                   "the same images and scores after the rerun, the whole step-2 kept, each score logged once "
+                   f"(killed mid-write on try {attempt})",
                    lost=0, seconds=round(time.monotonic() - started, 1))
 
 
@@ -281,7 +308,8 @@ def test_select_and_register_killed_mid_work_rerun_to_one_selection_and_one_vers
     select.run(select.SelectConfig(evaluations=str(evaluations), output=str(reference)))
     out = workdir / "select"
     argv = sd_tasks("select", {"evaluations": str(evaluations), "output": str(out)})
-    kill_midway(argv, staging_under(workdir), clean=lambda: storage.remove(str(out)))
+    attempt = kill_midway(argv, NewStaging(workdir, of=out.name), clean=lambda: storage.remove(str(out)),
+                          landed=lambda: storage.is_whole(str(out)), attempts=30, poll=0)
     rerun(argv)
     assert hashes(out) == hashes(reference)
 
@@ -308,5 +336,5 @@ def test_select_and_register_killed_mid_work_rerun_to_one_selection_and_one_vers
     assert versions[0].tags[tracking.RUN_KEY] == parent and versions[0].tags["step"] == str(result["step"])
     assert client.get_run(parent).info.status == "FINISHED"
     figures.record("fault", "select killed mid-write; register killed once its version existed",
-                   "the same selection; one model version with its lineage tags", lost=0,
+                   f"the same selection (killed on try {attempt}); one model version with its lineage tags", lost=0,
                    seconds=round(time.monotonic() - started, 1))
