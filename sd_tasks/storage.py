@@ -21,6 +21,9 @@ for step URIs. MLflow's artifact client reads its own MLFLOW_S3_ENDPOINT_URL. A 
 SD_TASKS_CACHE (default: <tmp>/sd_tasks-cache) by its URI and its files' sizes and ETags, so a folder rewritten in
 place is fetched again, and two processes fetching one folder at once both end with a whole copy.
 
+A writer killed before publishing leaves its staging folder; the next writer of that folder on the same host
+removes it once its process is gone (a fetcher's, in the cache, likewise).
+
 Two failures of the environment end a step in one line naming the folder (`Unavailable`, exit 1, so it is retried):
 a full disk while a folder is written (its staging folder is removed; the last whole version stays), and an object
 store that does not answer once botocore's and s3fs's own retries are spent.
@@ -33,6 +36,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -42,7 +46,30 @@ import fsspec
 from sd_tasks.errors import IncompleteFolder, StepError, Unavailable
 
 MARKER = ".dreamline-complete.json"
-STAGING = ".staging-"  # in the name of a local writer's (or fetcher's) hidden staging folder: `.<name>.staging-<id>`
+STAGING = ".staging-"  # in a local writer's (or fetcher's) hidden staging folder: `.<name>.staging-<host>-<pid>-<id>`
+
+
+def _staging(parent: Path, name: str) -> Path:
+    """A new hidden staging folder for `parent/name`, named after this host and process. One left there by a
+    process of this host that is gone (a killed writer's) is removed first, so kills do not fill the disk; a live
+    writer's is left alone."""
+    mine = f".{name}{STAGING}{socket.gethostname()}-"
+    with contextlib.suppress(OSError):
+        for entry in parent.iterdir():
+            pid, *rest = entry.name.removeprefix(mine).split("-")  # <pid>-<random>: mkdtemp's have no dash
+            if entry.name.startswith(mine) and len(rest) == 1 and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-", dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def is_remote(uri: str) -> bool:
@@ -139,7 +166,7 @@ def read_dir(uri: str, whole: bool = False) -> Path:
     target = cache / hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()[:20]
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=cache, prefix=f".{target.name}{STAGING}"))
+        staging = _staging(cache, target.name)
         fs, path = fsspec.core.url_to_fs(uri)
         with object_store(uri):
             fs.get([f"{path.rstrip('/')}/{n}" for n in files], [str(staging / n) for n in files])
@@ -168,7 +195,7 @@ def write_dir(uri: str) -> Iterator[Path]:
     if not is_remote(uri):
         final = _local(uri)
         final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{STAGING}", dir=final.parent))
+        staging = _staging(final.parent, final.name)
     else:
         staging = Path(tempfile.mkdtemp(prefix="sd_tasks-out-"))
     staging.chmod(0o755)  # mkdtemp makes it private; outputs are ordinary folders

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -59,6 +60,32 @@ def test_a_writer_killed_before_publishing_leaves_a_staging_folder_that_readers_
     [staging] = [p for p in evaluations.iterdir() if p.name.startswith(".step-4")]
     assert (staging / storage.MARKER).exists()  # whole in itself, but never published
     assert storage.whole_folders(tmp_path / "eval") == [evaluations / "step-2"]
+
+
+def test_the_next_writer_removes_a_killed_writers_staging_folder_and_keeps_a_live_ones(tmp_path):
+    out = tmp_path / "eval" / "step-4"
+    killed = subprocess.run([sys.executable, "-c", KILLED_BEFORE_RENAME, str(out)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert killed.returncode == -signal.SIGKILL
+    [dead] = [p for p in out.parent.iterdir() if p.name.startswith(".step-4")]
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = socket.gethostname()
+        writing = out.parent / f".step-4{storage.STAGING}{host}-{live.pid}-abc"
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        elsewhere = [out.parent / f".step-4{storage.STAGING}{name}-{gone.pid}-abc"
+                     for name in ("other", f"{host}-{gone.pid}")]
+        for folder in (writing, *elsewhere):  # at work, and another pod's (one named like ours and more)
+            folder.mkdir()
+        with storage.write_dir(str(out)) as staging:
+            (staging / "metrics.json").write_text('{"step": 4}')
+        assert not dead.exists()
+        assert writing.exists() and all(folder.exists() for folder in elsewhere)
+        assert storage.is_whole(str(out))
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_remove_deletes_the_marker_first(tmp_path, monkeypatch):

@@ -140,7 +140,7 @@ def test_a_light_step_killed_mid_write_reruns_to_the_same_files(step, prepared, 
     assert not storage.is_whole(str(out)), "a killed writer left a folder that reads as whole"
     rerun(argv)
     assert hashes(out) == hashes(reference)
-    assert not NewStaging(out)()
+    assert not NewStaging(out)() and not NewStaging(workdir, of=step)(), "the killed writer's staging folder is gone"
     figures.record("fault", f"{step} killed mid-write", f"rerun wrote the same files (killed on try {attempt})",
                    lost=0, seconds=round(time.monotonic() - started, 1))
 
@@ -273,7 +273,7 @@ def test_evaluate_killed_mid_write_and_per_run_killed_between_checkpoints_rerun_
     argv = sd_tasks("evaluate", {"checkpoint": str(trained / "checkpoint-4"), "output": str(out),
                                  **suite(prepared, models)})
     attempt = kill_midway(argv, NewStaging(out.parent, of=out.name), clean=lambda: storage.remove(str(out)),
-                          landed=lambda: storage.is_whole(str(out)), attempts=30, poll=0)  # small images: a short moment
+                          landed=lambda: storage.is_whole(str(out)), attempts=30, poll=0)  # a moment: small images
     assert not storage.is_whole(str(out))
     rerun(argv)
     same_evaluation(out, reference)
