@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -38,12 +37,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd_tasks import lora_files, tracking
+from sd_tasks import lora_files
 from sd_tasks.cli import option
 from sd_tasks.compare import METRICS
 from sd_tasks.dataset import content_hash
 from sd_tasks.encode import model_fingerprint
 from sd_tasks.errors import StepError
+from sd_tasks.evaluation_log import log_to_training_run
 from sd_tasks.manifest import inside, load
 from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, matched_cosines, mean_cosines
 from sd_tasks.models import device, inference_dtype, load_pipeline
@@ -138,7 +138,7 @@ def evaluate(config: EvaluateConfig, shared: "Evaluator", info: dict) -> dict:
     scores = worst(config) if broken else shared.scorer.score(generated, preserved, base, config)
     result = {**checkpoint_fields(info, config), "suite": shared.suite, "broken": broken, **scores}
     if info.get("run_id"):  # before the folder is written: a whole folder has been logged
-        log_to_mlflow(info, config, means(scores), generated)
+        log_to_training_run(info, config.checkpoint, config.prompts, means(scores), generated)
     with write_dir(config.output) as out:
         (out / "images").mkdir()
         for kind, rows in (("p", generated), ("class", preserved), ("base", base)):
@@ -186,7 +186,7 @@ def reuse(kept: str, config: EvaluateConfig, info: dict) -> dict:
         images = read_dir(config.output) / "images"
         generated = [[Image.open(f) if (f := images / f"p{j:02d}-{k}.png").exists() else None
                       for k in range(config.images_per_prompt)] for j in range(len(config.prompts))]
-        log_to_mlflow(info, config, means(result), generated)
+        log_to_training_run(info, config.checkpoint, config.prompts, means(result), generated)
     return summary(result)
 
 
@@ -363,45 +363,3 @@ def off_diagonal_mean(embeddings: torch.Tensor, per_prompt: int) -> float | None
         block = embeddings[start:start + per_prompt] @ embeddings[start:start + per_prompt].T
         sims.append((block.sum() - block.diagonal().sum()).item() / (per_prompt * (per_prompt - 1)))
     return float(np.mean(sims))
-
-
-def log_to_mlflow(info: dict, config: EvaluateConfig, scores: dict, generated) -> None:
-    """On the training run, without reopening (and so without changing the status of) it: the checkpoint as an
-    MLflow LoggedModel carrying its scores (also the run's stepped `eval/*` metrics), and one image row per prompt."""
-    run_id, step = info["run_id"], info["step"]
-    tracking.log_checkpoint_model(run_id, step=step, learning_rate=info["learning_rate"], uri=config.checkpoint,
-                                  metrics=scores)
-    client = tracking.client()
-    if any(all(image is not None for image in images) for images in generated):
-        _mark_images_logged(client, run_id)
-    for j, images in enumerate(generated):
-        if all(image is not None for image in images):
-            client.log_image(run_id, image_row(images), key=f"eval/prompt-{j:02d}", step=step)
-    client.log_text(run_id, json.dumps(config.prompts, indent=1), "eval/prompts.json")
-
-
-def _mark_images_logged(client, run_id: str, tries: int = 3) -> None:
-    """Set the tag MLflow's `log_image` sets, before it does. Evaluations of the checkpoints of one training run
-    log to that one run, at once when the gpu pool lets them: the first `log_image` of each would insert the tag,
-    and with a database store one of them fails on the duplicate key. Once the tag is there, setting it updates it.
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_IMAGES
-
-    for attempt in range(1, tries + 1):
-        try:
-            client.set_tag(run_id, MLFLOW_LOGGED_IMAGES, True)
-            return
-        except MlflowException:  # the other evaluation inserted it first: set it again, now an update
-            if attempt == tries:
-                raise
-            time.sleep(attempt)
-
-
-def image_row(images: list[Image.Image]) -> Image.Image:
-    row = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
-    x = 0
-    for image in images:
-        row.paste(image, (x, 0))
-        x += image.width
-    return row

@@ -10,7 +10,6 @@ restarted run resumes from the newest one and ends with the weights an uninterru
 from __future__ import annotations
 
 import hashlib
-import random
 import re
 import sys
 import time
@@ -19,12 +18,13 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from sd_tasks import kohya, manifest as manifests, models, speedups, training_state
+from sd_tasks import kohya, models, speedups, training_state
 from sd_tasks.checkpoint_files import CHECKPOINT_INFO, KOHYA_WEIGHTS, LORA_WEIGHTS, TRAINING_STATE  # noqa: F401
 from sd_tasks.checkpoint_files import adapter_metadata
 from sd_tasks.cli import option
 from sd_tasks.cost import gpus_in_use
 from sd_tasks.errors import StepError
+from sd_tasks.latent_cache import LatentCache
 from sd_tasks.storage import join, list_dir, read_dir, read_json, remove, why_not_whole, write_dir, write_json
 from sd_tasks.training_run import cost, peak_memory, training_run
 
@@ -369,44 +369,3 @@ def resume(output: str, loras: dict, optimizer, lr_scheduler, scaler=None) -> tu
                                   scaler)
     print(f"resuming from {latest['uri']}", file=sys.stderr)
     return step, read_json(f"{latest['uri']}/{CHECKPOINT_INFO}").get("train_seconds", 0.0)
-
-
-class LatentCache:
-    """The encode cache in memory: per image its latent moments, text embeddings and SDXL time ids."""
-
-    def __init__(self, uri: str, text: TextEncoderLora | None = None):
-        from safetensors.torch import load_file
-
-        manifest = manifests.load_cache(uri)
-        shards = {name: load_file(read_dir(join(uri, name), whole=True) / "latents.safetensors")
-                  for name in manifest["shards"]}
-        self.scaling_factor = manifest["scaling_factor"]
-        self.items = [
-            {
-                **{t: shards[r["shard"]][f"{r['key']}.{t}"].float()
-                   for t in ("latent_moments", "prompt_embeds", "pooled_prompt_embeds")},
-                "time_ids": models.sdxl_time_ids(r["original_size"], r["crop_top_left"], r["target_size"]),
-                **(text.token_ids(r["caption"]) if text else {}),
-            }
-            for r in manifest["records"]
-        ]
-        if not self.items:
-            raise StepError(f"{uri}: the encode cache holds no images")
-
-    def batches(self, batch_size: int, seed: int, skip: int = 0):
-        """Endless shuffled epochs; a batch only mixes images of one bucket (one latent shape). The order depends on
-        the seed alone, so a resumed run skips the batches it already saw and continues exactly where it was."""
-        rng = random.Random(seed)
-        while True:
-            order = list(range(len(self.items)))
-            rng.shuffle(order)
-            by_shape: dict[tuple, list[int]] = {}
-            for i in order:
-                by_shape.setdefault(tuple(self.items[i]["latent_moments"].shape), []).append(i)
-            chunks = [ids[j:j + batch_size] for ids in by_shape.values() for j in range(0, len(ids), batch_size)]
-            rng.shuffle(chunks)
-            for chunk in chunks:
-                if skip:
-                    skip -= 1
-                    continue
-                yield {k: torch.stack([self.items[i][k] for i in chunk]) for k in self.items[0]}
