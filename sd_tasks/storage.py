@@ -26,7 +26,9 @@ removes it once its process is gone (a fetcher's, in the cache, likewise).
 
 Two failures of the environment end a step in one line naming the folder (`Unavailable`, exit 1, so it is retried):
 a full disk while a folder is written (its staging folder is removed; the last whole version stays), and an object
-store that does not answer once botocore's and s3fs's own retries are spent.
+store that does not answer once botocore's and s3fs's own retries are spent. One that hangs (accepts connections,
+answers nothing) takes about 7 minutes with s3fs's defaults; fsspec's `FSSPEC_S3` variable sets shorter ones, e.g.
+'{"config_kwargs": {"connect_timeout": 2, "read_timeout": 2, "retries": {"max_attempts": 1}}}' (docs/reliability.md).
 """
 from __future__ import annotations
 

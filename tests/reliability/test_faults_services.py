@@ -1,9 +1,10 @@
-"""Faults of what training depends on: the MLflow server stopped mid-training, the disk filled during a checkpoint
-write, S3 killed mid-upload. Training is a real `python -m sd_tasks train` subprocess against a real `mlflow
-server`, a real tmpfs and a real SeaweedFS; each scenario ends with the same weights as the clean reference run,
-one MLflow run, and every step's loss exactly once."""
+"""Faults of what the steps depend on: the MLflow server stopped mid-training, the disk filled during a checkpoint
+write, S3 killed mid-upload, S3 hanging under a reader. The steps are real `python -m sd_tasks` subprocesses against
+a real `mlflow server`, a real tmpfs and a real SeaweedFS; each training scenario ends with the same weights as the
+clean reference run, one MLflow run, and every step's loss exactly once."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -256,3 +257,47 @@ def test_s3_killed_while_a_checkpoint_is_published_fails_in_one_line_and_the_rer
     figures.record("fault", "S3 killed while a checkpoint was published",
                    f"one line naming the checkpoint (exit 1) {bounded:.0f} s after the kill, nothing half-uploaded taken for "
                    f"whole, the rerun resumed to the same weights", lost=0, seconds=round(time.monotonic() - started, 1))
+
+
+# Short timeouts through fsspec's own configuration, so the scenario takes seconds. With s3fs's defaults (connect
+# 5 s, read 15 s, botocore's 5 attempts, s3fs's 5 tries) the same hang ends the same way after minutes (README).
+QUICK_S3 = '{"config_kwargs": {"connect_timeout": 2, "read_timeout": 2, "retries": {"max_attempts": 1}}}'
+
+
+def test_s3_hanging_while_a_step_reads_fails_in_one_line_in_bounded_time_and_the_retry_completes(
+        prepared, tmp_path, figures):
+    import boto3
+
+    weed = Weed(tmp_path / "weed")
+    weed.start()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "dreamline-test", "AWS_SECRET_ACCESS_KEY": "dreamline-test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": weed.endpoint, "NO_PROXY": "127.0.0.1",
+           "SD_TASKS_CACHE": str(tmp_path / "cache"), "FSSPEC_S3": QUICK_S3}
+    s3 = boto3.client("s3", endpoint_url=weed.endpoint, aws_access_key_id="x", aws_secret_access_key="x",
+                      region_name="us-east-1")
+    s3.create_bucket(Bucket="dreamline")
+    images = sorted((prepared / "dataset" / "images").iterdir())
+    for image in images:
+        s3.upload_file(str(image), "dreamline", f"photos/{image.name}")
+    out = tmp_path / "validated"
+    argv = sd_tasks("validate", {"input": "s3://dreamline/photos", "output": str(out)})
+    started = time.monotonic()
+    try:
+        os.killpg(weed.proc.pid, signal.SIGSTOP)  # it hangs: connections are accepted, nothing is answered
+        hung = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        bounded = time.monotonic() - started
+        line = one_line_error(hung.stderr, "validate")
+        assert hung.returncode == 1 and "s3://dreamline/photos: object store unreachable" in line, line
+        assert not out.exists() and not list((tmp_path / "cache").glob("*")), "nothing written, nothing cached"
+
+        os.killpg(weed.proc.pid, signal.SIGCONT)
+        done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert storage.is_whole(str(out))
+        assert json.loads(done.stdout.strip().splitlines()[-1])["accepted"] == len(images)
+    finally:
+        weed.kill()
+    figures.record("fault", "S3 hanging (stopped) while a step read its input",
+                   f"one line naming the input (exit 1) after {bounded:.0f} s with 2 s timeouts, nothing written; "
+                   "the retry once it answered validated every image", lost=0,
+                   seconds=round(time.monotonic() - started, 1))
