@@ -169,18 +169,19 @@ def read_dir(uri: str, whole: bool = False) -> Path:
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         staging = _staging(cache, target.name)
-        fs, path = fsspec.core.url_to_fs(uri)
-        with object_store(uri):
-            fs.get([f"{path.rstrip('/')}/{n}" for n in files], [str(staging / n) for n in files])
-        if _listing(uri) != files:  # rewritten while it was fetched: the copy may mix two versions
-            shutil.rmtree(staging, ignore_errors=True)
-            raise IncompleteFolder(f"{uri}: changed while it was read; read it again")
         try:
-            staging.rename(target)
-        except OSError:  # a concurrent step (the mapped train tasks, say) fetched the same folder first: keep its copy
+            fs, path = fsspec.core.url_to_fs(uri)
+            with object_store(uri):
+                fs.get([f"{path.rstrip('/')}/{n}" for n in files], [str(staging / n) for n in files])
+            if _listing(uri) != files:  # rewritten while it was fetched: the copy may mix two versions
+                raise IncompleteFolder(f"{uri}: changed while it was read; read it again")
+            try:
+                staging.rename(target)
+            except OSError:  # a concurrent step (the mapped train tasks, say) fetched it first: keep its copy
+                if not target.is_dir():
+                    raise
+        finally:  # a fetch cut short leaves nothing in the cache (after the rename, nothing is left here)
             shutil.rmtree(staging, ignore_errors=True)
-            if not target.is_dir():
-                raise
     return target
 
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, SAMPLE, tree_snapshot
 from s3server import free_ports, seaweedfs
 from sd_tasks import dataset, storage
-from sd_tasks.errors import IncompleteFolder, StepError
+from sd_tasks.errors import IncompleteFolder, StepError, Unavailable
 
 BUCKET = "dreamline"
 
@@ -260,6 +260,32 @@ def test_a_folder_that_lost_a_file_is_not_whole_and_a_rewritten_one_is_fetched_a
     with storage.write_dir(uri):  # an output with no files is whole too
         pass
     assert storage.is_whole(uri) and keys(s3, "runs/manual__4/shard/") == [f"runs/manual__4/shard/{storage.MARKER}"]
+
+
+def test_a_fetch_cut_short_leaves_nothing_in_the_cache_and_the_next_read_is_whole(s3, tmp_path, monkeypatch):
+    import s3fs
+    from botocore.exceptions import EndpointConnectionError
+
+    uri = f"s3://{BUCKET}/runs/manual__5/images"
+    with storage.write_dir(uri) as out:
+        for name in ("a.png", "b.png"):
+            (out / name).write_bytes(name.encode() * 1000)
+    fetch_file, fetched = s3fs.S3FileSystem._get_file, []
+
+    async def connection_lost_after_one_file(self, rpath, lpath, **kwargs):
+        if fetched:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1")
+        fetched.append(rpath)
+        return await fetch_file(self, rpath, lpath, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_get_file", connection_lost_after_one_file)
+    with pytest.raises(Unavailable, match="manual__5/images: object store unreachable"):
+        storage.read_dir(uri)
+    cache = tmp_path / "sd_tasks-cache"
+    assert list(cache.iterdir()) == [], "a half-fetched copy was left in the cache"
+    monkeypatch.setattr(s3fs.S3FileSystem, "_get_file", fetch_file)
+    copy = storage.read_dir(uri, whole=True)
+    assert sorted(p.name for p in copy.iterdir()) == sorted([storage.MARKER, "a.png", "b.png"])
 
 
 def test_a_step_reading_an_incomplete_folder_fails_in_one_line_with_an_exit_code_that_retries(s3, tmp_path):
