@@ -310,7 +310,8 @@ def remove(uri: str) -> None:
         shutil.rmtree(_local(uri), ignore_errors=True)
         return
     fs, path = fsspec.core.url_to_fs(uri)
-    _remove_remote(fs, path.rstrip("/"))
+    with object_store(uri):
+        _remove_remote(fs, path.rstrip("/"))
 
 
 def remove_file(uri: str) -> None:
@@ -319,14 +320,17 @@ def remove_file(uri: str) -> None:
         _local(uri).unlink(missing_ok=True)
         return
     fs, path = fsspec.core.url_to_fs(uri)
-    if fs.exists(path):
-        fs.rm_file(path)
+    with object_store(uri):
+        if fs.exists(path):
+            fs.rm_file(path)
 
 
 @contextlib.contextmanager
 def object_store(uri: str) -> Iterator[None]:
     """An object store that does not answer (down, unreachable, the connection dropped), after botocore's and
     s3fs's own retries, is one line naming the URI: the step's retry, once it is back, can succeed."""
+    if is_remote(uri):
+        _quiet_dropped_connections()
     try:
         yield
     except Exception as exc:
@@ -335,7 +339,21 @@ def object_store(uri: str) -> Iterator[None]:
         raise Unavailable(f"{uri}: object store unreachable ({type(exc).__name__}: {exc})".splitlines()[0]) from None
 
 
-def _unreachable(exc: Exception) -> bool:
+def _quiet_dropped_connections() -> None:
+    """When a connection drops mid-upload, aiohttp leaves behind a task whose write failed, and asyncio prints it
+    when it is collected: "Task exception was never retrieved" and a traceback, beside the step's own line that
+    already says the store is unreachable. On fsspec's event loop, such connection errors are dropped; any other
+    error is still reported."""
+    from fsspec.asyn import get_loop
+
+    def report(loop, context: dict) -> None:
+        if not _unreachable(context.get("exception")):
+            loop.default_exception_handler(context)
+
+    get_loop().set_exception_handler(report)
+
+
+def _unreachable(exc: Exception | None) -> bool:
     try:
         from aiohttp import ClientConnectionError
         from botocore.exceptions import ConnectionError as EndpointDown, HTTPClientError

@@ -7,6 +7,7 @@ Everything stays on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -286,6 +287,20 @@ def test_a_fetch_cut_short_leaves_nothing_in_the_cache_and_the_next_read_is_whol
     monkeypatch.setattr(s3fs.S3FileSystem, "_get_file", fetch_file)
     copy = storage.read_dir(uri, whole=True)
     assert sorted(p.name for p in copy.iterdir()) == sorted([storage.MARKER, "a.png", "b.png"])
+
+
+def test_a_connection_dropped_under_a_leftover_upload_task_prints_no_traceback(s3, caplog):
+    """S3 killed mid-upload: aiohttp leaves a task whose write failed, and asyncio reported it with a traceback
+    ("Task exception was never retrieved") after the step's own one-line error (the reliability suite saw it)."""
+    from aiohttp import ClientConnectionResetError
+    from fsspec.asyn import get_loop
+
+    assert storage.list_dir(f"s3://{BUCKET}/nothing-here") == []  # fsspec's event loop at work
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        for exception in (ClientConnectionResetError("Cannot write to closing transport"), ValueError("a bug")):
+            get_loop().call_exception_handler({"message": "Task exception was never retrieved",
+                                               "exception": exception})
+    assert [record.exc_info[1] for record in caplog.records] == [exception], "only the bug is reported"
 
 
 def test_a_step_reading_an_incomplete_folder_fails_in_one_line_with_an_exit_code_that_retries(s3, tmp_path):
