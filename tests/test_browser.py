@@ -50,6 +50,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 VIEWPORT = {"width": 1400, "height": 1000, "deviceScaleFactor": 1, "mobile": False}
 WAIT = 60  # seconds for anything the UI does once loaded
 FIRST_LOAD = 120  # the first page: the UI's bundle is fetched and run on 2 busy cores
+TRIGGER_BUTTON = "//button[@aria-label='Trigger Dag']"
 RUN_TIMEOUT = 900  # seconds for the whole run, waited for only when screenshots are asked for (2 to 10 min)
 START_TIMEOUT = 180  # seconds for the scheduler to start a triggered run
 
@@ -156,18 +157,33 @@ class Page:
 
         return self.wait(what, visible, timeout)
 
-    def login(self, next_path: str) -> None:
-        self.driver.get(f"{self.airflow.url}/auth/login?next={urllib.parse.quote(next_path)}")
-        self.find("//input[@name='username']", "the login form", FIRST_LOAD).send_keys(self.airflow.username)
-        self.find("//input[@name='password']", "the password field").send_keys(self.airflow.password)
-        self.find("//button[@type='submit'][normalize-space()='Sign in']", "the Sign in button").click()
-        self.wait(f"{next_path} after the login", lambda d: urllib.parse.unquote(d.current_url).endswith(next_path),
-                  FIRST_LOAD)
+    def login(self, next_path: str, tries: int = 3) -> None:
+        """Sign in and wait for `next_path` to show the DAG (its Trigger button). CI once saw the DAG page ask with
+        no token right after the sign-in and go back to an empty login form: that is signed in again."""
+        for _ in range(tries):
+            self.driver.get(f"{self.airflow.url}/auth/login?next={urllib.parse.quote(next_path)}")
+            self.find("//input[@name='username']", "the login form", FIRST_LOAD).send_keys(self.airflow.username)
+            self.find("//input[@name='password']", "the password field").send_keys(self.airflow.password)
+            self.find("//button[@type='submit'][normalize-space()='Sign in']", "the Sign in button").click()
+            clicked = time.monotonic()
+
+            def landed(driver) -> str | None:
+                if any(e.is_displayed() for e in driver.find_elements(self.By.XPATH, TRIGGER_BUTTON)):
+                    return "signed in"
+                back = urllib.parse.urlparse(driver.current_url).path.startswith("/auth/login") and any(
+                    e.is_displayed() and not e.get_attribute("value")
+                    for e in driver.find_elements(self.By.XPATH, "//input[@name='username']"))
+                # the form just sent leaves the page within a second; an empty one seconds later is a new one
+                return "the login form again" if back and time.monotonic() - clicked > 5 else None
+
+            if self.wait(f"{next_path} after the login", landed, FIRST_LOAD) == "signed in":
+                return
+        pytest.fail(f"UI: the sign-in did not hold in {tries} tries; Airflow's logs: {self.airflow.logs}")
 
     def open_trigger_form(self) -> None:
         """The DAG's page, then its Trigger button: the form opens in a dialog."""
         self.driver.get(f"{self.airflow.url}/dags/{DAG_ID}")
-        self.find("//button[@aria-label='Trigger Dag']", "the DAG's Trigger button", FIRST_LOAD).click()
+        self.find(TRIGGER_BUTTON, "the DAG's Trigger button", FIRST_LOAD).click()
         self.find(f"//*[@role='dialog']//*[normalize-space()='Trigger Dag - {DAG_ID}']", "the trigger form")
         self.section(SECTIONS[-1])  # the Params are loaded
 
