@@ -330,7 +330,9 @@ def object_store(uri: str) -> Iterator[None]:
     """An object store that does not answer (down, unreachable, the connection dropped), after botocore's and
     s3fs's own retries, is one line naming the URI: the step's retry, once it is back, can succeed."""
     if is_remote(uri):
-        _quiet_dropped_connections()
+        from fsspec.asyn import get_loop
+
+        get_loop().set_exception_handler(_report_unless_dropped)
     try:
         yield
     except Exception as exc:
@@ -339,18 +341,13 @@ def object_store(uri: str) -> Iterator[None]:
         raise Unavailable(f"{uri}: object store unreachable ({type(exc).__name__}: {exc})".splitlines()[0]) from None
 
 
-def _quiet_dropped_connections() -> None:
-    """When a connection drops mid-upload, aiohttp leaves behind a task whose write failed, and asyncio prints it
-    when it is collected: "Task exception was never retrieved" and a traceback, beside the step's own line that
-    already says the store is unreachable. On fsspec's event loop, such connection errors are dropped; any other
-    error is still reported."""
-    from fsspec.asyn import get_loop
-
-    def report(loop, context: dict) -> None:
-        if not _unreachable(context.get("exception")):
-            loop.default_exception_handler(context)
-
-    get_loop().set_exception_handler(report)
+def _report_unless_dropped(loop, context: dict) -> None:
+    """fsspec's event loop's handler of errors nobody awaited. When a connection drops mid-upload, aiohttp leaves
+    behind a task whose write failed, and asyncio printed it when it was collected ("Task exception was never
+    retrieved" and a traceback) beside the step's own line that already says the store is unreachable. Such
+    connection errors are dropped; any other error is reported as asyncio would."""
+    if not _unreachable(context.get("exception")):
+        loop.default_exception_handler(context)
 
 
 def _unreachable(exc: Exception | None) -> bool:

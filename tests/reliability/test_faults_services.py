@@ -200,21 +200,30 @@ class Weed:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
+    def step_env(self, folder: Path, **extra: str) -> dict[str, str]:
+        """The environment of a step using this S3 (dummy credentials: the server takes any), its cache in folder."""
+        return {**os.environ, "AWS_ACCESS_KEY_ID": "dreamline-test", "AWS_SECRET_ACCESS_KEY": "dreamline-test",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": self.endpoint, "NO_PROXY": "127.0.0.1",
+                "SD_TASKS_CACHE": str(folder / "cache"), **extra}
+
+    def bucket(self, name: str = "dreamline"):
+        """A boto3 client on this S3, with the bucket `name` made."""
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="x", aws_secret_access_key="x",
+                          region_name="us-east-1")
+        s3.create_bucket(Bucket=name)
+        return s3
+
 
 def test_s3_killed_while_a_checkpoint_is_published_fails_in_one_line_and_the_rerun_completes(
         cache, models, reference, tmp_path, monkeypatch, figures):
-    import boto3
-
     weed = Weed(tmp_path / "weed")
     weed.start()
     staging = tmp_path / "tmp"  # the step's TMPDIR: where it stages a remote output before the upload
     staging.mkdir()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "dreamline-test", "AWS_SECRET_ACCESS_KEY": "dreamline-test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": weed.endpoint, "NO_PROXY": "127.0.0.1",
-           "SD_TASKS_CACHE": str(tmp_path / "cache"), "TMPDIR": str(staging)}
-    s3 = boto3.client("s3", endpoint_url=weed.endpoint, aws_access_key_id="x", aws_secret_access_key="x",
-                      region_name="us-east-1")
-    s3.create_bucket(Bucket="dreamline")
+    env = weed.step_env(tmp_path, TMPDIR=str(staging))
+    s3 = weed.bucket()
     out = "s3://dreamline/faults/train"
     argv = sd_tasks("train", train_options(cache, models, out, "s3-down"))
     started = time.monotonic()
@@ -280,22 +289,17 @@ def test_s3_killed_while_a_checkpoint_is_published_fails_in_one_line_and_the_rer
 
 
 # Short timeouts through fsspec's own configuration, so the scenario takes seconds. With s3fs's defaults (connect
-# 5 s, read 15 s, botocore's 5 attempts, s3fs's 5 tries) the same hang ends the same way after minutes (README).
+# 5 s, read 15 s, botocore's 5 attempts, s3fs's 5 tries) the same hang ends the same way after minutes
+# (docs/reliability.md).
 QUICK_S3 = '{"config_kwargs": {"connect_timeout": 2, "read_timeout": 2, "retries": {"max_attempts": 1}}}'
 
 
 def test_s3_hanging_while_a_step_reads_fails_in_one_line_in_bounded_time_and_the_retry_completes(
         prepared, tmp_path, figures):
-    import boto3
-
     weed = Weed(tmp_path / "weed")
     weed.start()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "dreamline-test", "AWS_SECRET_ACCESS_KEY": "dreamline-test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": weed.endpoint, "NO_PROXY": "127.0.0.1",
-           "SD_TASKS_CACHE": str(tmp_path / "cache"), "FSSPEC_S3": QUICK_S3}
-    s3 = boto3.client("s3", endpoint_url=weed.endpoint, aws_access_key_id="x", aws_secret_access_key="x",
-                      region_name="us-east-1")
-    s3.create_bucket(Bucket="dreamline")
+    env = weed.step_env(tmp_path, FSSPEC_S3=QUICK_S3)
+    s3 = weed.bucket()
     images = sorted((prepared / "dataset" / "images").iterdir())
     for image in images:
         s3.upload_file(str(image), "dreamline", f"photos/{image.name}")
