@@ -68,8 +68,10 @@ def model_captions(paths: list[Path], model_id: str, batch_size: int) -> list[st
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from sd_tasks.images import open_rgb
+    from sd_tasks.model_refs import local_folder
     from sd_tasks.models import device
 
+    model_id = local_folder(model_id, "--caption-model")
     processor = AutoProcessor.from_pretrained(model_id)
     model = AutoModelForImageTextToText.from_pretrained(model_id).to(device()).eval()
     captions = []

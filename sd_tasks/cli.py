@@ -39,6 +39,7 @@ from sd_tasks.redact import redact
 STEPS: dict[str, tuple[str, str]] = {
     "tiny-model": ("sd_tasks.tiny_model", "write a random-weight SDXL pipeline and evaluators for offline runs"),
     "publish-dataset": ("sd_tasks.dataset:publish", "add a folder of images to a DVC data registry as a new version"),
+    "pin-models": ("sd_tasks.model_refs", "resolve every hub model to a commit (id@sha) and fetch it into the cache"),
     "dataset": ("sd_tasks.dataset", "resolve a DVC dataset version to files and a content hash"),
     "validate": ("sd_tasks.validate", "decode every image, reject the unusable, report why"),
     "caption": ("sd_tasks.caption", "attach a caption to every accepted image"),

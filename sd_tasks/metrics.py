@@ -7,11 +7,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sd_tasks.model_refs import local_folder
+
 
 class ClipEmbedder:
     def __init__(self, model_id: str):
         from transformers import CLIPModel, CLIPProcessor
 
+        model_id = local_folder(model_id, "--clip-model")
         self.model = CLIPModel.from_pretrained(model_id).eval()
         self.processor = CLIPProcessor.from_pretrained(model_id)
 
@@ -33,6 +36,7 @@ class DinoEmbedder:
     def __init__(self, model_id: str):
         from transformers import AutoImageProcessor, AutoModel
 
+        model_id = local_folder(model_id, "--dino-model")
         self.model = AutoModel.from_pretrained(model_id, add_pooling_layer=False).eval()
         self.processor = AutoImageProcessor.from_pretrained(model_id)
 

@@ -1,30 +1,33 @@
-"""Loading SDXL's parts from a model id or a local diffusers folder, and the two-encoder text conditioning.
+"""Loading SDXL's parts from a model reference, and the two-encoder text conditioning.
 
-One loader for production ids and the offline tiny models: `base_model` is whatever `from_pretrained` accepts.
+One loader for production ids and the offline tiny models: `base_model` is a model reference (sd_tasks.model_refs:
+`id@sha` as `pin-models` wrote it, an unpinned hub id, or an absolute folder), loaded from its local folder.
 """
 from __future__ import annotations
 
 import torch
 
 from sd_tasks.errors import StepError
+from sd_tasks.model_refs import local_folder
 
 
 def load_vae(base_model: str):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(base_model, subfolder="vae")
+    return AutoencoderKL.from_pretrained(local_folder(base_model), subfolder="vae")
 
 
 def load_unet(base_model: str):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
+    return UNet2DConditionModel.from_pretrained(local_folder(base_model), subfolder="unet")
 
 
 def load_text_encoders(base_model: str):
     """((tokenizer, tokenizer_2), (text_encoder, text_encoder_2)), frozen and in eval mode."""
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+    base_model = local_folder(base_model)
     tokenizers = tuple(AutoTokenizer.from_pretrained(base_model, subfolder=s) for s in ("tokenizer", "tokenizer_2"))
     encoders = (
         CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder"),
@@ -83,11 +86,15 @@ def inference_dtype(name: str) -> str:
 
 def load_pipeline(base_model: str, dtype: str, vae: str | None = None):
     """The SDXL text-to-image pipeline in `dtype` on this machine's device, optionally with another VAE (a folder
-    or id holding an AutoencoderKL, e.g. madebyollin/sdxl-vae-fp16-fix)."""
+    or id holding an AutoencoderKL, e.g. madebyollin/sdxl-vae-fp16-fix). The VAE decodes one image at a time
+    (slicing): SDXL's VAE upcasts itself to float32 to decode, and four 1024 px images at once are several GB more
+    than one, the difference between fitting a 24 GB GPU beside the UNet and not."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
     torch_dtype = getattr(torch, dtype)
-    extra = {"vae": AutoencoderKL.from_pretrained(vae, torch_dtype=torch_dtype)} if vae else {}
-    pipe = StableDiffusionXLPipeline.from_pretrained(base_model, torch_dtype=torch_dtype, **extra).to(device())
+    extra = {"vae": AutoencoderKL.from_pretrained(local_folder(vae, "--vae"), torch_dtype=torch_dtype)} if vae else {}
+    pipe = StableDiffusionXLPipeline.from_pretrained(local_folder(base_model), torch_dtype=torch_dtype, **extra)
+    pipe = pipe.to(device())
+    pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -25,6 +25,7 @@ from sd_tasks.cli import option
 from sd_tasks.cost import gpus_in_use
 from sd_tasks.errors import StepError
 from sd_tasks.latent_cache import LatentCache
+from sd_tasks.model_refs import local_folder
 from sd_tasks.storage import join, list_dir, read_dir, read_json, remove, why_not_whole, write_dir, write_json
 from sd_tasks.training_run import cost, peak_memory, training_run
 
@@ -82,7 +83,7 @@ def run(config: TrainConfig) -> dict:
     text = TextEncoderLora(config) if config.train_text_encoder else None
     data = LatentCache(config.cache, text)
     prior = LatentCache(config.class_cache, text) if config.class_cache else None
-    noise_scheduler = DDPMScheduler.from_pretrained(config.base_model, subfolder="scheduler")
+    noise_scheduler = DDPMScheduler.from_pretrained(local_folder(config.base_model), subfolder="scheduler")
     unet = models.load_unet(config.base_model)
     add_lora(unet, config)
     speedups.apply(unet, compile=config.compile, channels_last=config.channels_last)
