@@ -6,6 +6,9 @@ rest, so the "LoRA" would be scored as the base model), or shapes that fail deep
 bound. `check` reads only the safetensors header (names, dtypes, shapes and the adapter metadata), never the
 tensors, and needs no torch, so the light steps (register, champion) stay light; `evaluate`, which builds the
 pipeline anyway, also compares every shape with the base model's layers (`base_layers`).
+
+A LoRA trained on the text encoders too (`train --train-text-encoder`) has their A and B under diffusers' own names
+for them (`lora_linear_layer.down` and `.up`), which it converts back to peft's on loading.
 """
 from __future__ import annotations
 
@@ -16,11 +19,15 @@ from pathlib import Path
 from sd_tasks.errors import StepError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_ENCODERS = COMPONENTS[1:]
 DOWN = ("lora.down.weight", "lora_A.weight")  # diffusers' names for A (rank, in), as written and as peft's
 UP = ("lora.up.weight", "lora_B.weight")  # B (out, rank)
+TEXT_DOWN = ("lora_linear_layer.down.weight",)  # and a text encoder's, as save_lora_weights writes them
+TEXT_UP = ("lora_linear_layer.up.weight",)
 MAGNITUDE = ("lora_magnitude_vector", "lora_magnitude_vector.weight")  # DoRA: one per output
 FLOATS = ("F16", "BF16", "F32", "F64")
 MAX_METADATA_BYTES = 1 << 20
+PARTS = {"down": "A (down)", "up": "B (up)", "magnitude": "DoRA magnitude"}
 
 
 def check(path: Path, shown: str, layers: dict[str, tuple[int, int]] | None = None) -> None:
@@ -38,7 +45,10 @@ def check(path: Path, shown: str, layers: dict[str, tuple[int, int]] | None = No
             raise StepError(f"{shown}: unexpected key {key!r} (not a LoRA weight of {', '.join(COMPONENTS)})")
         if dtype not in FLOATS:
             raise StepError(f"{shown}: {key} holds {dtype}, not floating-point weights")
-        found.setdefault(layer, {})[part] = shape
+        layer = _base_name(layer, layers)
+        if part in found.setdefault(layer, {}):  # one would be loaded over the other
+            raise StepError(f"{shown}: {layer} has two {PARTS[part]} matrices (one is {key})")
+        found[layer][part] = shape
     ranks = {layer: _check_layer(layer, parts, shown, layers) for layer, parts in found.items()}
     _check_metadata(metadata, ranks, shown)
 
@@ -62,12 +72,22 @@ def _split_key(key: str) -> tuple[str | None, str | None]:
     component = key.split(".", 1)[0]
     if component not in COMPONENTS:
         return None, None
-    for part, suffixes in (("down", DOWN), ("up", UP), ("magnitude", MAGNITUDE)):
+    text = component in TEXT_ENCODERS  # diffusers converts `lora_linear_layer` for the text encoders alone
+    for part, suffixes in (("down", DOWN + TEXT_DOWN * text), ("up", UP + TEXT_UP * text), ("magnitude", MAGNITUDE)):
         for suffix in suffixes:
             module = key[len(component) + 1:-len(suffix) - 1] if key.endswith("." + suffix) else ""
             if module and "" not in module.split("."):
                 return f"{component}.{module}", part
     return None, None
+
+
+def _base_name(layer: str, layers: dict | None) -> str:
+    """The base model's name of a LoRA file's layer. transformers 5's CLIPTextModel has no `text_model` level, which
+    LoRA files written with earlier versions still name; diffusers drops it when the text encoder lacks it."""
+    component, module = layer.split(".", 1)
+    if layers is None or layer in layers or component not in TEXT_ENCODERS or not module.startswith("text_model."):
+        return layer
+    return f"{component}.{module.removeprefix('text_model.')}"
 
 
 def _check_layer(layer: str, parts: dict[str, tuple], shown: str, layers: dict | None) -> int:
@@ -115,6 +135,14 @@ def _check_metadata(metadata: dict, ranks: dict[str, int], shown: str) -> None:
                             f"{sorted(used)}")
         if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
             raise StepError(f"{shown}: its metadata's lora_alpha for {component} is {alpha!r}, not a positive number")
+
+
+def components(path: Path) -> set[str]:
+    """The SDXL components a LoRA file (already `check`ed) holds weights for, from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        return {key.split(".", 1)[0] for key in f.keys()}
 
 
 def base_layers(base_model: str) -> dict[str, tuple[int, int]]:

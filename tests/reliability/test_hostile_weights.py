@@ -35,6 +35,15 @@ def good(cache, models, tmp_path_factory) -> Path:
     return Path(result["checkpoints"][-1]["uri"])
 
 
+@pytest.fixture(scope="module")
+def good_te(cache, models, tmp_path_factory) -> Path:
+    """A checkpoint whose LoRA is on both text encoders too (diffusers names their A and B `lora_linear_layer`)."""
+    result = train.run(train.TrainConfig(cache=cache, output=str(tmp_path_factory.mktemp("hostile-te") / "lora"),
+                                         base_model=models["sdxl"], max_steps=1, checkpointing_steps=1,
+                                         train_text_encoder=True, experiment="hostile"))
+    return Path(result["checkpoints"][-1]["uri"])
+
+
 def lora(good: Path) -> tuple[dict, dict]:
     with safe_open(good / LORA_WEIGHTS, "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
@@ -83,6 +92,43 @@ def hostile_files(good: Path, tmp_path: Path) -> dict[str, tuple[bytes, str]]:
     }
 
 
+def hostile_text_encoder_files(good_te: Path, tmp_path: Path) -> dict[str, tuple[bytes, str]]:
+    """{case: (file bytes, what the refusal must say)} for the text encoders' part of a LoRA file."""
+    tensors, metadata = lora(good_te)
+    down = next(k for k in sorted(tensors)
+                if k.startswith("text_encoder.") and k.endswith(".lora_linear_layer.down.weight"))
+    up = down.replace(".down.", ".up.")
+    layer = down.removesuffix(".lora_linear_layer.down.weight")
+    rank, fan_in = tensors[down].shape
+    unet_down = a_down_key(tensors)
+    other_rank = {**json.loads(metadata["lora_adapter_metadata"]), "text_encoder_2.r": 4096}
+
+    def safetensors(changed: dict, meta: dict | None = None) -> bytes:
+        save_file({k: v.clone().contiguous() for k, v in changed.items()}, tmp_path / "f.safetensors", metadata=meta)
+        return (tmp_path / "f.safetensors").read_bytes()
+
+    return {
+        "a full weight of a text encoder": (safetensors({**tensors, f"{layer}.weight": torch.zeros(fan_in, fan_in)},
+                                                        metadata), f"unexpected key '{layer}.weight'"),
+        "a text-encoder layer the base model lacks": (
+            safetensors({**tensors, **{k.replace("encoder.layers.0.", "encoder.layers.99."): v
+                                       for k, v in tensors.items() if k.startswith("text_encoder.")}}, metadata),
+            "text_encoder.encoder.layers.99.self_attn.k_proj is not a Linear or Conv2d layer of the base model"),
+        "a text-encoder A for the wrong input size": (
+            safetensors({**tensors, down: torch.zeros(rank, fan_in + 7)}, metadata), f"maps {fan_in + 7} inputs"),
+        "a text-encoder A without its B": (safetensors({k: v for k, v in tensors.items() if k != up}, metadata),
+                                           f"{layer} has no B (up)"),
+        "a text-encoder A given twice, under two names": (
+            safetensors({**tensors, f"{layer}.lora_A.weight": torch.zeros(rank, fan_in)}, metadata),
+            f"{layer} has two A (down) matrices"),
+        "the text encoders' names on a UNet layer": (
+            safetensors({**tensors, unet_down.replace(".lora.down.", ".lora_linear_layer.down."):
+                         tensors[unet_down]}, metadata), "unexpected key 'unet."),
+        "text-encoder metadata with another rank": (
+            safetensors(tensors, {**metadata, "lora_adapter_metadata": json.dumps(other_rank)}), "rank 4096"),
+    }
+
+
 def checkpoint_with(good: Path, folder: Path, weights: bytes) -> Path:
     """A whole checkpoint folder like `good` whose LoRA file is `weights`."""
     shutil.copytree(good, folder)
@@ -100,8 +146,9 @@ def evaluate_config(checkpoint: Path, output: Path, prepared, models) -> evaluat
                                    num_inference_steps=1, resolution=64)
 
 
-def test_evaluate_refuses_each_hostile_lora_file_before_loading_anything(good, prepared, models, tmp_path, figures):
-    cases = hostile_files(good, tmp_path)
+def refused_by_evaluate(good: Path, cases: dict, tmp_path: Path, prepared, models) -> int:
+    """How many of `cases` evaluate refused as it must: one line naming the file and the reason, nothing loaded or
+    written (it asserts that every one was)."""
     refused = 0
     for i, (case, (weights, reason)) in enumerate(cases.items()):
         checkpoint = checkpoint_with(good, tmp_path / f"case-{i}" / "checkpoint-1", weights)
@@ -114,8 +161,22 @@ def test_evaluate_refuses_each_hostile_lora_file_before_loading_anything(good, p
         assert "\n" not in message, case
         assert not output.exists() and tree_snapshot(checkpoint) == before, case
         refused += 1
+    return refused
+
+
+def test_evaluate_refuses_each_hostile_lora_file_before_loading_anything(good, prepared, models, tmp_path, figures):
+    cases = hostile_files(good, tmp_path)
+    refused = refused_by_evaluate(good, cases, tmp_path, prepared, models)
     assert not (tmp_path / "code-ran").exists()
     figures.record("hostile", "LoRA files handed to evaluate --checkpoint",
+                   f"{refused} of {len(cases)} hostile files refused in one line naming the file and the reason; "
+                   f"nothing loaded or written", cases=len(cases), refused=refused, lost=0)
+
+
+def test_evaluate_refuses_each_hostile_text_encoder_lora_file(good_te, prepared, models, tmp_path, figures):
+    cases = hostile_text_encoder_files(good_te, tmp_path)
+    refused = refused_by_evaluate(good_te, cases, tmp_path, prepared, models)
+    figures.record("hostile", "LoRA files with text-encoder weights handed to evaluate --checkpoint",
                    f"{refused} of {len(cases)} hostile files refused in one line naming the file and the reason; "
                    f"nothing loaded or written", cases=len(cases), refused=refused, lost=0)
 
@@ -182,8 +243,9 @@ def test_a_hostile_champion_is_not_fetched(good, home, tmp_path, figures):
                    "refused naming the model version; no checkpoint folder written, nothing unpickled", lost=0)
 
 
-def test_a_checkpoint_train_writes_passes_the_checks(good, models):
-    # The checks refuse nothing train writes (a plain LoRA here; DoRA's magnitudes in test_defects_train).
+def test_a_checkpoint_train_writes_passes_the_checks(good, good_te, models):
+    # The checks refuse nothing train writes (a plain LoRA, one on the text encoders too; DoRA's magnitudes in
+    # test_defects_train).
     tensors, _ = lora(good)
     assert load_file(good / LORA_WEIGHTS).keys() == tensors.keys()
-    evaluate.lora_files.check_checkpoints([str(good)], models["sdxl"])
+    evaluate.lora_files.check_checkpoints([str(good), str(good_te)], models["sdxl"])
