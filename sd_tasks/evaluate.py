@@ -3,7 +3,8 @@
 One checkpoint (`--checkpoint`), the base model alone (neither), or every checkpoint of a training run
 (`--training-run`): then the pipeline, both evaluators, the real images' embeddings and the base model's class images
 are loaded or made once, and each checkpoint's LoRA weights are swapped into the loaded pipeline in place (diffusers'
-LoRA hot-swap), so a sweep costs one evaluation process per learning rate, not one per checkpoint. Each checkpoint
+LoRA hot-swap; a LoRA on the text encoders too is unloaded and loaded instead, which diffusers cannot hot-swap), so a
+sweep costs one evaluation process per learning rate, not one per checkpoint. Each checkpoint
 is still written to its own folder (`<output>/step-<N>`), logged to MLflow and kept exactly as a single evaluation
 is; one already whole in its folder (an earlier rung of successive halving, or an earlier try) is not redone.
 
@@ -253,16 +254,12 @@ class Generator:
                 config.refiner_model, vae=self.pipe.vae, torch_dtype=getattr(torch, config.dtype)).to(device())
             self.refiner.set_progress_bar_config(disable=True)
         self.size = config.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        self.loaded = None
+        self.loaded, self.loaded_text_encoders = None, False
 
     def for_prompts(self, prompts: list[str], lora: Path | None) -> list[list[Image.Image | None]]:
         """Images per prompt; None where the output was not finite."""
         if lora is not None and self.loaded != lora:
-            # The next checkpoint of a training run has the same rank and targets: its weights are copied into the
-            # adapter already in the pipeline (hot-swap) rather than the adapter removed and injected again.
-            self.pipe.load_lora_weights(str(lora), weight_name=LORA_WEIGHTS,  # the checked file, not a .bin beside
-                                        adapter_name="checkpoint", hotswap=self.loaded is not None)
-            self.loaded = lora
+            self.load(lora)
         if self.loaded is not None:
             (self.pipe.enable_lora if lora is not None else self.pipe.disable_lora)()
         rows = []
@@ -277,6 +274,20 @@ class Generator:
                                       generator=[torch.Generator().manual_seed(s) for s in seeds], **common).images
             rows.append([to_image(a) for a in arrays])
         return rows
+
+    def load(self, lora: Path) -> None:
+        """Switch to the LoRA of checkpoint folder `lora`. The next checkpoint of a training run has the same rank
+        and targets: its weights are copied into the adapter already in the pipeline (hot-swap) rather than the
+        adapter removed and injected again. diffusers cannot hot-swap a text encoder's adapter, so a LoRA with
+        text-encoder weights, or one after such a LoRA (whose text-encoder adapters would stay), is loaded afresh
+        once the one before is unloaded; the file says which it is, whatever the checkpoint's info says."""
+        text_encoders = bool(lora_files.components(lora / LORA_WEIGHTS) & set(lora_files.TEXT_ENCODERS))
+        hotswap = self.loaded is not None and not text_encoders and not self.loaded_text_encoders
+        if self.loaded is not None and not hotswap:
+            self.pipe.unload_lora_weights()
+        self.pipe.load_lora_weights(str(lora), weight_name=LORA_WEIGHTS,  # the checked file, not a .bin beside it
+                                    adapter_name="checkpoint", hotswap=hotswap)
+        self.loaded, self.loaded_text_encoders = lora, text_encoders
 
 
 def scheduler_class(name: str):

@@ -46,17 +46,39 @@ def loads(monkeypatch) -> dict:
     return counts
 
 
+def hotswaps(patch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each LoRA loaded into a pipeline from now on was hot-swapped into the adapter already there."""
+    from diffusers import StableDiffusionXLPipeline
+
+    swaps, real = [], StableDiffusionXLPipeline.load_lora_weights
+
+    def recorded(self, *args, **kwargs):
+        swaps.append(bool(kwargs.get("hotswap")))
+        return real(self, *args, **kwargs)
+
+    patch.setattr(StableDiffusionXLPipeline, "load_lora_weights", recorded)
+    return swaps
+
+
+def per_image(metrics: dict) -> list[float]:
+    """Every per-image score of an evaluation's metrics.json (class images' too), in one flat list."""
+    return [value for group in ("per_image", "per_class_image")
+            for _, rows in sorted(metrics.get(group, {}).items()) for row in rows for value in row]
+
+
 def test_one_process_per_training_run_gives_the_per_checkpoint_scores(run_folder, prepared, models, tmp_path,
-                                                                      loads):
+                                                                      loads, monkeypatch):
     for step in (2, 4):
         evaluate.run(evaluate.EvaluateConfig(checkpoint=str(run_folder / f"checkpoint-{step}"),
                                              output=str(tmp_path / "single" / f"step-{step}"), **suite(prepared, models)))
     assert loads == {"pipeline": 2, "clip": 2, "dino": 2}  # the old way: everything loaded per checkpoint
 
     loads.update(pipeline=0, clip=0, dino=0)
+    swaps = hotswaps(monkeypatch)
     result = evaluate.run(evaluate.EvaluateConfig(training_run=str(run_folder), output=str(tmp_path / "eval" / "lr-1e-3"),
                                                   **suite(prepared, models)))
     assert loads == {"pipeline": 1, "clip": 1, "dino": 1}
+    assert swaps == [False, True]  # a UNet-only LoRA: the next checkpoint's weights hot-swapped into the adapter
     assert [e["step"] for e in result["evaluations"]] == [2, 4]
     single = [json.loads((tmp_path / "single" / f"step-{s}" / "metrics.json").read_text()) for s in (2, 4)]
     per_run = [json.loads((tmp_path / "eval" / "lr-1e-3" / f"step-{s}" / "metrics.json").read_text()) for s in (2, 4)]
@@ -65,9 +87,7 @@ def test_one_process_per_training_run_gives_the_per_checkpoint_scores(run_folder
         assert one["suite"] == other["suite"] and one["checkpoint"] == other["checkpoint"]
         for metric in ("dino", "clip_i", "clip_t", "preservation"):
             assert other[metric] == pytest.approx(one[metric], abs=1e-5)
-        for metric, rows in one["per_image"].items():
-            flat = [value for row in rows for value in row]
-            assert [value for row in other["per_image"][metric] for value in row] == pytest.approx(flat, abs=1e-5)
+        assert per_image(other) == pytest.approx(per_image(one), abs=1e-5)
     # the same MLflow layout: each checkpoint's metrics once on its training run, at its step
     client = tracking.client()
     assert [m.step for m in client.get_metric_history(per_run[0]["run_id"], "eval/dino")] == [2, 4]
