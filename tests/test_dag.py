@@ -69,7 +69,8 @@ def test_schedule_and_run_policy(dag, bag):
 def test_every_param_has_a_type_title_description_and_section(dag):
     params = dag.params
     wanted = {"force", "subject", "instance_prompt", "class_prompt", "dataset_version", "learning_rates",
-              "max_steps", "checkpointing_steps", "rank", "resolution", "base_model", "evaluation_prompts"}
+              "max_steps", "checkpointing_steps", "rank", "train_text_encoder", "resolution", "base_model",
+              "evaluation_prompts"}
     assert wanted <= set(params.keys())
     for name in params.keys():
         schema = params.get_param(name).schema
@@ -77,6 +78,7 @@ def test_every_param_has_a_type_title_description_and_section(dag):
         assert len(params.get_param(name).description or "") > 10, name
     assert params["learning_rates"] == [1e-4, 5e-4, 1e-5]
     assert (params["max_steps"], params["checkpointing_steps"]) == (500, 100)
+    assert params["train_text_encoder"] is False  # opt-in: slower steps, more memory
 
 
 def test_each_subject_gets_its_registry_entry_as_its_form_defaults(dag, bag):

@@ -36,7 +36,7 @@ def form(dag, **conf) -> dict:
     {"evaluation_prompts": ["a {instance.__class__}"]}, {"evaluation_prompts": ["a {instance:>40}"]},
     {"dataset_version": ""}, {"dataset_version": "main --force"},
     {"subject": "cat"},  # another subject's lineage is not this DAG's
-    {"max_steps": "500"}, {"force": "yes"},  # the wrong type
+    {"max_steps": "500"}, {"force": "yes"}, {"train_text_encoder": "yes"},  # the wrong type
     {"sweep_strategy": "random"}, {"halving_keep": 0}, {"halving_keep": 1.5}, {"halving_rungs": [100, 200, 300]},
 ])
 def test_the_form_refuses(dag, conf):
@@ -65,6 +65,22 @@ def test_a_good_form_passes_and_its_recipe_fingerprint_ignores_what_does_not_cha
     other = plan.check_recipe(form(dag, max_steps=400))
     halving = plan.check_recipe(form(dag, sweep_strategy="halving"))
     assert same["recipe_hash"] == checked["recipe_hash"] != other["recipe_hash"] != halving["recipe_hash"]
+
+
+def test_the_form_offers_text_encoder_training_off_by_default_and_train_gets_it(dag):
+    from sd_tasks import train
+
+    dataset = {"rev": "r", "commit": "c", "hash": "h"}
+    off = plan.training_options(form(dag), "/run", dataset, "/cache", "p", None)
+    on = plan.training_options(form(dag, train_text_encoder=True), "/run", dataset, "/cache", "p", None)
+    assert [o["train_text_encoder"] for o in off] == [False] * 3 and [o["train_text_encoder"] for o in on] == [True] * 3
+    parser = cli.build_parser("train", train.TrainConfig)
+    for options, wanted in ((on[0], True), (off[0], False)):
+        argv = step_argv("train", options)
+        assert cli.make_config(train.TrainConfig, parser.parse_args(argv[1:]), parser).train_text_encoder is wanted
+    # another recipe: a night with text encoders is not "nothing changed" after one without
+    assert plan.check_recipe(form(dag, train_text_encoder=True))["recipe_hash"] != \
+        plan.check_recipe(form(dag))["recipe_hash"]
 
 
 def test_halving_stages_train_each_rate_to_its_rung_and_the_kept_ones_on(dag):

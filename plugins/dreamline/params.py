@@ -177,6 +177,11 @@ def training_params() -> dict[str, Param]:
         "rank": Param(4, type="integer", minimum=1, maximum=256, title="LoRA rank",
                       description="Rank of the LoRA matrices: capacity (and file size) of what is learned.",
                       section=TRAINING),
+        "train_text_encoder": Param(False, type="boolean", title="Train the text encoders",
+                                    description="LoRA on both text encoders too, at the same learning rate: the "
+                                    "prompt's encoding learns the subject as well (often better for faces), for "
+                                    "more GPU time and memory per step, as the captions are encoded every step.",
+                                    section=TRAINING),
         "resolution": Param(1024, type="integer", minimum=64, maximum=2048, multipleOf=64, title="Resolution",
                             description="Training and evaluation image side, in pixels: a multiple of 64 (SDXL's "
                             "buckets), 1024 for SDXL.", section=TRAINING),
