@@ -13,17 +13,16 @@ export AIRFLOW_HOME ?= $(DREAMLINE_HOME)/airflow
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
-export DREAMLINE_BASE_MODEL ?= $(DREAMLINE_HOME)/models/tiny-sdxl
-export DREAMLINE_CLIP_MODEL ?= $(DREAMLINE_HOME)/models/evaluators/clip
-export DREAMLINE_DINO_MODEL ?= $(DREAMLINE_HOME)/models/evaluators/dino
-export HF_HUB_OFFLINE ?= 1
+# The models: DREAMLINE_MODELS=tiny (the default: random weights, built offline under DREAMLINE_HOME/models) or hub
+# (the real ones, fetched once and pinned; a CUDA GPU), each overridable by DREAMLINE_BASE_MODEL, _CLIP_MODEL and
+# _DINO_MODEL (deploy/local/models.py).
 export DVC_NO_ANALYTICS ?= 1
 
 # `make stack`: its one state folder, and extra arguments, e.g. STACK_ARGS="--airflow-port 8081 --schedules off"
 export DREAMLINE_STACK ?= $(CURDIR)/.stack
 STACK_ARGS ?=
 
-.PHONY: demo test test-reliability test-stack test-browser stack stack-down stack-status ui pods install clean
+.PHONY: demo test test-reliability test-stack test-browser stack stack-down stack-status ui subject pods install clean
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
@@ -55,6 +54,11 @@ stack-status: $(STAMP)
 
 ui: $(STAMP)
 	$(PY) scripts/ui.py
+
+# Your own subject: publish a folder of photos as a dataset version and add its DAG, e.g.
+# make subject NAME=rex PHOTOS=~/photos/rex TOKEN=sks CLASS=dog KIND=live (scripts/subject.py)
+subject: $(STAMP)  # NAME, PHOTOS, TOKEN, CLASS, KIND, SCHEDULE reach it as make passes command-line variables
+	@$(PY) scripts/subject.py
 
 # The manifest of every pod one DAG run would launch in kubernetes mode, e.g. make pods SUBJECT=backpack CONF='{"max_steps": 200}'
 SETTINGS ?= deploy/kubernetes/dreamline.env

@@ -17,8 +17,7 @@ at lr 1e-4 with weight decay 1e-2, a constant schedule, gradient clipping at 1.0
 steps, and the same number of CPU threads (--threads, default all usable CPUs: OMP_NUM_THREADS for both, and
 accelerate's --num_cpu_threads_per_process, without which `accelerate launch` may set its own). Ours also takes
 --compile and --channels-last (sd_tasks/speedups.py); the reference has no such options. --recipe lean is the
-memory-lean recipe: cached latents (ours always), bf16, gradient checkpointing and 8-bit AdamW (CUDA only; AdamW on
-the CPU), batch 1. --grid runs the GPU table of docs/benchmarks.md: batch 1 and 4, with and without gradient
+memory-lean recipe: cached latents (ours always), bf16, gradient checkpointing, batch 1. --grid runs the GPU table of docs/benchmarks.md: batch 1 and 4, with and without gradient
 checkpointing, and the lean recipe, at 1024 px in bf16 on the full-size model unless told otherwise.
 
 Method (details in docs/benchmarks.md, "## Training"). Our preparation (validate -> caption -> resize -> encode) runs
@@ -55,8 +54,7 @@ PROMPT = "a photo of sks dog"
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 1e-2
 SEED = 0
-RECIPES = {"lean": {"batch_size": 1, "gradient_checkpointing": True, "optimizer": "adamw8bit",
-                    "mixed_precision": "bf16"}}
+RECIPES = {"lean": {"batch_size": 1, "gradient_checkpointing": True, "mixed_precision": "bf16"}}
 GRID = {"b1": {"batch_size": 1, "gradient_checkpointing": False},
         "b1-gc": {"batch_size": 1, "gradient_checkpointing": True},
         "b4": {"batch_size": 4, "gradient_checkpointing": False},
@@ -82,8 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"],
-                        help="adamw8bit: bitsandbytes (CUDA only); the reference's --use_8bit_adam")
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile of the UNet's repeated blocks")
     parser.add_argument("--channels-last", action="store_true", help="ours: the UNet in channels-last format")
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="a preset (flags given explicitly still win): "
@@ -117,11 +113,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rows = args.rows.split(",") if args.rows else list(GRID)
     if args.grid and set(args.rows) - set(GRID):
         parser.error(f"--rows {','.join(args.rows)}: choose from {','.join(GRID)}")
-    if args.optimizer == "adamw8bit" and args.device == "cpu":
-        if not args.recipe:
-            parser.error("--optimizer adamw8bit needs --device cuda (bitsandbytes)")
-        args.optimizer = "adamw"
-        print("note: --recipe lean on the CPU uses AdamW: 8-bit AdamW is CUDA only")
     if args.reference is None:
         parser.error("--reference PATH is required (diffusers' train_dreambooth_lora_sdxl.py)")
     if not args.reference.is_file():
@@ -136,8 +127,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def row_args(args: argparse.Namespace, row: str) -> argparse.Namespace:
     """`args` with a grid row's settings."""
     settings = dict(GRID[row])
-    if settings.get("optimizer") == "adamw8bit" and args.device == "cpu":
-        settings["optimizer"] = "adamw"  # the CPU rehearsal of the grid: 8-bit AdamW is CUDA only
     return argparse.Namespace(**{**vars(args), "recipe": None, **settings})
 
 
@@ -209,7 +198,7 @@ def compare(args, env: dict, work: Path, model: str, prep: dict, warm_up: bool) 
 
 def settings(args) -> str:
     return (f"{args.resolution} px, batch {args.batch_size}, rank {args.rank}, precision {args.mixed_precision}, "
-            f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.optimizer}"
+            f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, AdamW"
             + (", ours compiled" if args.compile else "") + (", ours channels-last" if args.channels_last else "")
             + f", {args.device}, {args.threads} threads, {args.steps} and {2 * args.steps} steps, repeat {args.repeat}")
 
@@ -259,7 +248,7 @@ def train_ours(args, env: dict, cache: str, model: str, steps: int, out: Path) -
            "--learning-rate", str(LEARNING_RATE), "--max-steps", str(steps), "--checkpointing-steps", str(steps),
            "--rank", str(args.rank), "--batch-size", str(args.batch_size), "--lr-scheduler", "constant",
            "--lr-warmup-steps", "0", "--weight-decay", str(WEIGHT_DECAY), "--max-grad-norm", "1.0",
-           "--mixed-precision", args.mixed_precision, "--optimizer", args.optimizer, "--seed", str(SEED),
+           "--mixed-precision", args.mixed_precision, "--seed", str(SEED),
            "--experiment", experiment,
            "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
            "--compile" if args.compile else "--no-compile",
@@ -299,8 +288,6 @@ def reference_command(args, model: str, steps: int, out: Path) -> list[str]:
            "--mixed_precision", args.mixed_precision]
     if args.gradient_checkpointing:
         cmd.append("--gradient_checkpointing")
-    if args.optimizer == "adamw8bit":
-        cmd.append("--use_8bit_adam")
     return cmd
 
 

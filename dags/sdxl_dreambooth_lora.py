@@ -7,10 +7,13 @@ dataset is published; or on **Trigger** with the form below. A run:
 
 1. **recipe**: checks what the form's rules cannot (max steps a multiple of the checkpoint interval, how many
    checkpoints and evaluations) in seconds;
-2. **dataset**: fetches the subject's images at the chosen version of the DVC data registry (rev, commit and
+2. **models**: resolves every Hugging Face model the run uses (base model, evaluators, VAE) to one commit and
+   fetches it into the model cache: every later step, cache, tag and the registered version names `id@sha`, and a
+   hub that cannot be reached (with nothing cached) fails the night here, in one line;
+   **dataset**: fetches the subject's images at the chosen version of the DVC data registry (rev, commit and
    content hash are recorded on every MLflow run and on the registered version); **champion** fetches the current
    champion, early, so a registry that cannot be reached fails the night before any GPU is used;
-3. **lineage**: compares what it would train (dataset content, recipe, base model, code version) with what the
+3. **lineage**: compares what it would train (dataset content, recipe, base model commit, code version) with what the
    champion and the latest challenger were trained from: when nothing changed, the run ends here, skipped, and
    says why (tick *Train even if nothing changed* to train anyway);
 4. opens an MLflow parent run; **validate → caption → resize → encode**: checks every image, captions it, fits it
@@ -56,7 +59,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from dreamline import plan, subjects
 from dreamline.deployment import DEPLOYMENT
 from dreamline.notify import on_failure, on_promotion
-from dreamline.operators import StepOperator, each_result, param, partial_step
+from dreamline.operators import StepOperator, each_result, param, partial_step, pinned
 from dreamline.params import MAX_RUNGS, dag_params
 
 RUN = "{{ run_dir(dag.dag_id, run_id) }}"  # this DAG run's folder
@@ -102,6 +105,12 @@ def lora_dag(subject: subjects.Subject):
             except plan.RecipeError as exc:
                 raise AirflowFailException(str(exc)) from None
 
+        @task
+        def models_to_pin() -> dict:
+            """`pin-models` options: the form's model settings (dreamline.plan.models_to_pin)."""
+            return plan.models_to_pin(*_params_and_run_dir())
+
+        models = StepOperator(task_id="models", step="pin-models", options=models_to_pin())
         dataset = StepOperator(task_id="dataset", step="dataset", options={
             "repo": param("dataset_repo"), "rev": param("dataset_version"), "path": param("dataset_path"),
             "output": f"{RUN}/dataset",
@@ -110,7 +119,7 @@ def lora_dag(subject: subjects.Subject):
             "model_name": subject.model_name, "output": f"{RUN}/champion",
         })
         lineage = StepOperator(task_id="lineage", step="lineage", options={
-            "model_name": subject.model_name, "dataset": f"{RUN}/dataset", "base_model": param("base_model"),
+            "model_name": subject.model_name, "dataset": f"{RUN}/dataset", "base_model": pinned("base_model"),
             "recipe_hash": "{{ ti.xcom_pull(task_ids='recipe')['recipe_hash'] }}",
         })
 
@@ -126,7 +135,7 @@ def lora_dag(subject: subjects.Subject):
 
         mlflow_run = StepOperator(task_id="mlflow_run", step="start-run", options={
             "experiment": param("subject"), "run_key": "{{ dag.dag_id }}/{{ run_id }}", "run_name": "{{ run_id }}",
-            "tags": [*DATASET_TAGS, "base_model={{ params.base_model }}",
+            "tags": [*DATASET_TAGS, "base_model={{ ti.xcom_pull(task_ids='models')['base_model'] }}",
                      "instance_prompt={{ params.instance_prompt }}", "class_prompt={{ params.class_prompt }}"],
         })
         validated = StepOperator(task_id="validate", step="validate", options={
@@ -134,7 +143,7 @@ def lora_dag(subject: subjects.Subject):
         })
         captioned = StepOperator(task_id="caption", step="caption", options={
             "report": f"{RUN}/validated", "output": f"{RUN}/captions", "instance_prompt": param("instance_prompt"),
-            "strategy": param("caption_strategy"), "caption_model": param("caption_model"),
+            "strategy": param("caption_strategy"), "caption_model": pinned("caption_model"),
         })
         resized = StepOperator(task_id="resize", step="resize", options={
             "captions": f"{RUN}/captions", "output": f"{RUN}/resized", "resolution": param("resolution"),
@@ -165,14 +174,14 @@ def lora_dag(subject: subjects.Subject):
             return _params_and_run_dir()[0]["prior_preservation"]
 
         class_images = StepOperator(task_id="class_images", step="class-images", profile="gpu", options={
-            "base_model": param("base_model"), "class_prompt": param("class_prompt"),
+            "base_model": pinned("base_model"), "class_prompt": param("class_prompt"),
             "output": DEPLOYMENT.cache_dir("class-images"), "count": param("num_class_images"),
             "resolution": param("resolution"), "seed": param("seed"), "dtype": param("inference_dtype"),
-            "vae": param("vae"),
+            "vae": pinned("vae"),
         })
         class_cache = StepOperator(task_id="encode_class_images", step="encode", profile="gpu", options={
             "images": "{{ ti.xcom_pull(task_ids='class_images')['images'] }}", "output": DEPLOYMENT.cache_dir("encode"),
-            "base_model": param("base_model"),
+            "base_model": pinned("base_model"),
         })
 
         @task(trigger_rule="none_failed")  # runs whether prior preservation was on or skipped
@@ -236,7 +245,7 @@ def lora_dag(subject: subjects.Subject):
             "recipe_hash": "{{ ti.xcom_pull(task_ids='recipe')['recipe_hash'] }}", "confirmation": f"{RUN}/confirm",
             "confidence": param("promotion_confidence"), "margin": param("promotion_margin"),
             "require_approval": param("require_approval"), "review_url": DEPLOYMENT.mlflow_ui_url,
-            "cost": f"{RUN}/cost", "gpu_hour_price": DEPLOYMENT.gpu_hour_price,
+            "cost": f"{RUN}/cost", "gpu_hour_price": DEPLOYMENT.gpu_hour_price, "models": f"{RUN}/models",
         })
 
         @task.short_circuit(ignore_downstream_trigger_rules=False)
@@ -260,7 +269,8 @@ def lora_dag(subject: subjects.Subject):
         closed = StepOperator(task_id="close_mlflow_run", step="end-run", options={"run_id": PARENT_RUN_ID})
 
         checked = recipe()
-        chain(checked, [dataset, champion])
+        chain(checked, [dataset, champion, models])
+        chain(models, lineage)  # lineage compares the pinned base model
         go = anything_to_train(lineage.output)
         chain(dataset, lineage, go, mlflow_run, validated, captioned, resized)
         chain(champion, go)  # a registry that cannot be reached fails the run before any GPU is used
@@ -313,8 +323,10 @@ def halving_rung(number: int, trained, evaluated) -> tuple:
 
 
 def _params_and_run_dir() -> tuple[dict, str]:
+    """The run's form values, each model setting as the `models` task pinned it (`id@sha`), and its folder."""
     context = get_current_context()
-    return context["params"], DEPLOYMENT.run_dir(context["dag"].dag_id, context["run_id"])
+    params = plan.with_pinned_models(context["params"], context["ti"].xcom_pull(task_ids="models"))
+    return params, DEPLOYMENT.run_dir(context["dag"].dag_id, context["run_id"])
 
 
 for _subject in subjects.load():

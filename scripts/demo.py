@@ -1,10 +1,11 @@
 """`make demo`: the shipped sample subject through the real Airflow DAG to a registered LoRA in MLflow.
 
-Sets up the embedded deployment under DREAMLINE_HOME (offline tiny models, a DVC data registry holding
+Sets up the embedded deployment under DREAMLINE_HOME (its models: the offline tiny ones by default, or with
+DREAMLINE_MODELS=hub the real ones fetched and pinned, see deploy/local/models.py; a DVC data registry holding
 sample_data/dog, Airflow's database and its `gpu` pool), runs the DAG (DAG_ID) with `airflow dags test` at demo
 size, printing one line per task instance as it ends (deploy/local/progress.py; the full output goes to
 DREAMLINE_HOME/demo.log), and prints what came out. The Makefile exports the environment (DREAMLINE_HOME,
-AIRFLOW_HOME, model paths).
+AIRFLOW_HOME, the DAG and plugin folders).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from deploy.local import models  # noqa: E402
 from deploy.local.pools import ensure_gpu_pool  # noqa: E402
 from deploy.local.progress import RunWatcher  # noqa: E402
 from sd_tasks.dataset import PublishConfig, publish  # noqa: E402
@@ -27,30 +29,46 @@ from sd_tasks.select import format_table  # noqa: E402
 DAG_ID = "lora_dog"  # the sample subject's DAG (dags/subjects.yaml)
 QUIET = 60  # seconds without a task ending before the demo says what is still running
 DATASET_TAG = "dog-v1"
-# Demo size: the production recipe's shape (three learning rates, several checkpoints each) at 64 px.
+# Demo size: the production recipe's shape (three learning rates, several checkpoints each) at 64 px on the tiny
+# models; on the real ones (DREAMLINE_MODELS=hub, a GPU), SDXL's own 1024 px, two rates, 200 steps, 8 prompts.
 # A second `make demo` finds nothing changed and skips training; `make demo FORCE=1` trains anyway.
+FORCE = {"force": os.environ.get("FORCE", "") not in ("", "0")}
 DEMO_CONF = {
     "subject": "dog", "dataset_version": DATASET_TAG, "learning_rates": [1e-4, 5e-4, 1e-5], "max_steps": 20,
     "checkpointing_steps": 10, "resolution": 64, "images_per_prompt": 2, "inference_steps": 4,
-    "confirmation_images_per_prompt": 2,
-    "force": os.environ.get("FORCE", "") not in ("", "0"),
+    "confirmation_images_per_prompt": 2, **FORCE,
+}
+GPU_DEMO_CONF = {
+    "subject": "dog", "dataset_version": DATASET_TAG, "learning_rates": [1e-4, 5e-4], "max_steps": 200,
+    "checkpointing_steps": 100, "images_per_prompt": 2, "confirmation_images_per_prompt": 2, **FORCE,
+    "evaluation_prompts": ["a {instance} in the jungle", "a {instance} in the snow", "a {instance} on the beach",
+                           "a {instance} with a city in the background", "a {instance} wearing a red hat",
+                           "a {instance} in a chef outfit", "a red {instance}", "a shiny {instance}"],
 }
 
 
 def main() -> int:
     home = Path(os.environ["DREAMLINE_HOME"])
     started = time.monotonic()
-    step("offline models", ensure_models, home)
+    try:  # before any work: models that cannot run here, or cannot be fetched, are said in one line
+        chosen = models.chosen(os.environ, home / "models", Path.cwd())
+        os.environ.update(models.environment(chosen, home / "models"))
+        os.environ.update(models.gpu_environment(chosen, home / "models"))
+        tiny = models.is_tiny(chosen, home / "models")
+        step("offline models" if tiny else "models (fetched once, pinned)", ensure_models, chosen, home)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: make demo: {exc}", file=sys.stderr)
+        return 1
     step("data registry", ensure_dataset, home)
     step("airflow database", ensure_airflow)
-    if dags_test(home / "demo.log") != 0:
+    if dags_test(home / "demo.log", DEMO_CONF if tiny else GPU_DEMO_CONF) != 0:
         print(f"error: the DAG run failed; see {home / 'demo.log'}", file=sys.stderr)
         return 1
     summarize(home, time.monotonic() - started)
     return 0
 
 
-def dags_test(log_path: Path) -> int:
+def dags_test(log_path: Path, conf: dict) -> int:
     """`airflow dags test` with its output in `log_path`, and a line per task instance as it ends, from Airflow's
     database (why there: deploy/local/progress.py); after QUIET seconds without one, what is still running."""
     print(f"==> airflow dags test {DAG_ID} (log: {log_path})", flush=True)
@@ -60,7 +78,7 @@ def dags_test(log_path: Path) -> int:
         print(f"  (no per-task progress: {exc})", flush=True)
         watcher = None
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "airflow", "dags", "test", DAG_ID, "-c", json.dumps(DEMO_CONF)],
+        proc = subprocess.Popen([sys.executable, "-m", "airflow", "dags", "test", DAG_ID, "-c", json.dumps(conf)],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         last_line = time.monotonic()
         while True:
@@ -89,15 +107,19 @@ def ensure_airflow() -> None:
 def step(name: str, func, *args) -> None:
     t = time.monotonic()
     print(f"==> {name}", end=" ", flush=True)
-    func(*args)
+    try:
+        func(*args)
+    except BaseException:
+        print(flush=True)  # the error's line starts a line of its own
+        raise
     print(f"({time.monotonic() - t:.0f} s)", flush=True)
 
 
-def ensure_models(home: Path) -> None:
-    sdxl = Path(os.environ["DREAMLINE_BASE_MODEL"])
-    if not (sdxl / "model_index.json").exists():
-        run([sys.executable, "-m", "sd_tasks", "tiny-model", str(sdxl),
-             "--evaluators", str(Path(os.environ["DREAMLINE_CLIP_MODEL"]).parent)], quiet=True)
+def ensure_models(chosen: dict[str, str], home: Path) -> None:
+    """The tiny models built where the tiny defaults point (never elsewhere); hub models fetched and pinned."""
+    ready = models.prepare(chosen, home / "models", dict(os.environ), home / "steps")
+    if ready != chosen:
+        print(", ".join(ready.values()), end=" ", flush=True)
 
 
 def ensure_dataset(home: Path) -> None:

@@ -30,14 +30,30 @@ def gpus_in_use() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def peak_memory() -> dict:
+    """The process's peak memory: on the GPU it used (allocated by tensors, and reserved by PyTorch's caching
+    allocator, which is what the card must hold), else its peak resident memory."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                "peak_gpu_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+    import resource
+
+    return {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+
+
 def record_step(step: str, seconds: float, exit_code: int) -> None:
-    """Write this try's record where the Airflow side asked for it (nothing when run by hand)."""
+    """Say a GPU step's peak GPU memory in its log, and write this try's record where the Airflow side asked for it
+    (nothing when run by hand): seconds, GPUs, the devices it saw and its peak memory."""
+    gpus, memory = gpus_in_use(), peak_memory()
+    if "peak_gpu_memory_gb" in memory:
+        print(f"{step}: peak GPU memory {memory['peak_gpu_memory_gb']:.2f} GiB allocated, "
+              f"{memory['peak_gpu_reserved_gb']:.2f} GiB reserved", file=sys.stderr, flush=True)
     uri = os.environ.get(RECORD_ENV)
     if not uri or int(os.environ.get("RANK", "0")) != 0:
         return
-    gpus = gpus_in_use()
     record = {"step": step, "seconds": round(seconds, 3), "gpus": gpus, "gpu_seconds": round(seconds * gpus, 3),
-              "exit_code": exit_code}
+              "exit_code": exit_code, "devices": os.environ.get("CUDA_VISIBLE_DEVICES"), **memory}
     try:
         write_file(uri, json.dumps(record).encode())
     except Exception as exc:  # the step's own outcome matters more than its bill

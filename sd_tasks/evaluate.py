@@ -47,6 +47,7 @@ from sd_tasks.errors import StepError
 from sd_tasks.evaluation_log import log_to_training_run
 from sd_tasks.manifest import inside, load
 from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, matched_cosines, mean_cosines
+from sd_tasks.model_refs import local_folder
 from sd_tasks.models import device, inference_dtype, load_pipeline
 from sd_tasks.storage import is_whole, join, read_dir, read_json, write_dir, write_json
 from sd_tasks.checkpoint_files import CHECKPOINT_INFO, LORA_WEIGHTS
@@ -251,7 +252,8 @@ class Generator:
             from diffusers import StableDiffusionXLImg2ImgPipeline
 
             self.refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(  # decodes with the same VAE
-                config.refiner_model, vae=self.pipe.vae, torch_dtype=getattr(torch, config.dtype)).to(device())
+                local_folder(config.refiner_model, "--refiner-model"), vae=self.pipe.vae,
+                torch_dtype=getattr(torch, config.dtype)).to(device())
             self.refiner.set_progress_bar_config(disable=True)
         self.size = config.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.loaded, self.loaded_text_encoders = None, False

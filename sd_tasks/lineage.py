@@ -8,6 +8,7 @@ repeat it), there is nothing to train.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sd_tasks import tracking
@@ -39,11 +40,19 @@ def run(config: LineageConfig) -> dict:
         if version.version in seen:
             continue
         seen.add(version.version)
-        changed = [what for tag, what in LINEAGE.items() if version.tags.get(tag) != wanted[tag]]
+        changed = [f"{what} ({shown(version.tags.get(tag))} -> {shown(wanted[tag])})" for tag, what in LINEAGE.items()
+                   if version.tags.get(tag) != wanted[tag]]
         if not changed:
             return {"changed": False, "lineage": wanted, "same_as": f"v{version.version} ({alias})",
                     "reason": f"nothing changed since v{version.version} ({alias}) was trained: same "
                               f"{', '.join(LINEAGE.values())}"}
-        compared.append(f"v{version.version} ({alias}): {', '.join(changed)} changed")
+        compared.append(f"v{version.version} ({alias}): changed {'; '.join(changed)}")
     reason = "; ".join(compared) if compared else f"no version of {config.model_name} yet"
     return {"changed": True, "lineage": wanted, "same_as": None, "reason": reason}
+
+
+def shown(value: str | None) -> str:
+    """A lineage value short enough for a log line: hashes and commits cut to 12 characters."""
+    if value is None:
+        return "unknown"
+    return re.sub(r"\b([0-9a-f]{12})[0-9a-f]{28,}\b", r"\1", value)

@@ -152,6 +152,9 @@ def base_layers(base_model: str) -> dict[str, tuple[int, int]]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from sd_tasks.model_refs import local_folder
+
+    base_model = local_folder(base_model)
     with torch.device("meta"):
         models = {
             "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base_model, subfolder="unet")),

@@ -18,13 +18,16 @@ Registering the same pipeline run twice returns the version made the first time.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
-from sd_tasks import lora_files, tracking
+from sd_tasks import lora_files, model_refs, tracking
 from sd_tasks.cli import option
 from sd_tasks.compare import Yardstick, describe, paired_difference
 from sd_tasks.cost import ledger, summarise
@@ -63,6 +66,8 @@ class RegisterConfig:
     cost: str | None = option("folder of the night's cost records (sd_tasks.cost): totalled onto the parent run and "
                               "the version", None)
     gpu_hour_price: float = option("price of one GPU-hour, for the estimated price of the night", 2.5)
+    models: str | None = option("pin-models' output (URI of the folder holding models.json): every model the run "
+                                "used, tagged `model.<setting>` as it was pinned (id@sha)", None)
 
 
 def run(config: RegisterConfig) -> dict:
@@ -83,6 +88,7 @@ def run(config: RegisterConfig) -> dict:
         **{f"score.{k}": f"{best[k]:.6f}" for k in SCORES if best.get(k) is not None},
         "score.broken": "true" if best.get("broken") else "false",  # `rollback` and `promote` refuse such a version
         **lineage_tags(dataset["hash"], config.recipe_hash, info["base_model"]),
+        **model_tags(config.models),
     }
     found = existing_version(client, config.model_name, run_key)
     version = complete_version(client, found, tags) if found else log_version(config, best, info, tags)
@@ -201,9 +207,10 @@ def log_version(config: RegisterConfig, best: dict, info: dict, tags: dict) -> s
     checkpoint = read_dir(best["checkpoint"])
     run_id = config.parent_run_id or tracking.find_or_create_run(config.experiment, tags["dreamline.run_key"],
                                                                  "register")
-    with mlflow.start_run(run_id=run_id):  # leaving it marks the parent run FINISHED: registering is the last step
+    with mlflow.start_run(run_id=run_id), flavor_base_model(info["base_model"]) as base_model:
+        # (leaving the run marks the parent run FINISHED: registering is the last step)
         model = mlflow.diffusers.log_model(
-            str(checkpoint / LORA_WEIGHTS), base_model=info["base_model"], adapter_type="lora", name="lora",
+            str(checkpoint / LORA_WEIGHTS), base_model=base_model, adapter_type="lora", name="lora",
             pip_requirements=_requirements(),  # skip MLflow's slow requirement inference
         )
     # The tags, the run key among them, are on the version from its creation: a try stopped right after it leaves
@@ -219,7 +226,9 @@ def model_card(name: str, tags: dict) -> str:
     return (
         f"SDXL DreamBooth-LoRA `{name}`.\n\n"
         f"- Base model: `{tags['base_model']}`\n"
-        f"- Dataset: `{tags['dataset.path']}` at `{tags['dataset.rev']}` (commit {tags['dataset.commit'][:12]}, "
+        + "".join(f"- {role.removeprefix('model.')}: `{ref}`\n" for role, ref in sorted(tags.items())
+                  if role.startswith("model.") and role != "model.base_model")
+        + f"- Dataset: `{tags['dataset.path']}` at `{tags['dataset.rev']}` (commit {tags['dataset.commit'][:12]}, "
         f"{tags['dataset.hash']}) from `{tags['dataset.repo']}`\n"
         f"- Learning rate {tags['learning_rate']}, step {tags['step']} (training run {tags['training_run_id']}), "
         f"code {tags['code_version']}\n"
@@ -234,12 +243,50 @@ def lineage_tags(dataset_hash: str, recipe_hash: str, base_model: str) -> dict[s
             "lineage.base_model": base_model, "lineage.code_version": code_version()}
 
 
+def model_tags(models: str | None) -> dict[str, str]:
+    """`model.<setting>`: every model the run used, as `pin-models` pinned it (none without its output)."""
+    if not models:
+        return {}
+    return {f"model.{role}": entry["pinned"] for role, entry in read_json(f"{models}/models.json").items()}
+
+
+@contextlib.contextmanager
+def flavor_base_model(base_model: str):
+    """The base model as MLflow's diffusers flavor records it: the hub id, with our pinned commit as its
+    `base_model_revision`, so `models:/...` loads the weights that were trained on. The flavor would otherwise look up
+    the commit `main` points to at registration time (a hub that moved since training, or cannot be reached, would
+    record another commit or none); a local folder is recorded as it is."""
+    import mlflow.diffusers
+
+    model = model_refs.parse(base_model, "base model")
+    if model.folder is not None or not model.pinned:
+        yield base_model
+        return
+    with mock.patch.object(mlflow.diffusers, "_resolve_base_model_revision", lambda _: model.revision):
+        yield model.repo_id
+
+
 def code_version() -> str:
-    """The git commit of the code that ran (DREAMLINE_CODE_VERSION in images built without .git)."""
+    """The git commit of the code that ran, `<sha>-dirty.<hash of the changes>` when tracked files differ from it
+    (an edited trainer is a changed code version), or DREAMLINE_CODE_VERSION in images built without .git."""
     if os.environ.get("DREAMLINE_CODE_VERSION"):
         return os.environ["DREAMLINE_CODE_VERSION"]
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
-    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+    here = Path(__file__).parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True)
+    if head.returncode != 0:
+        return "unknown"
+    top = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True,
+                              text=True).stdout.strip() or here)
+    diff = subprocess.run(["git", "diff", "HEAD", "--binary", "--no-ext-diff"], cwd=top, capture_output=True).stdout
+    new = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=top,
+                         capture_output=True).stdout.split(b"\0")
+    changes = hashlib.sha256(diff)
+    for name in sorted(filter(None, new)):  # files not yet added are changes too
+        path = top / os.fsdecode(name)
+        changes.update(name + b"\0" + (path.read_bytes() if path.is_file() and not path.is_symlink() else b""))
+    if not diff and not any(new):
+        return head.stdout.strip()
+    return f"{head.stdout.strip()}-dirty.{changes.hexdigest()[:12]}"
 
 
 def _requirements() -> list[str]:

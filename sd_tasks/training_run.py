@@ -194,11 +194,3 @@ def cost(seconds: float, processes: int, gpu_hour_price: float) -> dict:
     gpu_seconds = seconds * processes if torch.cuda.is_available() else 0.0
     return {"train_seconds": seconds, "gpu_seconds": gpu_seconds,
             "estimated_cost": gpu_seconds / 3600 * gpu_hour_price}
-
-
-def peak_memory() -> dict:
-    if torch.cuda.is_available():
-        return {"peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
-    import resource
-
-    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}

@@ -94,7 +94,7 @@ def test_training_and_evaluation_are_mapped_over_learning_rates_with_halving_run
     tasks = dag.task_dict
     rungs = {f"rung_{n}.{t}" for n in (1, 2) for t in ("halving", "halve", "kept_training_runs", "train",
                                                           "new_checkpoint_evaluations", "evaluate")}
-    assert {"recipe", "dataset", "champion", "lineage", "anything_to_train", "mlflow_run", "validate", "caption",
+    assert {"recipe", "models_to_pin", "models", "dataset", "champion", "lineage", "anything_to_train", "mlflow_run", "validate", "caption",
             "resize", "encode_shards", "encode", "cache_to_merge", "merge_cache", "prior_preservation_on",
             "class_images", "encode_class_images", "training_runs", "train", "checkpoint_evaluations", "evaluate",
             "select", "confirmations", "confirm", "register", "approval_needed", "approval", "promote",
@@ -121,6 +121,9 @@ def test_the_first_tasks_decide_before_any_gpu_work(dag):
     assert tasks["recipe"].upstream_task_ids == set()
     assert tasks["dataset"].upstream_task_ids == tasks["champion"].upstream_task_ids == {"recipe"}
     assert tasks["anything_to_train"].upstream_task_ids == {"lineage", "champion"}  # champion fails early
+    # every hub model is pinned before lineage compares the base model: a hub that cannot be reached fails here
+    assert tasks["models"].upstream_task_ids == {"recipe", "models_to_pin"}
+    assert "models" in tasks["lineage"].upstream_task_ids
     downstream = tasks["anything_to_train"].get_flat_relative_ids(upstream=False)
     gpu = {t.task_id for t in dag.tasks if getattr(t, "pool", None) == "gpu"}
     assert gpu == {"encode", "class_images", "encode_class_images", "train", "evaluate", "confirm",

@@ -6,7 +6,6 @@ loopback Git servers (through git and through DVC), and the warm-up Job's file s
 model loaders, offline."""
 from __future__ import annotations
 
-import hashlib
 import http.server
 import json
 import os
@@ -15,7 +14,6 @@ import shlex
 import subprocess
 import sys
 import threading
-import urllib.parse
 from importlib.metadata import version
 from pathlib import Path
 from types import SimpleNamespace
@@ -405,8 +403,12 @@ def test_the_warmup_job_runs_like_a_step_pod(objects, manifests, settings):
     for pod in model_pods:  # every model step finds the files where the Job put them
         assert {e["name"]: e.get("value") for e in container(pod)["env"]}["HF_HOME"] == env["HF_HOME"]
     assert env["HF_HOME"].startswith(cache_mount + "/")
-    assert set(env["DREAMLINE_MODELS"].split()) >= {settings[k] for k in (
-        "DREAMLINE_BASE_MODEL", "DREAMLINE_CLIP_MODEL", "DREAMLINE_DINO_MODEL", "DREAMLINE_CAPTION_MODEL")}
+    assert warmup["command"] == ["python", "-m", "sd_tasks"] and warmup["args"][0] == "pin-models"  # a run's step
+    flags = dict(arg.removeprefix("--").split("=", 1) for arg in warmup["args"][1:])
+    assert {flags[k.removeprefix("DREAMLINE_").lower().replace("_", "-")] for k in (
+        "DREAMLINE_BASE_MODEL", "DREAMLINE_CLIP_MODEL", "DREAMLINE_DINO_MODEL", "DREAMLINE_CAPTION_MODEL")} == {
+        settings[k] for k in ("DREAMLINE_BASE_MODEL", "DREAMLINE_CLIP_MODEL", "DREAMLINE_DINO_MODEL",
+                              "DREAMLINE_CAPTION_MODEL")}
     assert not spec.get("tolerations") and not spec.get("nodeSelector")  # no GPU node for a download
     assert spec["restartPolicy"] == "Never"
     pvc = one(objects, "PersistentVolumeClaim")
@@ -423,122 +425,46 @@ def test_every_pod_and_the_job_pass_the_restricted_pod_security_standard(objects
         assert restricted_violations(spec) == [], spec["containers"][0]["name"]
 
 
-class FakeHub:
-    """Just enough of the Hugging Face Hub's HTTP API for huggingface_hub, transformers and diffusers to check their
-    cache online: a repository's info (commit, file list), a file's HEAD (commit, ETag, size; 404 for a file the
-    repository does not have), and a file's GET, which is a download: recorded, so a test can require none."""
-
-    def __init__(self, repos: dict[str, dict[str, bytes]], revision: str):
-        self.heads, self.downloads = [], []
-        hub = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_HEAD(self):
-                self.answer(body=False)
-
-            def do_GET(self):
-                self.answer(body=True)
-
-            def answer(self, body: bool):
-                path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-                if path.startswith("/api/models/"):
-                    parts = path.removeprefix("/api/models/").split("/")
-                    repo = "/".join(parts[:2])
-                    if repo not in repos:
-                        return self.missing("RepoNotFound", body)
-                    if parts[2:3] == ["tree"]:  # a folder's listing: /api/models/REPO/tree/REV/PATH
-                        folder = "/".join(parts[4:]).strip("/")
-                        entries = [{"type": "file", "path": f, "size": len(c), "oid": hashlib.sha1(c).hexdigest()}
-                                   for f, c in sorted(repos[repo].items()) if f.rpartition("/")[0] == folder]
-                        if not entries:
-                            return self.missing("EntryNotFound", body)
-                        return self.send(json.dumps(entries).encode(), {"Content-Type": "application/json"}, body)
-                    info = {"id": repo, "modelId": repo, "sha": revision, "private": False, "disabled": False,
-                            "gated": False, "tags": [], "siblings": [{"rfilename": f} for f in sorted(repos[repo])]}
-                    return self.send(json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
-                found = re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path)
-                if not found or found.group(2) not in repos.get(found.group(1), {}):
-                    return self.missing("EntryNotFound", body)
-                content = repos[found.group(1)][found.group(2)]
-                (hub.downloads if body else hub.heads).append(f"{found.group(1)}/{found.group(2)}")
-                etag = '"%s"' % hashlib.sha1(content).hexdigest()
-                self.send(content, {"X-Repo-Commit": revision, "ETag": etag}, body)
-
-            def missing(self, code: str, body: bool):
-                self.send(b"{}", {"X-Error-Code": code, "X-Error-Message": code}, body, status=404)
-
-            def send(self, content: bytes, headers: dict, body: bool, status: int = 200):
-                self.send_response(status)
-                for key, value in {**headers, "Content-Length": str(len(content))}.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                if body:
-                    self.wfile.write(content)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 def test_the_warmup_job_fetches_what_the_steps_load_and_not_the_rest(objects, models, tmp_path):
-    """The Job's own file selection (its `allow_patterns`, through huggingface_hub's own filter) applied to the
-    tiny offline models served as hub repositories beside the big files real repositories also hold; the selected
-    files go into a cache laid out as snapshot_download lays it out; then the steps' own loaders, online against
-    that hub, find every file in the cache: not one download."""
-    from huggingface_hub.utils import filter_repo_objects
+    """The Job's own command, against the tiny offline models served under its ids by a fake hub beside the big
+    files real repositories also hold: it fetches none of those; then the steps' loaders, given the pinned ids with
+    the hub gone, find every file in the cache the Job filled."""
+    from fake_hub import UNUSED, FakeHub, folder_files
 
-    script = job_pod(objects)["containers"][0]["args"][0]
-    job = {"__name__": "model_warmup"}  # its main() runs only as a script
-    exec(compile(script, "model-warmup-job.yaml", "exec"), job)
-    sdxl, clip, dino = (Path(models[k]) for k in ("sdxl", "clip", "dino"))
-    layout = {  # hub id: (folder, files real repositories hold that the steps never load)
-        "stabilityai/sdxl": (sdxl, ["sd_xl_base_1.0.safetensors", "sd_xl_base_1.0_0.9vae.safetensors",
-                                    "unet/diffusion_pytorch_model.fp16.safetensors",
-                                    "text_encoder/model.fp16.safetensors", "unet/model.onnx",
-                                    "text_encoder_2/openvino_model.bin", "vae_decoder/model.onnx",
-                                    "text_encoder/flax_model.msgpack", "unet/diffusion_pytorch_model.bin"]),
-        "madebyollin/vae": (sdxl / "vae", ["sdxl_vae.safetensors", "diffusion_pytorch_model.bin"]),
-        "openai/clip": (clip, ["pytorch_model.bin", "tf_model.h5", "flax_model.msgpack"]),
-        "facebook/dino": (dino, ["pytorch_model.bin", "tf_model.h5"]),
-    }
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    repos = {}
-    for repo, (folder, unused) in layout.items():
-        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
-                 if p.is_file() and not p.name.startswith(".dreamline")}
-        repos[repo] = {**files, **{name: b"not for the steps" for name in unused}}
-        chosen = set(filter_repo_objects(sorted(repos[repo]), allow_patterns=job["allow_patterns"](set(repos[repo]))))
-        assert not chosen & set(unused), repo
-        cached = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
-        for name in chosen:
-            (cached / "snapshots" / revision / name).parent.mkdir(parents=True, exist_ok=True)
-            (cached / "snapshots" / revision / name).write_bytes(repos[repo][name])
-        (cached / "refs").mkdir()
-        (cached / "refs" / "main").write_text(revision)
-    # a repository with no safetensors at all: its PyTorch weights are the ones to fetch
-    assert "pytorch_model.bin" in job["allow_patterns"]({"config.json", "pytorch_model.bin"})
-
-    hub = FakeHub(repos, revision)
+    warmup = job_pod(objects)["containers"][0]
+    flags = dict(arg.removeprefix("--").split("=", 1) for arg in warmup["args"][1:])
+    served = {"base-model": (models["sdxl"], "pipeline"), "vae": (Path(models["sdxl"]) / "vae", "model"),
+              "clip-model": (models["clip"], "model"), "dino-model": (models["dino"], "model")}
+    hub = FakeHub()
+    for flag, (folder, kind) in served.items():
+        hub.publish(flags[flag], folder_files(folder, UNUSED[kind]))
+    argv = [sys.executable if word == "python" else word for word in warmup["command"]]
+    argv += ["pin-models", *[f"--{flag}={flags[flag]}" for flag in served]]  # the captioner: not served here
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env |= {k: v for k, v in one(objects, "ConfigMap")["data"].items() if k.startswith("HF_")}  # the pods' settings
+    env |= {"HF_HOME": str(tmp_path), "HF_ENDPOINT": hub.endpoint, "PYTHONPATH": str(REPO)}
+    try:
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        pinned = json.loads(proc.stdout.splitlines()[-1])
+        assert hub.downloads and not [f for f in hub.downloads if f.split("/", 2)[2] in sum(UNUSED.values(), [])]
+    finally:
+        hub.stop()
     load = "\n".join([
         "import sys",
         "from diffusers import DDPMScheduler",
         "from sd_tasks import metrics, models",
+        "from sd_tasks.model_refs import local_folder",
         "base, vae, clip, dino = sys.argv[1:]",
         "models.load_unet(base), models.load_vae(base), models.load_text_encoders(base)",  # encode, train
-        "DDPMScheduler.from_pretrained(base, subfolder='scheduler')",  # train's noise scheduler
+        "DDPMScheduler.from_pretrained(local_folder(base), subfolder='scheduler')",  # train's noise scheduler
         "models.load_pipeline(base, 'float32', vae=vae)",  # class-images, evaluate
         "metrics.ClipEmbedder(clip), metrics.DinoEmbedder(dino)",  # evaluate
     ])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
-    env |= {k: v for k, v in one(objects, "ConfigMap")["data"].items() if k.startswith("HF_")}  # the pods' settings
-    env |= {"HF_HOME": str(tmp_path), "HF_ENDPOINT": hub.endpoint, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", load, *layout], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", load, *(pinned[k] for k in ("base_model", "vae", "clip_model",
+                                                                            "dino_model"))],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert hub.heads  # the loaders did ask this hub
-    assert hub.downloads == []
 
 
 def test_the_docs_name_only_files_that_exist():

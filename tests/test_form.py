@@ -3,6 +3,7 @@ it); the first task refuses what JSON schema cannot say; values reach the steps 
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 from airflow.sdk.definitions.param import ParamValidationError
@@ -103,7 +104,8 @@ def test_halving_stages_train_each_rate_to_its_rung_and_the_kept_ones_on(dag):
 def rendered_options(dag, task_id: str, **conf) -> dict:
     """A task's options as Airflow renders them when the task runs."""
     task = dag.task_dict[task_id]
-    context = {"params": form(dag, **conf), "run_id": "manual__1", "dag": dag, "ti": None, "task": task}
+    no_results = SimpleNamespace(xcom_pull=lambda **_: None)  # the tasks before it have returned nothing
+    context = {"params": form(dag, **conf), "run_id": "manual__1", "dag": dag, "ti": no_results, "task": task}
     return task.render_template(task.options, context, dag.get_template_env())
 
 

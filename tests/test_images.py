@@ -301,6 +301,33 @@ def test_the_airflow_image_leaves_out_the_ml_stack(airflow_packages):
     assert ML_STACK <= worker and not any(p.startswith("apache-airflow") for p in worker)
 
 
+def imported_modules(folder: Path) -> dict[str, str]:
+    """{top-level module: a file importing it} of every import in `folder`'s Python files, inside functions too (the
+    steps import their heavy libraries lazily), except the standard library and the package itself."""
+    import ast
+
+    found = {}
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            for name in names:
+                top = name.partition(".")[0]
+                if top not in sys.stdlib_module_names and top != folder.name:
+                    found.setdefault(top, path.relative_to(REPO).as_posix())
+    return found
+
+
+def test_the_worker_image_has_every_library_the_steps_import():
+    """An option whose library the worker image lacks fails on the GPU, hours into a night (8-bit AdamW's
+    bitsandbytes once): every module sd_tasks imports comes from a distribution the worker image installs."""
+    worker = closure(requirements_in(REPO / "requirements" / "worker.txt"))
+    provided = {module for module, distributions in metadata.packages_distributions().items()
+                if {canonicalize_name(d) for d in distributions} & worker}
+    missing = {m: where for m, where in imported_modules(REPO / "sd_tasks").items() if m not in provided}
+    assert missing == {}, missing
+
+
 # Parse the DAG in a process where only the airflow image's packages (and the standard library) can be imported:
 # every other top-level module of this venv raises ModuleNotFoundError, as it would in that image.
 ONLY_AIRFLOW_IMAGE_PACKAGES = """

@@ -18,7 +18,7 @@ SETTINGS = REPO / "deploy" / "kubernetes" / "dreamline.env"  # also test_dag.kub
 CONF = {"learning_rates": [1e-4, 5e-4], "max_steps": 200, "checkpointing_steps": 100, "prior_preservation": True,
         "encode_shard_size": 2}
 GPU_STEPS = {"encode", "class-images", "train", "evaluate"}
-MODEL_STEPS = {"caption", "encode", "class-images", "train", "evaluate"}
+MODEL_STEPS = {"pin-models", "caption", "encode", "class-images", "train", "evaluate"}  # pin-models fetches into it
 CREDENTIAL = re.compile(r"KEY|SECRET|PASSWORD|TOKEN|CREDENTIAL|AUTH", re.I)
 
 
@@ -42,13 +42,22 @@ def manifests(tmp_path_factory) -> list[tuple[str, dict]]:
 
 def test_every_pod_of_a_run_is_listed(manifests):
     tasks = [what.split(":")[0] for what, _ in manifests]
-    assert tasks[0] == "dataset" and tasks[-6:] == ["select", "confirm[0]", "confirm[1]", "confirm[2]", "register",
+    assert tasks[:2] == ["models", "dataset"] and tasks[-6:] == ["select", "confirm[0]", "confirm[1]", "confirm[2]", "register",
                                                     "close_mlflow_run"]  # in run order; no approval: no promote
-    assert sorted(tasks) == sorted(["dataset", "lineage", "mlflow_run", "validate", "caption", "resize",
+    assert sorted(tasks) == sorted(["models", "dataset", "lineage", "mlflow_run", "validate", "caption", "resize",
                                     "encode[0]", "encode[1]", "encode[2]", "merge_cache", "class_images",
                                     "encode_class_images", "champion", "train[0]", "train[1]",
                                     *[f"evaluate[{i}]" for i in range(4)], "select",  # per lr, champion, base
                                     *[f"confirm[{i}]" for i in range(3)], "register", "close_mlflow_run"])
+
+
+def test_every_step_after_models_loads_the_models_as_pinned(manifests):
+    """`models` pins each hub model to a commit; every step that loads one is given `id@sha`, never the bare id."""
+    first = container(manifests[0][1])["args"]
+    assert first[0] == "pin-models" and "--base-model=stabilityai/stable-diffusion-xl-base-1.0" in first
+    given = [arg for _, pod in manifests[1:] for arg in container(pod)["args"]
+             if arg.startswith(("--base-model=", "--clip-model=", "--dino-model="))]
+    assert given and all(arg.endswith("@<commit>") for arg in given), given
 
 
 def test_manifests_are_valid_pods_for_the_kubernetes_client(manifests):

@@ -124,9 +124,39 @@ def test_lineage_says_nothing_changed_until_the_dataset_does(home, tmp_path):
     unchanged = check("sha256:d1")
     assert not unchanged["changed"] and unchanged["same_as"] == "v1 (champion)"
     assert unchanged["reason"].startswith("nothing changed since v1 (champion) was trained: same dataset content")
-    assert check("sha256:d2")["reason"] == "v1 (champion): dataset content changed"  # a new dataset version
-    assert check("sha256:d1", recipe="sha256:r2")["reason"] == "v1 (champion): recipe changed"
+    # a new dataset version, a new recipe, a base model at another commit: each named with what it was and is
+    assert check("sha256:d2")["reason"] == "v1 (champion): changed dataset content (sha256:d1 -> sha256:d2)"
+    assert check("sha256:d1", recipe="sha256:r2")["reason"] == "v1 (champion): changed recipe (sha256:r -> sha256:r2)"
     assert check("sha256:d1", base="other")["changed"]
+    sha1, sha2 = "0123456789ab" + "0" * 28, "fedcba987654" + "1" * 28
+    register_version(client, name, "champion", lineage_tags("sha256:d1", "sha256:r", f"org/sdxl@{sha1}"))
+    assert check("sha256:d1", base=f"org/sdxl@{sha2}")["reason"] == \
+        "v2 (champion): changed base model (org/sdxl@0123456789ab -> org/sdxl@fedcba987654)"
+    register_version(client, name, "champion", lineage_tags("sha256:d1", "sha256:r", "base"))  # back as it was
     # a challenger that lost was trained from d2: training it again would only repeat it
     register_version(client, name, "challenger", lineage_tags("sha256:d2", "sha256:r", "base"))
-    assert check("sha256:d2")["same_as"] == "v2 (challenger)"
+    assert check("sha256:d2")["same_as"] == "v4 (challenger)"
+
+
+def test_a_subject_is_appended_keeping_every_byte_of_the_registry(tmp_path):
+    from dreamline import subjects
+
+    registry = tmp_path / "subjects.yaml"
+    original = (REPO / "dags" / "subjects.yaml").read_text()
+    registry.write_text(original)
+    entry = {"token": "sks", "class_noun": "dog", "kind": "live", "dataset": {"path": "rex", "version": "main"},
+             "schedule": "0 3 * * *", "on_new_data": True}
+    assert subjects.add(registry, "rex", entry)
+    text = registry.read_text()
+    assert text.startswith(original.rstrip("\n")) and "# The subjects Dreamline trains" in text  # comments kept
+    loaded = {s.name: s for s in subjects.load(str(registry))}
+    assert list(loaded) == ["dog", "backpack", "rex"] and loaded["rex"].schedule == "0 3 * * *"
+    assert not subjects.add(registry, "rex", {**entry, "class_noun": "cat"}) and registry.read_text() == text
+    # an entry the DAGs would refuse, and a registry where appending would not add it, leave the file as it was
+    with pytest.raises(subjects.SubjectRegistryError, match="kind 'pet': use live or object"):
+        subjects.add(registry, "tom", {**entry, "kind": "pet"})
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("subjects: {dog: {class_noun: dog}}\nother: 1\n")
+    with pytest.raises(subjects.SubjectRegistryError, match="cannot append to it safely"):
+        subjects.add(flow, "rex", entry)
+    assert flow.read_text() == "subjects: {dog: {class_noun: dog}}\nother: 1\n" and registry.read_text() == text

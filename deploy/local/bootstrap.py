@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deploy.local import models
 from deploy.local.processes import StackError
 from deploy.local.settings import REPO, SAMPLE_SUBJECT, Stack
 
@@ -40,12 +41,14 @@ def ensure_bucket(stack: Stack) -> None:
 
 
 def ensure_models(stack: Stack) -> None:
-    env = stack.deployment_env()
-    if (Path(env["DREAMLINE_BASE_MODEL"]) / "model_index.json").exists():
-        return
-    evaluators = str(Path(env["DREAMLINE_CLIP_MODEL"]).parent)
-    _step(stack, "tiny-model", [env["DREAMLINE_BASE_MODEL"], "--evaluators", evaluators],
-          stack.path("models", "tiny-model.log"))
+    """The tiny models, built where the stack's tiny defaults point if missing; or the hub models the stack was
+    given, fetched into the model cache and pinned now (deploy/local/models.py), so a first run does not download."""
+    chosen, folder = stack.model_settings(), stack.path("models")
+    env = {**stack.base_env(), **stack.deployment_env(), "PYTHONPATH": str(REPO)}
+    try:
+        models.prepare(chosen, folder, env, stack.path("scratch"))
+    except (ValueError, RuntimeError) as exc:
+        raise StackError(f"models: {exc}") from None
 
 
 def has_version(stack: Stack, tag: str) -> bool:

@@ -18,7 +18,9 @@ The scheduler and triggerer run without their log servers (`--skip-serve-logs`):
 from AIRFLOW_HOME/logs. Idle, that is n + 8 processes, one more while parsing (`max_processes`);
 docs/benchmarks.md has the figures against `airflow standalone`.
 
-Before starting: `airflow db migrate`, and the `gpu` pool where missing (deploy/local/pools.py). The admin login is
+Before starting: the models (deploy/local/models.py: the tiny ones built if missing, or with DREAMLINE_MODELS=hub the
+real ones fetched into the model cache and pinned, one `gpu` pool slot and one GPU per step on a machine with CUDA),
+`airflow db migrate`, and the `gpu` pool where missing (deploy/local/pools.py). The admin login is
 SimpleAuthManager's generated password (AIRFLOW_HOME/simple_auth_manager_passwords.json.generated), printed once
 the api-server answers. The services run in sessions of their own (deploy/local/processes.py), recorded under
 DREAMLINE_HOME/ui/pids; Ctrl-C, SIGTERM or SIGHUP stops them in reverse order and then ends anything still carrying
@@ -39,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from deploy.local import models
 from deploy.local.pools import ensure_gpu_pool
 from deploy.local.processes import Processes, Service, StackError, end, folder_lock, leftovers
 from deploy.local.seaweedfs import is_free
@@ -149,12 +152,32 @@ def main(argv: list[str] | None = None) -> int:
     embedded = Embedded(Path(os.environ["DREAMLINE_HOME"]).resolve(), Path(os.environ["AIRFLOW_HOME"]).resolve(),
                         {"airflow": args.airflow_port, "mlflow": args.mlflow_port}, usable_cpus())
     try:
+        chosen = models.chosen(os.environ, embedded.home / "models", Path.cwd())
+        os.environ.update(models.environment(chosen, embedded.home / "models"))
+        os.environ.update(models.gpu_environment(chosen, embedded.home / "models"))
+    except ValueError as exc:  # before anything starts
+        print(f"error: make ui: {exc}", file=sys.stderr)
+        return 1
+    try:
         with folder_lock(embedded.folder, f"another `make ui` is running over {embedded.folder.parent}"), \
                 stop_on_signals():
+            prepare_models(embedded, chosen)
             return run(embedded)
     except (StackError, ValueError, RuntimeError) as exc:
         print(f"error: make ui: {exc}", file=sys.stderr)
         return 1
+
+
+def prepare_models(embedded: Embedded, chosen: dict[str, str]) -> None:
+    """The tiny models built if missing; hub models fetched into the model cache now (minutes the first time), so
+    the first night does not begin with the download and a wrong id or an unreachable hub is said here."""
+    folder = embedded.home / "models"
+    if not models.is_tiny(chosen, folder):
+        print("Fetching the models into the model cache (the first time: about 16 GB)...", flush=True)
+    ready = models.prepare(chosen, folder, dict(os.environ), embedded.home / "steps")
+    gpus = os.environ.get("DREAMLINE_GPU_DEVICES")
+    print(f"Models: {', '.join(ready.values())}; "
+          f"{f'GPUs {gpus}, one per GPU step' if gpus else 'steps on the CPU'}.", flush=True)
 
 
 def run(embedded: Embedded) -> int:

@@ -58,6 +58,10 @@ class Stack:
     # repo's dags/subjects.yaml.
     subjects: str | None = None
     gpu_slots: int = 2  # slots of Airflow's `gpu` pool: how many GPU steps (encode, train, evaluate) run at once
+    # DREAMLINE_BASE_MODEL, _CLIP_MODEL, _DINO_MODEL as `up` was given them (deploy/local/models.py); empty: the tiny
+    # models under models/
+    models: dict[str, str] = field(default_factory=dict)
+    gpu_devices: str = ""  # with hub models: the GPUs the steps share out, one each (DREAMLINE_GPU_DEVICES)
     secrets: dict[str, str] = field(default_factory=lambda: {
         "postgres_password": _secret(), "airflow_db_password": _secret(), "mlflow_db_password": _secret(),
         "s3_access_key": "DL" + secrets.token_hex(9).upper(), "s3_secret_key": secrets.token_urlsafe(30),
@@ -154,23 +158,30 @@ class Stack:
                 "XDG_CACHE_HOME": str(cache), "HF_HOME": str(cache / "huggingface"),
                 "MPLCONFIGDIR": str(cache / "matplotlib"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor")}
 
+    def model_settings(self) -> dict[str, str]:
+        from deploy.local.models import tiny_models
+
+        return self.models or tiny_models(self.path("models"))
+
     def deployment_env(self) -> dict[str, str]:
-        """What the DAG is configured by (plugins/dreamline/deployment.py) and its step processes see."""
-        models = self.path("models")
+        """What the DAG is configured by (plugins/dreamline/deployment.py) and its step processes see: with hub
+        models, also the caller's HF_ENDPOINT and HF_TOKEN, and its HF_HOME (a model cache it already has)."""
+        from deploy.local.models import environment
+
+        hub = {k: os.environ[k] for k in ("HF_ENDPOINT", "HF_TOKEN", "HF_HOME") if self.models and os.environ.get(k)}
         return {
             "DREAMLINE_EXECUTOR": "local",
             "DREAMLINE_STORAGE": f"s3://{self.bucket}/runs",
             "DREAMLINE_CACHE": f"s3://{self.bucket}/cache",
             "DREAMLINE_DATASET_REPO": str(self.registry),
-            "DREAMLINE_BASE_MODEL": str(models / "tiny-sdxl"),
-            "DREAMLINE_CLIP_MODEL": str(models / "evaluators" / "clip"),
-            "DREAMLINE_DINO_MODEL": str(models / "evaluators" / "dino"),
+            **environment(self.model_settings(), self.path("models")),
             "MLFLOW_TRACKING_URI": self.mlflow_url,
-            "HF_HUB_OFFLINE": "1",
             "DVC_NO_ANALYTICS": "1",
             **({"DREAMLINE_SUBJECTS": self.subjects} if self.subjects else {}),
             **self.s3_env(),
             **self.scratch_env(),
+            **hub,
+            **({"DREAMLINE_GPU_DEVICES": self.gpu_devices} if self.gpu_devices else {}),
         }
 
     def airflow_process_env(self) -> dict[str, str]:
@@ -204,7 +215,7 @@ class Stack:
         without the steps' scratch folders, and Airflow's configuration; DREAMLINE_STACK names the stack for
         `python -m deploy.local.stack`."""
         scratch = self.scratch_env()
-        deployment = {k: v for k, v in self.deployment_env().items() if k not in scratch}
+        deployment = {k: v for k, v in self.deployment_env().items() if k not in scratch and k != "HF_TOKEN"}
         return {**deployment, **self.airflow_env(), "DREAMLINE_STACK": str(self.folder)}
 
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from deploy.local import bootstrap
+from deploy.local import bootstrap, models
 from deploy.local.processes import Processes, StackError, end, folder_lock, leftovers
 from deploy.local.seaweedfs import GRPC_OFFSET, is_free
 from deploy.local.services import pool_status, services
@@ -119,14 +119,18 @@ def configured(folder: Path, args: argparse.Namespace, procs: Processes) -> tupl
     schedules = None if args.schedules is None else args.schedules == "on"
     subjects = registry_source(args.subjects)
     slots = gpu_slots(args.gpu_slots)
+    chosen = models.chosen(os.environ, folder / "models", Path.cwd())  # the caller's, each `up`
+    hub = {} if models.is_tiny(chosen, folder / "models") else chosen
+    gpus = models.gpu_environment(chosen, folder / "models")  # a machine without CUDA is refused here
     stack = Stack.load(folder)
     if stack is None:
         stack = Stack.create(folder, requested, schedules=True if schedules is None else schedules,
-                             subjects=subjects, gpu_slots=2 if slots is None else slots)
+                             subjects=subjects, gpu_slots=slots or int(gpus.get("DREAMLINE_GPU_SLOTS", 2)))
+        stack.models, stack.gpu_devices = hub, gpus.get("DREAMLINE_GPU_DEVICES", "")
     else:
         changes = {s: p for s, p in requested.items() if p is not None and p != stack.ports[s]}
         if (changes or (schedules is not None and schedules != stack.schedules)
-                or (subjects is not None and subjects != stack.subjects)):
+                or (subjects is not None and subjects != stack.subjects) or hub != stack.models):
             running = [s.name for s in services(stack) if procs.running(s.name)]
             if running:
                 raise StackError(f"{folder}: the stack is running ({', '.join(running)}) with other settings; "
@@ -136,6 +140,7 @@ def configured(folder: Path, args: argparse.Namespace, procs: Processes) -> tupl
                 stack.schedules = schedules
             if subjects is not None:
                 stack.subjects = subjects
+            stack.models, stack.gpu_devices = hub, gpus.get("DREAMLINE_GPU_DEVICES", "")
             if len(set(stack.ports.values())) < len(stack.ports):
                 raise ValueError(f"two services were given the same port: {stack.ports}")
         if slots is not None:

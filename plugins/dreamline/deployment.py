@@ -13,6 +13,8 @@
 | MLFLOW_TRACKING_URI | `sqlite:///$DREAMLINE_HOME/mlflow/mlflow.db` | MLflow tracking and registry |
 | DREAMLINE_MLFLOW_UI_URL | MLFLOW_TRACKING_URI when it is http(s) | MLflow as a reviewer's browser reaches it (approval pages link its images) |
 | DREAMLINE_GPU_HOUR_PRICE | 2.5 | price of one GPU-hour (your cloud's, in your currency): the estimated price of a night |
+| DREAMLINE_GPU_DEVICES | (none) | local mode: the GPUs GPU steps share out, one each (`0,1,2,3`; the launcher sets it) |
+| DREAMLINE_RETRY_DELAY | 60 | seconds before a crashed step's first retry (doubling for the next, at most 15 min) |
 
 Kubernetes only (see docs/deployment.md for the objects they name):
 
@@ -42,6 +44,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The production models: what a setting left unset means, here and in the embedded deployment's `hub` model set.
+HUB_MODELS = {"DREAMLINE_BASE_MODEL": "stabilityai/stable-diffusion-xl-base-1.0",
+              "DREAMLINE_CLIP_MODEL": "openai/clip-vit-large-patch14", "DREAMLINE_DINO_MODEL": "facebook/dino-vits16",
+              "DREAMLINE_CAPTION_MODEL": "Salesforce/blip-image-captioning-large"}
 MODEL_CACHE_MOUNT = "/models"  # where the model-cache PVC is mounted in step pods; HF_HOME lies under it
 
 
@@ -72,6 +78,8 @@ class Deployment:
     optional_secrets: tuple[str, ...] = ("dreamline-mlflow", "dreamline-hf", "dreamline-git")
     model_cache_pvc: str = "dreamline-model-cache"
     gpu_hour_price: float = 2.5
+    gpu_devices: tuple[str, ...] = ()
+    retry_delay: float = 60.0
     step_env: dict = field(default_factory=dict)
 
     def cache_dir(self, name: str) -> str:
@@ -85,6 +93,10 @@ class Deployment:
         """Refuse, in one line naming the setting, what a step pod could not use."""
         if self.executor not in ("local", "kubernetes"):
             raise DeploymentError(f"DREAMLINE_EXECUTOR={self.executor!r}: use local or kubernetes")
+        for name, value in self.models().items():
+            if not is_model_reference(value):
+                raise DeploymentError(f"{name}={value}: neither a Hugging Face id (org/name) nor an absolute path to "
+                                      f"a folder (a relative path would mean another folder in every working folder)")
         if self.executor != "kubernetes":
             return
         for name, value in (("DREAMLINE_STORAGE", self.storage), ("DREAMLINE_CACHE", self.cache)):
@@ -107,12 +119,15 @@ class Deployment:
         if re.match(r"https?://[^/]*@", self.tracking_uri):
             raise DeploymentError("MLFLOW_TRACKING_URI: holds credentials; put them in the Secret named by "
                                   "DREAMLINE_MLFLOW_SECRET (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD)")
-        for name, value in (("DREAMLINE_BASE_MODEL", self.base_model), ("DREAMLINE_CLIP_MODEL", self.clip_model),
-                            ("DREAMLINE_DINO_MODEL", self.dino_model),
-                            ("DREAMLINE_CAPTION_MODEL", self.caption_model)):
+        for name, value in self.models().items():
             if not pod_can_read_model(value):
                 raise DeploymentError(f"{name}={value}: a path on this machine; in kubernetes mode use a Hugging "
                                       f"Face id or a folder under {MODEL_CACHE_MOUNT} (the model-cache volume)")
+
+
+    def models(self) -> dict[str, str]:
+        return {"DREAMLINE_BASE_MODEL": self.base_model, "DREAMLINE_CLIP_MODEL": self.clip_model,
+                "DREAMLINE_DINO_MODEL": self.dino_model, "DREAMLINE_CAPTION_MODEL": self.caption_model}
 
 
 def slug(text: str) -> str:
@@ -135,6 +150,12 @@ def is_remote_git(url: str) -> bool:
     return bool(re.match(r"(https?|ssh|git)://", url) or re.match(r"[\w.-]+@[\w.-]+:", url))
 
 
+def is_model_reference(model: str) -> bool:
+    """An absolute folder, or a hub id `[org/]name[@revision]` (sd_tasks.model_refs.parse, which the steps apply)."""
+    return model.startswith("/") or bool(re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*(@[\w./-]+)?",
+                                                        model))
+
+
 def pod_can_read_model(model: str) -> bool:
     """A hub id (`org/name`) or a path under the model-cache mount."""
     if model.startswith(MODEL_CACHE_MOUNT + "/"):
@@ -152,6 +173,16 @@ def _price(value: str) -> float:
     return price
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 86400:
+        raise DeploymentError(f"DREAMLINE_RETRY_DELAY={value!r}: seconds before a retry, from 0 to 86400")
+    return seconds
+
+
 def _names(value: str | None) -> tuple[str, ...]:
     return tuple(n.strip() for n in (value or "").split(",") if n.strip())
 
@@ -165,10 +196,10 @@ def from_environment(env=os.environ) -> Deployment:
         storage=env.get("DREAMLINE_STORAGE", str(home / "runs")),
         cache=env.get("DREAMLINE_CACHE", str(home / "cache")),
         dataset_repo=env.get("DREAMLINE_DATASET_REPO", str(home / "data-registry")),
-        base_model=env.get("DREAMLINE_BASE_MODEL", "stabilityai/stable-diffusion-xl-base-1.0"),
-        clip_model=env.get("DREAMLINE_CLIP_MODEL", "openai/clip-vit-large-patch14"),
-        dino_model=env.get("DREAMLINE_DINO_MODEL", "facebook/dino-vits16"),
-        caption_model=env.get("DREAMLINE_CAPTION_MODEL", "Salesforce/blip-image-captioning-large"),
+        base_model=env.get("DREAMLINE_BASE_MODEL") or HUB_MODELS["DREAMLINE_BASE_MODEL"],
+        clip_model=env.get("DREAMLINE_CLIP_MODEL") or HUB_MODELS["DREAMLINE_CLIP_MODEL"],
+        dino_model=env.get("DREAMLINE_DINO_MODEL") or HUB_MODELS["DREAMLINE_DINO_MODEL"],
+        caption_model=env.get("DREAMLINE_CAPTION_MODEL") or HUB_MODELS["DREAMLINE_CAPTION_MODEL"],
         tracking_uri=tracking_uri,
         mlflow_ui_url=env.get("DREAMLINE_MLFLOW_UI_URL") or (tracking_uri if tracking_uri.startswith("http") else None),
         image=env.get("DREAMLINE_IMAGE", "dreamline-worker:latest"),
@@ -183,6 +214,8 @@ def from_environment(env=os.environ) -> Deployment:
                                            env.get("DREAMLINE_GIT_SECRET", "dreamline-git")) if n),
         model_cache_pvc=env.get("DREAMLINE_MODEL_CACHE_PVC", "dreamline-model-cache"),
         gpu_hour_price=_price(env.get("DREAMLINE_GPU_HOUR_PRICE", "2.5")),
+        gpu_devices=_names(env.get("DREAMLINE_GPU_DEVICES")),
+        retry_delay=_seconds(env.get("DREAMLINE_RETRY_DELAY", "60")),
         # What every local step process sees, besides its argv (pods: see operators.pod_environment).
         step_env={"DREAMLINE_HOME": str(home), "MLFLOW_TRACKING_URI": tracking_uri,
                   "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"},

@@ -15,6 +15,7 @@ kill, a preempted pod) raises `StepCrashed` and is retried with backoff (`STEP_R
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -27,6 +28,7 @@ from datetime import timedelta
 from airflow.sdk import BaseOperator, ExceptionRetryPolicy, RetryAction, RetryRule
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from dreamline import gpus
 from dreamline.deployment import DEPLOYMENT, MODEL_CACHE_MOUNT, REPO_ROOT
 from dreamline.profiles import PROFILES, step_resources
 from dreamline.redact import redact, secrets_in
@@ -64,6 +66,21 @@ class each_result:  # noqa: N801
         return f"{self.task_id}[*].{self.key}"
 
 
+@dataclass(frozen=True)
+class pinned:  # noqa: N801
+    """An option whose value is the form's model setting `name` as the `models` task pinned it (`id@sha`), or the
+    form's value where that task did not pin it (the captioning model when captions do not come from a model)."""
+
+    name: str
+
+    def resolve(self, context) -> str | None:
+        return (context["ti"].xcom_pull(task_ids="models") or {}).get(self.name) or context["params"][self.name] \
+            or None
+
+    def __repr__(self) -> str:
+        return f"models.{self.name}"
+
+
 def step_argv(step: str, options: dict[str, Any]) -> list[str]:
     """`sd_tasks` arguments for a step: {"max_steps": 20, "prompts": ["a", "b"], "debug": False} becomes
     [step, "--max-steps=20", "--prompts=a", "--prompts=b", "--no-debug"]. None values are left out. The `=` form
@@ -72,7 +89,7 @@ def step_argv(step: str, options: dict[str, Any]) -> list[str]:
     for name, value in options.items():
         if value is None:
             continue
-        if isinstance(value, (param, each_result)):
+        if isinstance(value, (param, each_result, pinned)):
             raise TypeError(f"{step}: option {name} is {value!r}, not rendered yet")
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
@@ -114,12 +131,15 @@ STEP_RETRY_POLICY = ExceptionRetryPolicy(rules=[
     RetryRule(exception=StepRefused, action=RetryAction.FAIL, reason="the step refused its input"),
     RetryRule(exception=StepCrashed, action=RetryAction.RETRY, reason="the step crashed or was stopped"),
 ])
-STEP_RETRIES = {"retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True,
-                "max_retry_delay": timedelta(minutes=15), "retry_policy": STEP_RETRY_POLICY}
+STEP_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=DEPLOYMENT.retry_delay),  # DREAMLINE_RETRY_DELAY, 60
+                "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=15),
+                "retry_policy": STEP_RETRY_POLICY}
 
 
 class LocalStepOperator(BaseOperator):
-    """Run a step as a subprocess of the worker, in the same Python environment."""
+    """Run a step as a subprocess of the worker, in the same Python environment, in a scratch working folder
+    (`$DREAMLINE_HOME/steps`: nothing a step does lands in the checkout, and no folder there can stand in for a hub
+    model). A GPU step on a machine with several GPUs (DREAMLINE_GPU_DEVICES) gets one of its own (dreamline.gpus)."""
 
     template_fields = ("options",)
     ui_color = "#e8f1fb"
@@ -134,8 +154,14 @@ class LocalStepOperator(BaseOperator):
         record = cost_record(context)
         env = {**os.environ, **DEPLOYMENT.step_env, **({COST_RECORD_ENV: record} if record else {}),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        self._process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                         env=env, cwd=REPO_ROOT)
+        scratch = DEPLOYMENT.home / "steps"
+        scratch.mkdir(parents=True, exist_ok=True)
+        with self.gpus() as (devices, locks):
+            if devices:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+                self.log.info("On GPU %s", env["CUDA_VISIBLE_DEVICES"])
+            self._process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                             env=env, cwd=scratch, pass_fds=locks)  # the step holds its GPU's lock
         lines = []
         for line in self._process.stdout:
             line = line.rstrip("\n")
@@ -150,6 +176,12 @@ class LocalStepOperator(BaseOperator):
             raise AirflowException(f"step {self.step} printed no JSON result")
         return result
 
+    def gpus(self):
+        """The GPUs this step leases, with their locks; none for a CPU step or without DREAMLINE_GPU_DEVICES."""
+        if not (self.profile.gpus and DEPLOYMENT.gpu_devices):
+            return contextlib.nullcontext(([], []))
+        return gpus.lease(DEPLOYMENT.gpu_devices, self.profile.gpus, DEPLOYMENT.home / "gpus", log=self.log.info)
+
     def on_kill(self) -> None:
         process = getattr(self, "_process", None)
         if process and process.poll() is None:
@@ -161,7 +193,7 @@ class LocalStepOperator(BaseOperator):
 
 
 # Steps that load a model: they get the model-cache volume as their Hugging Face cache.
-MODEL_STEPS = frozenset({"caption", "encode", "class-images", "train", "evaluate"})
+MODEL_STEPS = frozenset({"pin-models", "caption", "encode", "class-images", "train", "evaluate"})
 WORKER_UID = 50000  # the worker image's user (Dockerfile)
 
 

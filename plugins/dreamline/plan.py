@@ -120,6 +120,23 @@ def run_name(learning_rate: float) -> str:
     return f"lr-{learning_rate:g}"
 
 
+# The form's model settings; `pin-models` (task `models`) pins each hub model to a commit before any other step.
+MODEL_SETTINGS = ("base_model", "clip_model", "dino_model", "vae", "caption_model")
+
+
+def models_to_pin(params: dict, run: str) -> dict:
+    """`pin-models` options: every model the run loads (the captioning model only when captions come from it)."""
+    options = {name: params[name] or None for name in ("base_model", "clip_model", "dino_model", "vae")}
+    if params["caption_strategy"] == "model":
+        options["caption_model"] = params["caption_model"]
+    return {**options, "output": f"{run}/models"}
+
+
+def with_pinned_models(params: dict, pinned: dict | None) -> dict:
+    """The form's values with every model setting the `models` task pinned as it pinned it (`id@sha`)."""
+    return {**params, **{name: ref for name, ref in (pinned or {}).items() if name in MODEL_SETTINGS}}
+
+
 def encode_shard_options(params: dict, run: str, images: int) -> list[dict]:
     """One `encode` options dict per shard of at most `encode_shard_size` images (one pod each)."""
     count = max(1, math.ceil(images / params["encode_shard_size"]))

@@ -64,13 +64,17 @@ def planned_pods(conf: dict, images: int = 5, champion: bool = True, run_id: str
     except plan.RecipeError as exc:
         raise SystemExit(f"error: --conf: {exc}") from None
     run = DEPLOYMENT.run_dir(dag.dag_id, run_id)
+    to_pin = plan.models_to_pin(params, run)
+    pinned = {name: f"{ref}@<commit>" if not ref.startswith("/") else ref for name, ref in to_pin.items()
+              if name in plan.MODEL_SETTINGS and ref}
+    form, params = params, plan.with_pinned_models(params, pinned)  # what the steps after `models` are given
     trained = [{"learning_rate": lr, "checkpoints": [
         {"step": s, "uri": f"{run}/train/{plan.run_name(lr)}/checkpoint-{s}"} for s in checkpoint_steps(params)]}
         for lr in params["learning_rates"]]
     current = {"checkpoint": f"{run}/champion" if champion else None, "version": 1 if champion else None}
     evaluations = plan.evaluation_options(params, run, trained, current)
     results = {  # what the tasks that templates pull from would return
-        "recipe": recipe, "checkpoint_evaluations": evaluations,
+        "recipe": recipe, "models": pinned, "checkpoint_evaluations": evaluations,
         "dataset": {"rev": params["dataset_version"], "commit": "<dataset.commit>", "hash": "<dataset.hash>"},
         "mlflow_run": {"run_id": "<mlflow_run.run_id>"},
         "class_images": {"images": DEPLOYMENT.cache_dir("class-images") + "/<class_images.key>"},
@@ -81,7 +85,7 @@ def planned_pods(conf: dict, images: int = 5, champion: bool = True, run_id: str
     encode_cache = DEPLOYMENT.cache_dir("encode") + "/<encode.key>"
     shards = plan.encode_shard_options(params, run, images)
     computed = {  # options the DAG computes in TaskFlow tasks rather than templates; a list: mapped
-        "encode": shards,
+        "models": to_pin, "encode": shards,
         "merge_cache": {"cache": encode_cache, "num_shards": len(shards)},
         "train": plan.training_options(params, run, results["dataset"], encode_cache,
                                        "<mlflow_run.run_id>", results["encode_class_images"]["cache"]
@@ -115,7 +119,7 @@ def planned_pods(conf: dict, images: int = 5, champion: bool = True, run_id: str
         for index, options in enumerate(options) if isinstance(options, list) else [(-1, options)]:
             ti = SimpleNamespace(dag_id=dag.dag_id, task_id=task.task_id, map_index=index, try_number=1,
                                  xcom_pull=lambda task_ids, **_: results.get(task_ids))
-            context = {"params": params, "run_id": run_id, "dag": dag, "ti": ti, "task": task}
+            context = {"params": form, "run_id": run_id, "dag": dag, "ti": ti, "task": task}
             rendered = task.render_template(options, context, env)
             profile = partial.get("profile", "cpu") if partial is not None else task.profile_name
             op = operator(task_id=task.task_id, step=step, profile=profile, options=rendered)

@@ -42,6 +42,7 @@ PROFILES = {
 # A step still running after this fails (and is retried when the failure may pass): generous for SDXL at 1024 px on
 # one GPU, far below a night. Steps not listed get DEFAULT_TIMEOUT.
 STEP_TIMEOUTS = {
+    "pin-models": timedelta(hours=3),  # SDXL base is about 14 GB the first time; then one request per model
     "dataset": timedelta(hours=1), "validate": timedelta(hours=1), "resize": timedelta(hours=1),
     "caption": timedelta(hours=2), "encode": timedelta(hours=3), "class-images": timedelta(hours=2),
     "train": timedelta(hours=8), "evaluate": timedelta(hours=3),

@@ -153,3 +153,33 @@ def _subject(source: str, name: str, entry) -> Subject:
                    dataset_version=version, schedule=schedule, on_new_data=bool(entry.get("on_new_data")),
                    timeout_hours=float(timeout), require_approval=approval, approval_timeout_hours=float(waits),
                    recipe=dict(recipe))
+
+
+def add(registry: Path, name: str, entry: dict) -> bool:
+    """Append subject `name` to the registry file, keeping every byte already in it (its comments too): False,
+    untouched, when it is listed already. The entry must pass the rules the DAGs apply; the file is replaced in one
+    rename, and only once the new text reads back as the old subjects plus this one (a registry written in another
+    style, where appending would not mean that, is refused in one line with the entry to add by hand)."""
+    import yaml
+
+    text = registry.read_text() if registry.exists() else "subjects:\n"
+    before = load(str(registry)) if registry.exists() else []
+    if any(subject.name == name for subject in before):
+        return False
+    _subject(str(registry), name, entry)
+    block = yaml.safe_dump({name: entry}, sort_keys=False, default_flow_style=None, width=100)
+    new = text.rstrip("\n") + "\n" + "".join(f"  {line}\n" for line in block.splitlines())
+    try:
+        after = yaml.safe_load(new)
+    except yaml.YAMLError:
+        after = None
+    if not isinstance(after, dict) or after.get("subjects", {}).get(name) != entry or \
+            [s.name for s in before] + [name] != list(after["subjects"]):
+        raise SubjectRegistryError(f"{registry}: cannot append to it safely (`subjects:` is not its last, block-style "
+                                   f"mapping); add by hand under `subjects:`: {json.dumps({name: entry})}")
+    temporary = registry.with_name(f".{registry.name}.new")
+    temporary.write_text(new)
+    if registry.exists():
+        temporary.chmod(registry.stat().st_mode & 0o777)
+    temporary.replace(registry)
+    return True
