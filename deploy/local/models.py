@@ -87,7 +87,8 @@ def ensure_tiny(models: dict[str, str], folder: Path, env: dict[str, str], log: 
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.run([sys.executable, "-m", "sd_tasks", "tiny-model", tiny["DREAMLINE_BASE_MODEL"],
-                               "--evaluators", str(folder / "evaluators")], cwd=folder.parent, env=env, stdout=out,
+                               "--evaluators", str(folder / "evaluators")], cwd=folder.parent,
+                              env={**env, "PYTHONPATH": str(REPO)}, stdout=out,
                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise RuntimeError(f"sd_tasks tiny-model failed with status {proc.returncode}; see {log}")
