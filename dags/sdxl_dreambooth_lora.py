@@ -23,16 +23,16 @@ dataset is published; or on **Trigger** with the form below. A run:
    every *checkpoint interval*; with *prior preservation*, also on class images the base model generates once
    (cached). A crashed or preempted step is retried with backoff and training resumes from its latest checkpoint;
    refused input and a diverging learning rate fail at once, the latter its own task only;
-6. **evaluate**: one task per learning rate that finished scores every checkpoint of it (the pipeline and the
-   evaluators loaded once, LoRA weights swapped in place), one the current champion and one the base model alone,
-   on the same prompts and seeds (DINO, CLIP-I, CLIP-T, preservation of the base model's class images; every score
+6. **evaluate**: every checkpoint of each learning rate that finished, the current champion and the base model
+   alone, shared out over one task per GPU slot (each loads the pipeline and the evaluators once and swaps LoRA
+   weights in place), on the same prompts and seeds (DINO, CLIP-I, CLIP-T, preservation of the base model's class images; every score
    kept per image, and normalised against the base model's so the weights mean what they say); with *Sweep
    strategy* halving, every rate first trains to the first rung only, and **rung_1**, **rung_2** keep the best
    fraction (`halve`), train them on from their rung checkpoint and evaluate the new checkpoints (skipped when the
    sweep has no such rung);
 7. **select** the best checkpoint of the evaluations that succeeded (naming those missing; the parent run gets
    labelled image grids and metric plots); **confirm**: the selected checkpoint, the champion and the base model are
-   scored again on seeds selection never saw;
+   scored again, in one process, on seeds selection never saw;
 8. **register** it as a new version of `<subject>-sdxl-lora` with alias `challenger`, and move `champion` to it
    only if, image by image on the confirmation seeds, the bootstrap interval of its score minus the champion's lies
    above the margin (the first version: its subject fidelity minus the base model's);
@@ -59,7 +59,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from dreamline import plan, subjects
 from dreamline.deployment import DEPLOYMENT
 from dreamline.notify import on_failure, on_promotion
-from dreamline.operators import StepOperator, each_result, param, partial_step, pinned
+from dreamline.operators import StepOperator, evaluation_folders, param, partial_step, pinned
 from dreamline.params import MAX_RUNGS, dag_params
 
 RUN = "{{ run_dir(dag.dag_id, run_id) }}"  # this DAG run's folder
@@ -200,8 +200,8 @@ def lora_dag(subject: subjects.Subject):
 
         @task(trigger_rule="all_done_min_one_success")  # a learning rate that diverged must not sink the sweep
         def checkpoint_evaluations(training_results: list[dict]) -> list[dict]:
-            """One `evaluate` options dict per training run that finished (all its checkpoints), one for the
-            current champion and one for the base model (dreamline.plan.evaluation_options)."""
+            """`evaluate` options, one per GPU slot, sharing out every checkpoint of each training run that
+            finished, the current champion and the base model (dreamline.plan.evaluation_options)."""
             params, run = _params_and_run_dir()
             current = get_current_context()["ti"].xcom_pull(task_ids="champion")  # it ran before training
             finished = {r["learning_rate"] for r in training_results}  # a failed train task leaves no result
@@ -222,23 +222,21 @@ def lora_dag(subject: subjects.Subject):
         # From the evaluations that succeeded (a failed one is named, not fatal), whichever rungs ran.
         selected = StepOperator(task_id="select", step="select", trigger_rule="all_done", options={
             "evaluations": f"{RUN}/eval", "output": f"{RUN}/select", "sweep": f"{RUN}/sweep",
-            "expected": each_result("checkpoint_evaluations", "output"),
+            "expected": evaluation_folders("checkpoint_evaluations"),
             "weight_accuracy": param("weight_accuracy"), "weight_flexibility": param("weight_flexibility"),
             "weight_preservation": param("weight_preservation"), "parent_run_id": PARENT_RUN_ID,
         })
 
         @task
-        def confirmations(selection: dict) -> list[dict]:
+        def confirmations(selection: dict) -> dict:
             """`evaluate` options for the selected checkpoint, the champion and the base model on seeds selection
-            did not use (dreamline.plan.confirmation_options)."""
+            did not use, in one process (dreamline.plan.confirmation_options)."""
             params, run = _params_and_run_dir()
             current = get_current_context()["ti"].xcom_pull(task_ids="champion")
             return plan.confirmation_options(params, run, selection["selected"], current)
 
-        confirmed = partial_step(
-            task_id="confirm", step="evaluate", profile="gpu",
-            map_index_template="{{ task.options['output'].split('/confirm/')[-1] }}",
-        ).expand(options=confirmations(selected.output))
+        confirmed = StepOperator(task_id="confirm", step="evaluate", profile="gpu",
+                                 options=confirmations(selected.output))
         registered = StepOperator(task_id="register", step="register", on_success_callback=on_promotion, options={
             "selection": f"{RUN}/select", "dataset": f"{RUN}/dataset", "output": f"{RUN}/register",
             "model_name": subject.model_name, "parent_run_id": PARENT_RUN_ID,
@@ -283,7 +281,8 @@ def lora_dag(subject: subjects.Subject):
     return lora()
 
 
-EVALUATED = "{{ task.options['output'].split('/eval/')[-1] }}"  # an evaluate task's map index: lr-0.0001, base
+# an evaluate task's map index: what it evaluates, e.g. "lr-0.0001, base"
+EVALUATED = "{% for t in task.options['targets'] %}{{ t.split('=')[0] }}{{ ', ' if not loop.last }}{% endfor %}"
 TRAINED = "lr={{ task.options['learning_rate'] }}"
 
 
@@ -314,7 +313,7 @@ def halving_rung(number: int, trained, evaluated) -> tuple:
 
         @task(trigger_rule="all_done_min_one_success")
         def new_checkpoint_evaluations(training_results: list[dict]) -> list[dict]:
-            """One `evaluate` per kept training run: its checkpoints already evaluated are not redone."""
+            """The kept training runs' `evaluate` tasks: their checkpoints already evaluated are not redone."""
             return plan.evaluation_options(*_params_and_run_dir(), training_results, None, base=False)
 
         evaluated_on = partial_step(task_id="evaluate", step="evaluate", profile="gpu", map_index_template=EVALUATED,

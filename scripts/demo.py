@@ -33,17 +33,19 @@ DATASET_TAG = "dog-v1"
 # models; on the real ones (DREAMLINE_MODELS=hub, a GPU), SDXL's own 1024 px, two rates, 200 steps, 8 prompts.
 # A second `make demo` finds nothing changed and skips training; `make demo FORCE=1` trains anyway.
 FORCE = {"force": os.environ.get("FORCE", "") not in ("", "0")}
+# Eight of DreamBench's 25 prompts (scenes, clothes, styles), two images each: every evaluation still runs them all.
+DEMO_PROMPTS = ["a {instance} in the jungle", "a {instance} in the snow", "a {instance} on the beach",
+                "a {instance} with a city in the background", "a {instance} wearing a red hat",
+                "a {instance} in a chef outfit", "a red {instance}", "a shiny {instance}"]
 DEMO_CONF = {
     "subject": "dog", "dataset_version": DATASET_TAG, "learning_rates": [1e-4, 5e-4, 1e-5], "max_steps": 20,
     "checkpointing_steps": 10, "resolution": 64, "images_per_prompt": 2, "inference_steps": 4,
-    "confirmation_images_per_prompt": 2, **FORCE,
+    "confirmation_images_per_prompt": 2, "evaluation_prompts": DEMO_PROMPTS, **FORCE,
 }
 GPU_DEMO_CONF = {
     "subject": "dog", "dataset_version": DATASET_TAG, "learning_rates": [1e-4, 5e-4], "max_steps": 200,
-    "checkpointing_steps": 100, "images_per_prompt": 2, "confirmation_images_per_prompt": 2, **FORCE,
-    "evaluation_prompts": ["a {instance} in the jungle", "a {instance} in the snow", "a {instance} on the beach",
-                           "a {instance} with a city in the background", "a {instance} wearing a red hat",
-                           "a {instance} in a chef outfit", "a red {instance}", "a shiny {instance}"],
+    "checkpointing_steps": 100, "images_per_prompt": 2, "confirmation_images_per_prompt": 2,
+    "evaluation_prompts": DEMO_PROMPTS, **FORCE,
 }
 
 
@@ -55,12 +57,16 @@ def main() -> int:
         os.environ.update(models.environment(chosen, home / "models"))
         os.environ.update(models.gpu_environment(chosen, home / "models"))
         tiny = models.is_tiny(chosen, home / "models")
-        step("offline models" if tiny else "models (fetched once, pinned)", ensure_models, chosen, home)
+        if tiny:  # three independent preparations, mostly in subprocesses: at once, on as many cores
+            at_once({"offline models": (ensure_models, chosen, home), "data registry": (ensure_dataset, home),
+                     "airflow database": (ensure_airflow,)})
+        else:  # hub models first: a download that fails stops the demo before anything else is made
+            step("models (fetched once, pinned)", ensure_models, chosen, home)
+            step("data registry", ensure_dataset, home)
+            step("airflow database", ensure_airflow)
     except (ValueError, RuntimeError) as exc:
         print(f"error: make demo: {exc}", file=sys.stderr)
         return 1
-    step("data registry", ensure_dataset, home)
-    step("airflow database", ensure_airflow)
     if dags_test(home / "demo.log", DEMO_CONF if tiny else GPU_DEMO_CONF) != 0:
         print(f"error: the DAG run failed; see {home / 'demo.log'}", file=sys.stderr)
         return 1
@@ -102,6 +108,26 @@ def ensure_airflow() -> None:
     """Airflow's database, migrated, with the `gpu` pool the DAG's GPU steps run in (DREAMLINE_GPU_SLOTS, 1)."""
     run([sys.executable, "-m", "airflow", "db", "migrate"], quiet=True)
     ensure_gpu_pool(dict(os.environ), cwd=REPO)
+
+
+def at_once(steps: dict[str, tuple]) -> None:
+    """Run the steps in threads (each waits on its own subprocesses or files); one line with each one's seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def timed(func, *args) -> float:
+        t = time.monotonic()
+        func(*args)
+        return time.monotonic() - t
+
+    print(f"==> {', '.join(steps)}", end=" ", flush=True)
+    with ThreadPoolExecutor(len(steps)) as pool:
+        futures = {name: pool.submit(timed, *call) for name, call in steps.items()}
+    try:
+        seconds = {name: future.result() for name, future in futures.items()}
+    except BaseException:
+        print(flush=True)
+        raise
+    print("(" + ", ".join(f"{s:.0f} s" for s in seconds.values()) + ", at once)", flush=True)
 
 
 def step(name: str, func, *args) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
@@ -44,11 +45,11 @@ from sd_tasks.compare import METRICS
 from sd_tasks.dataset import content_hash
 from sd_tasks.encode import model_fingerprint
 from sd_tasks.errors import StepError
+from sd_tasks.evaluation_images import Generator, prompt_seeds
 from sd_tasks.evaluation_log import log_to_training_run
 from sd_tasks.manifest import inside, load
 from sd_tasks.metrics import ClipEmbedder, DinoEmbedder, matched_cosines, mean_cosines
-from sd_tasks.model_refs import local_folder
-from sd_tasks.models import device, inference_dtype, load_pipeline
+from sd_tasks.models import inference_dtype
 from sd_tasks.storage import is_whole, join, read_dir, read_json, write_dir, write_json
 from sd_tasks.checkpoint_files import CHECKPOINT_INFO, LORA_WEIGHTS
 from sd_tasks.train import list_checkpoints
@@ -71,6 +72,9 @@ class EvaluateConfig:
                                     "alone (needs --base-model), the yardstick scores are normalised by", None)
     training_run: str | None = option("instead of --checkpoint: train's output folder (URI); every whole checkpoint "
                                       "in it is evaluated into <output>/step-<N>, loading the pipeline once", None)
+    targets: list[str] = option("instead of both: several evaluations in this one process, NAME=SOURCE each, into "
+                                "<output>/NAME; SOURCE a training run folder (each checkpoint into NAME/step-<N>), a "
+                                "checkpoint folder, or empty for the base model (URIs)", [])
     class_prompts: list[str] = option("prompts without the subject, for preservation (e.g. 'a photo of dog')", [])
     clip_model: str = option("CLIP model id or folder", "openai/clip-vit-large-patch14")
     dino_model: str = option("DINO ViT model id or folder", "facebook/dino-vits16")
@@ -91,6 +95,8 @@ class EvaluateConfig:
 
 def run(config: EvaluateConfig) -> dict:
     config = replace(config, dtype=inference_dtype(config.dtype))  # the suite names the dtype that ran
+    if config.targets:
+        return evaluate_targets(config)
     if config.training_run:
         return evaluate_training_run(config)
     if config.checkpoint is None and not config.base_model:
@@ -102,6 +108,44 @@ def run(config: EvaluateConfig) -> dict:
     return evaluate(config, Evaluator(config, base_model), info)
 
 
+def evaluate_targets(config: EvaluateConfig) -> dict:
+    """Several evaluations in one process, sharing one pipeline, one pair of evaluators and the base model's class
+    images: the training runs of a sweep, the champion and the base model, as many as share one GPU. Every LoRA
+    file is checked before anything loads; each target is written and kept as its own evaluation would be."""
+    if config.checkpoint or config.training_run:
+        raise StepError("--targets with --checkpoint or --training-run: give one of them")
+    targets = [parse_target(target) for target in config.targets]
+    if len({name for name, _ in targets}) < len(targets):
+        raise StepError(f"--targets {' '.join(config.targets)}: a name given twice")
+    runs = {name: list_checkpoints(source) for name, source in targets if source and not is_whole(source)}
+    if empty := [source for name, source in targets if name in runs and not runs[name]]:
+        raise StepError(f"{empty[0]}: no whole checkpoint to evaluate (did train write any?)")
+    uris = [c["uri"] for checkpoints in runs.values() for c in checkpoints] + \
+        [source for name, source in targets if source and name not in runs]
+    infos = {uri: read_json(f"{uri}/{CHECKPOINT_INFO}") for uri in uris}
+    base_model = config.base_model or next((info["base_model"] for info in infos.values()), None)
+    if not base_model:
+        raise StepError("--targets of the base model alone need --base-model")
+    lora_files.check_checkpoints(uris, base_model)
+    shared = Evaluator(config, base_model)
+    results = []
+    for name, source in targets:
+        one = replace(config, targets=[], output=join(config.output, name))
+        if name in runs:
+            results.append(each_checkpoint(replace(one, training_run=source), shared, runs[name], infos))
+        else:
+            results.append(evaluate(replace(one, checkpoint=source), shared, infos[source] if source else BASE_INFO))
+    return {"output": config.output, "targets": [name for name, _ in targets], "evaluations": results}
+
+
+def parse_target(target: str) -> tuple[str, str | None]:
+    """(NAME, SOURCE or None for the base model) of `NAME=SOURCE`; NAME is one folder name."""
+    name, equals, source = target.partition("=")
+    if not equals or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise StepError(f"--targets {target!r}: NAME=SOURCE, NAME a folder name (letters, digits, . _ -)")
+    return name, source or None
+
+
 def evaluate_training_run(config: EvaluateConfig) -> dict:
     """Every whole checkpoint of one training run, oldest first, in one process: one pipeline, LoRA swapped."""
     if config.checkpoint:
@@ -109,20 +153,26 @@ def evaluate_training_run(config: EvaluateConfig) -> dict:
     checkpoints = list_checkpoints(config.training_run)
     if not checkpoints:
         raise StepError(f"{config.training_run}: no whole checkpoint to evaluate (did train write any?)")
-    infos = [read_json(f"{c['uri']}/{CHECKPOINT_INFO}") for c in checkpoints]
-    base_model = config.base_model or infos[0]["base_model"]
+    infos = {c["uri"]: read_json(f"{c['uri']}/{CHECKPOINT_INFO}") for c in checkpoints}
+    base_model = config.base_model or infos[checkpoints[0]["uri"]]["base_model"]
     lora_files.check_checkpoints([c["uri"] for c in checkpoints], base_model)
-    shared = Evaluator(config, base_model)
+    return each_checkpoint(config, Evaluator(config, base_model), checkpoints, infos)
+
+
+def each_checkpoint(config: EvaluateConfig, shared: "Evaluator", checkpoints: list[dict], infos: dict) -> dict:
+    """A training run's checkpoints, oldest first, each into <output>/step-<N>; one already whole is not redone."""
     results = []
-    for c, info in zip(checkpoints, infos):
+    for c in checkpoints:
+        info = infos[c["uri"]]
         one = replace(config, checkpoint=c["uri"], training_run=None, output=join(config.output, f"step-{c['step']}"))
         done = read_json(f"{one.output}/metrics.json") if is_whole(one.output) else None
         if done and done.get("suite") == shared.suite:  # written after it was logged: nothing left to do
             results.append(summary({k: v for k, v in done.items() if k not in SUITE_FIELDS}) | {"done": True})
         else:
             results.append(evaluate(one, shared, info))
-    return {"training_run": config.training_run, "learning_rate": infos[-1]["learning_rate"],
-            "run_id": infos[-1].get("run_id"), "output": config.output, "evaluations": results}
+    last = infos[checkpoints[-1]["uri"]]
+    return {"training_run": config.training_run, "learning_rate": last["learning_rate"],
+            "run_id": last.get("run_id"), "output": config.output, "evaluations": results}
 
 
 def evaluate(config: EvaluateConfig, shared: "Evaluator", info: dict) -> dict:
@@ -206,11 +256,6 @@ def write_metrics(out: Path, result: dict, config: EvaluateConfig) -> None:
                                       **seeds})
 
 
-def prompt_seeds(config: EvaluateConfig, prompt_index: int) -> list[int]:
-    """The seeds of one prompt's images: they depend only on the base seed, the prompt's place and the image's."""
-    return [config.seed + 1000 * prompt_index + k for k in range(config.images_per_prompt)]
-
-
 def means(result: dict) -> dict[str, float]:
     return {k: result[k] for k in METRICS if result.get(k) is not None}
 
@@ -227,7 +272,7 @@ def suite_fingerprint(config: EvaluateConfig, base_model: str) -> str:
     import transformers
 
     suite = {k: v for k, v in asdict(config).items()
-             if k not in ("checkpoint", "training_run", "output", "base_model", "cache")}
+             if k not in ("checkpoint", "training_run", "targets", "output", "base_model", "cache")}
     suite |= {"base_model": base_model, "instance_images": content_hash(read_dir(config.instance_images) / "images"),
               "vae": config.vae and model_fingerprint(config.vae, parts=[""]),  # a local folder by its content
               "versions": [SCORING_VERSION, torch.__version__, diffusers.__version__, transformers.__version__]}
@@ -237,74 +282,6 @@ def suite_fingerprint(config: EvaluateConfig, base_model: str) -> str:
 def file_digest(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()[:16]
-
-
-class Generator:
-    """The base pipeline, with the checkpoint's LoRA switched on or off, and the optional refiner."""
-
-    def __init__(self, base_model: str, config: EvaluateConfig):
-        self.config = config
-        self.pipe = load_pipeline(base_model, config.dtype, config.vae)
-        if config.scheduler:
-            self.pipe.scheduler = scheduler_class(config.scheduler).from_config(self.pipe.scheduler.config)
-        self.refiner = None
-        if config.refiner_model:
-            from diffusers import StableDiffusionXLImg2ImgPipeline
-
-            self.refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(  # decodes with the same VAE
-                local_folder(config.refiner_model, "--refiner-model"), vae=self.pipe.vae,
-                torch_dtype=getattr(torch, config.dtype)).to(device())
-            self.refiner.set_progress_bar_config(disable=True)
-        self.size = config.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        self.loaded, self.loaded_text_encoders = None, False
-
-    def for_prompts(self, prompts: list[str], lora: Path | None) -> list[list[Image.Image | None]]:
-        """Images per prompt; None where the output was not finite."""
-        if lora is not None and self.loaded != lora:
-            self.load(lora)
-        if self.loaded is not None:
-            (self.pipe.enable_lora if lora is not None else self.pipe.disable_lora)()
-        rows = []
-        for j, prompt in enumerate(prompts):
-            seeds = prompt_seeds(self.config, j)
-            common = dict(num_inference_steps=self.config.num_inference_steps,
-                          guidance_scale=self.config.guidance_scale)
-            arrays = self.pipe([prompt] * len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds],
-                               height=self.size, width=self.size, output_type="np", **common).images
-            if self.refiner is not None:
-                arrays = self.refiner([prompt] * len(seeds), image=arrays, output_type="np",
-                                      generator=[torch.Generator().manual_seed(s) for s in seeds], **common).images
-            rows.append([to_image(a) for a in arrays])
-        return rows
-
-    def load(self, lora: Path) -> None:
-        """Switch to the LoRA of checkpoint folder `lora`. The next checkpoint of a training run has the same rank
-        and targets: its weights are copied into the adapter already in the pipeline (hot-swap) rather than the
-        adapter removed and injected again. diffusers cannot hot-swap a text encoder's adapter, so a LoRA with
-        text-encoder weights, or one after such a LoRA (whose text-encoder adapters would stay), is loaded afresh
-        once the one before is unloaded; the file says which it is, whatever the checkpoint's info says."""
-        text_encoders = bool(lora_files.components(lora / LORA_WEIGHTS) & set(lora_files.TEXT_ENCODERS))
-        hotswap = self.loaded is not None and not text_encoders and not self.loaded_text_encoders
-        if self.loaded is not None and not hotswap:
-            self.pipe.unload_lora_weights()
-        self.pipe.load_lora_weights(str(lora), weight_name=LORA_WEIGHTS,  # the checked file, not a .bin beside it
-                                    adapter_name="checkpoint", hotswap=hotswap)
-        self.loaded, self.loaded_text_encoders = lora, text_encoders
-
-
-def scheduler_class(name: str):
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if cls is None or not name.endswith("Scheduler"):
-        raise StepError(f"--scheduler {name!r}: not a diffusers scheduler class")
-    return cls
-
-
-def to_image(array: np.ndarray) -> Image.Image | None:
-    if not np.isfinite(array).all():
-        return None
-    return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
 
 
 def load_instance_images(uri: str) -> list[Image.Image]:

@@ -137,12 +137,18 @@ def _check_metadata(metadata: dict, ranks: dict[str, int], shown: str) -> None:
             raise StepError(f"{shown}: its metadata's lora_alpha for {component} is {alpha!r}, not a positive number")
 
 
-def components(path: Path) -> set[str]:
-    """The SDXL components a LoRA file (already `check`ed) holds weights for, from its header alone."""
+def layout(path: Path) -> frozenset[tuple[str, tuple[int, ...]]]:
+    """Every tensor of a LoRA file (already `check`ed) with its shape, from the header alone: two files of one
+    layout fit the same adapters (what hot-swapping needs)."""
     from safetensors import safe_open
 
     with safe_open(path, framework="numpy") as f:
-        return {key.split(".", 1)[0] for key in f.keys()}
+        return frozenset((key, tuple(f.get_slice(key).get_shape())) for key in f.keys())
+
+
+def components(path: Path) -> set[str]:
+    """The SDXL components a LoRA file (already `check`ed) holds weights for, from its header alone."""
+    return {key.split(".", 1)[0] for key, _ in layout(path)}
 
 
 def base_layers(base_model: str) -> dict[str, tuple[int, int]]:

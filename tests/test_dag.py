@@ -105,7 +105,8 @@ def test_training_and_evaluation_are_mapped_over_learning_rates_with_halving_run
     assert tasks["encode"].__class__.__name__ == "MappedOperator"
     assert {"merge_cache", "encode_class_images"} <= tasks["training_runs"].upstream_task_ids
     assert tasks["training_runs"].trigger_rule == "none_failed"  # runs when prior preservation is skipped
-    assert tasks["confirm"].__class__.__name__ == "MappedOperator"  # the winner, the champion, the base model
+    # the winner, the champion and the base model: one process, one pipeline (dreamline.plan.confirmation_options)
+    assert tasks["confirm"].__class__.__name__ != "MappedOperator" and tasks["confirm"].step == "evaluate"
     assert tasks["register"].upstream_task_ids == {"confirm"}
     assert tasks["select"].upstream_task_ids == {"evaluate", "rung_1.evaluate", "rung_2.evaluate"}
     # each rung follows the stage before it, and is skipped (from its first task on) when the sweep has no such rung

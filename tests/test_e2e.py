@@ -218,10 +218,9 @@ def test_a_night_with_nothing_changed_ends_skipped_in_seconds_without_training(n
     again = nights["dog-again"]
     assert again["state"] == "success", again["log"][-3000:]
     states = {t["task_id"]: t["state"] for t in again["tasks"]}
-    assert {k: states[k] for k in ("recipe", "dataset", "champion", "lineage", "anything_to_train")} == dict.fromkeys(
-        ("recipe", "dataset", "champion", "lineage", "anything_to_train"), "success")
-    assert {s for t, s in states.items() if t not in ("recipe", "dataset", "champion", "lineage",
-                                                       "anything_to_train")} == {"skipped"}
+    before = ("recipe", "models_to_pin", "models", "dataset", "champion", "lineage", "anything_to_train")
+    assert {k: states[k] for k in before} == dict.fromkeys(before, "success")
+    assert {s for t, s in states.items() if t not in before} == {"skipped"}
     assert "nothing to train: nothing changed since v1 (champion) was trained: same dataset content, recipe, " \
            "base model, code version" in again["log"]
     parents = [r for r in client.search_runs([client.get_experiment_by_name("dog").experiment_id])

@@ -9,7 +9,7 @@ import pytest
 
 import shutil
 
-from sd_tasks import evaluate, select, tracking, train
+from sd_tasks import evaluate, evaluation_images, select, tracking, train
 from sd_tasks.errors import StepError
 
 PROMPTS = ["a sks dog in the snow", "a red sks dog"]
@@ -40,7 +40,7 @@ def loads(monkeypatch) -> dict:
             return real(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(evaluate, "load_pipeline", counted("pipeline", evaluate.load_pipeline))
+    monkeypatch.setattr(evaluation_images, "load_pipeline", counted("pipeline", evaluation_images.load_pipeline))
     monkeypatch.setattr(evaluate, "ClipEmbedder", counted("clip", evaluate.ClipEmbedder))
     monkeypatch.setattr(evaluate, "DinoEmbedder", counted("dino", evaluate.DinoEmbedder))
     return counts
@@ -113,3 +113,48 @@ def test_a_training_run_without_checkpoints_is_refused_in_one_line(tmp_path, pre
     with pytest.raises(StepError, match=r"empty: no whole checkpoint to evaluate"):
         evaluate.run(evaluate.EvaluateConfig(training_run=str(tmp_path / "empty"), output=str(tmp_path / "out"),
                                              **suite(prepared, models)))
+
+
+@pytest.fixture(scope="module")
+def other_run(prepared, cache, models, tmp_path_factory) -> Path:
+    """Another learning rate at another rank: a LoRA of another layout, which cannot be hot-swapped in."""
+    out = tmp_path_factory.mktemp("per-run-other") / "train" / "lr-1e-4"
+    train.run(train.TrainConfig(cache=cache, output=str(out), base_model=models["sdxl"], learning_rate=1e-4,
+                                max_steps=2, checkpointing_steps=2, experiment="per-run", rank=4))
+    return out
+
+
+def test_a_sweep_the_champion_and_the_base_model_share_one_process(run_folder, other_run, prepared, models, tmp_path,
+                                                                    loads, monkeypatch):
+    """`evaluate --targets`, one task per GPU slot: every evaluation of the night that falls to it, one pipeline and
+    one pair of evaluators, each written where its own process would have written it, with the same scores."""
+    swaps = hotswaps(monkeypatch)
+    targets = [f"lr-1e-3={run_folder}", f"lr-1e-4={other_run}", f"champion-v1={run_folder / 'checkpoint-2'}", "base="]
+    result = evaluate.run(evaluate.EvaluateConfig(targets=targets, output=str(tmp_path / "eval"),
+                                                  base_model=models["sdxl"], **suite(prepared, models)))
+    assert loads == {"pipeline": 1, "clip": 1, "dino": 1}
+    # rank 8 loaded, its next checkpoint hot-swapped; rank 4 (another layout) loaded afresh; the champion, rank 8
+    # again after rank 4, afresh too
+    assert swaps == [False, True, False, False]
+    assert result["targets"] == ["lr-1e-3", "lr-1e-4", "champion-v1", "base"]
+    metrics = {name: json.loads((tmp_path / "eval" / name / "metrics.json").read_text())
+               for name in ("lr-1e-3/step-2", "lr-1e-3/step-4", "lr-1e-4/step-2", "champion-v1", "base")}
+    assert metrics["base"]["base"] and metrics["lr-1e-4/step-2"]["learning_rate"] == 1e-4
+    # the champion's weights are checkpoint-2's: no adapter of the LoRA before it stayed behind
+    assert per_image(metrics["champion-v1"]) == pytest.approx(per_image(metrics["lr-1e-3/step-2"]), abs=1e-5)
+    for name, alone in (("lr-1e-4/step-2", {"checkpoint": str(other_run / "checkpoint-2")}),
+                        ("base", {"base_model": models["sdxl"]})):
+        own = evaluate.run(evaluate.EvaluateConfig(output=str(tmp_path / "alone" / name), **alone,
+                                                   **suite(prepared, models)))
+        assert own["suite"] == metrics[name]["suite"]
+        assert per_image(json.loads((tmp_path / "alone" / name / "metrics.json").read_text())) == \
+            pytest.approx(per_image(metrics[name]), abs=1e-5)
+
+
+@pytest.mark.parametrize("targets, says", [
+    (["lr=a", "lr=b"], "a name given twice"), (["../up=x"], "NAME=SOURCE, NAME a folder name"),
+    (["nothing"], "NAME=SOURCE"), (["base="], "need --base-model"),
+])
+def test_targets_that_cannot_be_evaluated_are_refused_in_one_line(tmp_path, prepared, models, targets, says):
+    with pytest.raises(StepError, match=says):
+        evaluate.run(evaluate.EvaluateConfig(targets=targets, output=str(tmp_path / "out"), **suite(prepared, models)))

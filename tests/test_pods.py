@@ -42,13 +42,13 @@ def manifests(tmp_path_factory) -> list[tuple[str, dict]]:
 
 def test_every_pod_of_a_run_is_listed(manifests):
     tasks = [what.split(":")[0] for what, _ in manifests]
-    assert tasks[:2] == ["models", "dataset"] and tasks[-6:] == ["select", "confirm[0]", "confirm[1]", "confirm[2]", "register",
-                                                    "close_mlflow_run"]  # in run order; no approval: no promote
+    assert tasks[:2] == ["models", "dataset"]
+    assert tasks[-4:] == ["select", "confirm", "register", "close_mlflow_run"]  # in run order; no approval: no promote
     assert sorted(tasks) == sorted(["models", "dataset", "lineage", "mlflow_run", "validate", "caption", "resize",
                                     "encode[0]", "encode[1]", "encode[2]", "merge_cache", "class_images",
                                     "encode_class_images", "champion", "train[0]", "train[1]",
-                                    *[f"evaluate[{i}]" for i in range(4)], "select",  # per lr, champion, base
-                                    *[f"confirm[{i}]" for i in range(3)], "register", "close_mlflow_run"])
+                                    "evaluate[0]", "select",  # one GPU slot: both rates, champion, base in one
+                                    "confirm", "register", "close_mlflow_run"])
 
 
 def test_every_step_after_models_loads_the_models_as_pinned(manifests):
@@ -251,3 +251,19 @@ def test_a_retried_task_reattaches_to_its_running_pod_and_keeps_failed_pods():
     api.pods = []  # nothing running: the retry starts its own pod
     op.get_or_create_pod(request, context)
     assert [p["metadata"]["name"] for p in api.created] == [request.metadata.name]
+
+
+@pytest.mark.parametrize("slots, pods", [("1", 1), ("2", 2), ("8", 4)])
+def test_checkpoint_evaluations_are_shared_out_over_the_gpu_slots(tmp_path, slots, pods):
+    """One evaluation process per GPU slot, never more than there is to evaluate: each loads SDXL and the evaluators
+    once for all of its targets; every checkpoint of each rate, the champion and the base model is in exactly one."""
+    proc = pods_command(tmp_path, "--conf", json.dumps(CONF), DREAMLINE_GPU_SLOTS=slots)
+    assert proc.returncode == 0, proc.stderr
+    evaluations = [doc for doc in yaml.safe_load_all(proc.stdout) if doc and container(doc)["args"][0] == "evaluate"
+                   and any(a.startswith("--output=") and a.endswith("/eval") for a in container(doc)["args"])]
+    targets = [[a.removeprefix("--targets=").split("=")[0] for a in container(doc)["args"]
+                if a.startswith("--targets=")] for doc in evaluations]
+    assert len(targets) == pods and all(targets)
+    assert sorted(sum(targets, [])) == ["base", "champion-v1", "lr-0.0001", "lr-0.0005"]
+    if pods == 2:  # the two training runs (two checkpoints each) apart, the single evaluations beside them
+        assert sorted(len([t for t in group if t.startswith("lr-")]) for group in targets) == [1, 1]

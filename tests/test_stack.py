@@ -306,9 +306,10 @@ def test_the_first_run_trained_its_learning_rates_two_at_a_time_in_the_gpu_pool(
     assert states[("anything_to_train", -1)] == "success"
     train = [t for t in tasks if t["task_id"] == "train"]
     assert [t["state"] for t in train] == ["success"] * len(LEARNING_RATES)
-    # one per learning rate (each scoring its 2 checkpoints), and the base model (the yardstick; no champion yet)
-    assert sorted(s for (task, _), s in states.items() if task == "evaluate") == ["success"] * 4
-    assert sorted(s for (task, _), s in states.items() if task == "confirm") == ["success"] * 2  # selected, base
+    # one per GPU slot, sharing out the learning rates (each with its 2 checkpoints) and the base model (the
+    # yardstick; no champion yet); the confirmation (the selected checkpoint, the base model) in one
+    assert sorted(s for (task, _), s in states.items() if task == "evaluate") == ["success"] * GPU_SLOTS
+    assert sorted(s for (task, _), s in states.items() if task == "confirm") == ["success"]
     assert states[("register", -1)] == "success"
     # Nothing needed a retry: concurrent steps of one run (two evaluations logging to one MLflow run) do not clash
     assert [t for t in tasks if t["try_number"] > 1] == [], failed_task_logs(stack, dag_run["run_id"], tasks)

@@ -181,6 +181,7 @@ class Stack:
             **self.s3_env(),
             **self.scratch_env(),
             **hub,
+            "DREAMLINE_GPU_SLOTS": str(self.gpu_slots),  # the pool's size: evaluations are shared out over as many
             **({"DREAMLINE_GPU_DEVICES": self.gpu_devices} if self.gpu_devices else {}),
         }
 

@@ -13,6 +13,7 @@
 | MLFLOW_TRACKING_URI | `sqlite:///$DREAMLINE_HOME/mlflow/mlflow.db` | MLflow tracking and registry |
 | DREAMLINE_MLFLOW_UI_URL | MLFLOW_TRACKING_URI when it is http(s) | MLflow as a reviewer's browser reaches it (approval pages link its images) |
 | DREAMLINE_GPU_HOUR_PRICE | 2.5 | price of one GPU-hour (your cloud's, in your currency): the estimated price of a night |
+| DREAMLINE_GPU_SLOTS | 1 | the `gpu` pool's size: GPU steps at once; the checkpoint evaluations are shared out over as many processes |
 | DREAMLINE_GPU_DEVICES | (none) | local mode: the GPUs GPU steps share out, one each (`0,1,2,3`; the launcher sets it) |
 | DREAMLINE_RETRY_DELAY | 60 | seconds before a crashed step's first retry (doubling for the next, at most 15 min) |
 
@@ -78,6 +79,7 @@ class Deployment:
     optional_secrets: tuple[str, ...] = ("dreamline-mlflow", "dreamline-hf", "dreamline-git")
     model_cache_pvc: str = "dreamline-model-cache"
     gpu_hour_price: float = 2.5
+    gpu_slots: int = 1
     gpu_devices: tuple[str, ...] = ()
     retry_delay: float = 60.0
     step_env: dict = field(default_factory=dict)
@@ -183,6 +185,12 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def _slots(value: str) -> int:
+    if not (value.strip().isdigit() and int(value) >= 1):
+        raise DeploymentError(f"DREAMLINE_GPU_SLOTS={value!r}: a whole number of GPU slots, at least 1")
+    return int(value)
+
+
 def _names(value: str | None) -> tuple[str, ...]:
     return tuple(n.strip() for n in (value or "").split(",") if n.strip())
 
@@ -214,6 +222,7 @@ def from_environment(env=os.environ) -> Deployment:
                                            env.get("DREAMLINE_GIT_SECRET", "dreamline-git")) if n),
         model_cache_pvc=env.get("DREAMLINE_MODEL_CACHE_PVC", "dreamline-model-cache"),
         gpu_hour_price=_price(env.get("DREAMLINE_GPU_HOUR_PRICE", "2.5")),
+        gpu_slots=_slots(env.get("DREAMLINE_GPU_SLOTS") or "1"),
         gpu_devices=_names(env.get("DREAMLINE_GPU_DEVICES")),
         retry_delay=_seconds(env.get("DREAMLINE_RETRY_DELAY", "60")),
         # What every local step process sees, besides its argv (pods: see operators.pod_environment).

@@ -53,17 +53,19 @@ class param:  # noqa: N801 (reads as a function in the DAG's options)
 
 
 @dataclass(frozen=True)
-class each_result:  # noqa: N801
-    """An option whose value is `key` of every item of an earlier task's result (a list of dicts)."""
+class evaluation_folders:  # noqa: N801
+    """An option whose value is every folder the `evaluate` tasks whose options `task_id` returned write: the
+    output of each of their targets (dreamline.plan.evaluation_folders)."""
 
     task_id: str
-    key: str
 
-    def resolve(self, context) -> list:
-        return [item[self.key] for item in context["ti"].xcom_pull(task_ids=self.task_id) or []]
+    def resolve(self, context) -> list[str]:
+        from dreamline.plan import evaluation_folders as folders
+
+        return folders(context["ti"].xcom_pull(task_ids=self.task_id) or [])
 
     def __repr__(self) -> str:
-        return f"{self.task_id}[*].{self.key}"
+        return f"{self.task_id}[*].targets"
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def step_argv(step: str, options: dict[str, Any]) -> list[str]:
     for name, value in options.items():
         if value is None:
             continue
-        if isinstance(value, (param, each_result, pinned)):
+        if isinstance(value, (param, evaluation_folders, pinned)):
             raise TypeError(f"{step}: option {name} is {value!r}, not rendered yet")
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):

@@ -190,28 +190,38 @@ def evaluation_suite(params: dict, run: str) -> dict:
 
 def evaluation_options(params: dict, run: str, training_results: list[dict], champion: dict | None,
                        base: bool = True) -> list[dict]:
-    """One `evaluate` options dict per training run that finished (every checkpoint of it in one process, the
-    pipeline loaded once), one for the current champion, so the new model is compared with it on today's evaluation
-    suite, and one for the base model alone, the yardstick of normalised scores (evaluations are kept by LoRA
-    weights and suite: while the suite is unchanged, the champion's and the base model's are copied, not redone).
-    A later rung of successive halving evaluates only its training runs (`champion` None, `base` False)."""
-    suite = evaluation_suite(params, run)
-    options = [{"training_run": f"{run}/train/{run_name(r['learning_rate'])}",
-                "output": f"{run}/eval/{run_name(r['learning_rate'])}", **suite} for r in training_results]
+    """The `evaluate` tasks of the checkpoints: every checkpoint of each training run that finished, the current
+    champion (so the new model is compared with it on today's evaluation suite) and the base model alone (the
+    yardstick of normalised scores), shared out over as many processes as there are GPU slots (`evaluate
+    --targets`): each loads the pipeline and the evaluators once for all of its evaluations, and no more run than
+    the GPUs can take at once. Evaluations are kept by LoRA weights and suite, so while the suite is unchanged the
+    champion's and the base model's are copied, not redone. A later rung of successive halving evaluates only its
+    training runs (`champion` None, `base` False)."""
+    targets = [(len(r.get("checkpoints") or [None]), f"{run_name(r['learning_rate'])}={run}/train/"
+                f"{run_name(r['learning_rate'])}") for r in training_results]
     if champion and champion["checkpoint"]:
-        options.append({"checkpoint": champion["checkpoint"], "output": f"{run}/eval/champion-v{champion['version']}",
-                        **suite})
+        targets.append((1, f"champion-v{champion['version']}={champion['checkpoint']}"))
     if base:
-        options.append({"checkpoint": None, "output": f"{run}/eval/base", **suite})
-    return options
+        targets.append((1, "base="))
+    groups: list[list] = [[] for _ in range(min(DEPLOYMENT.gpu_slots, len(targets)))]
+    for cost, target in sorted(targets, key=lambda t: -t[0]):  # the most checkpoints first, to the least loaded
+        min(groups, key=lambda g: sum(c for c, _ in g)).append((cost, target))
+    suite = evaluation_suite(params, run)
+    return [{"targets": [target for _, target in group], "output": f"{run}/eval", **suite} for group in groups]
 
 
-def confirmation_options(params: dict, run: str, selected: dict, champion: dict) -> list[dict]:
-    """`evaluate` options for the confirmation suite: the selected checkpoint, the champion and the base model on
-    seeds selection did not use, and more images per prompt. `register` decides the promotion on these."""
+def evaluation_folders(options: list[dict]) -> list[str]:
+    """Every folder the `evaluate` tasks of `options` write: <output>/<NAME> of each target."""
+    return [f"{o['output']}/{target.partition('=')[0]}" for o in options for target in o["targets"]]
+
+
+def confirmation_options(params: dict, run: str, selected: dict, champion: dict) -> dict:
+    """`evaluate` options for the confirmation suite, in one process: the selected checkpoint, the champion and the
+    base model on seeds selection did not use, and more images per prompt. `register` decides the promotion on
+    these."""
     suite = {**evaluation_suite(params, run), "seed": params["seed"] + CONFIRMATION_SEED_OFFSET,
              "images_per_prompt": params["confirmation_images_per_prompt"]}
-    candidates = [(selected["checkpoint"], "challenger"), (None, "base")]
+    targets = [f"challenger={selected['checkpoint']}", "base="]
     if champion["checkpoint"]:
-        candidates.insert(1, (champion["checkpoint"], f"champion-v{champion['version']}"))
-    return [{"checkpoint": uri, "output": f"{run}/confirm/{name}", **suite} for uri, name in candidates]
+        targets.insert(1, f"champion-v{champion['version']}={champion['checkpoint']}")
+    return {"targets": targets, "output": f"{run}/confirm", **suite}
