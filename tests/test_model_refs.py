@@ -58,7 +58,8 @@ def test_pinning_fetches_what_the_steps_load_once_then_the_steps_run_without_the
 
     hub.stop()  # every step after `models` loads from the cache: the hub is never asked
     load = ("import sys; from sd_tasks import metrics, models; base, clip, dino = sys.argv[1:]; "
-            "models.load_unet(base); models.load_text_encoders(base); models.load_pipeline(base, 'float32'); "
+            "models.load_unet(base); models.load_text_encoders(base); "
+            "assert models.load_pipeline(base, 'float32').vae.use_slicing; "  # decodes an image at a time
             "metrics.ClipEmbedder(clip); metrics.DinoEmbedder(dino); "
             "from sd_tasks.lora_files import base_layers; assert base_layers(base)")
     proc = subprocess.run([sys.executable, "-c", load, *pinned.values()], env=env, capture_output=True, text=True,
