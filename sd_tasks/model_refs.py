@@ -56,8 +56,8 @@ def parse(ref: str, setting: str = "model") -> ModelRef:
     text = ref.strip()
     if text.startswith("/"):
         return ModelRef(text, folder=Path(text))
-    repo_id, _, revision = text.partition("@")
-    if text.startswith((".", "~")) or not HUB_ID.fullmatch(repo_id) or (_ and not revision):
+    repo_id, at, revision = text.partition("@")
+    if text.startswith((".", "~")) or not HUB_ID.fullmatch(repo_id) or (at and not revision):
         raise StepError(f"{setting} {ref}: neither a Hugging Face id (org/name, optionally @revision) nor an "
                         f"absolute path to a local folder (a relative path would depend on the working folder)")
     return ModelRef(text, repo_id=repo_id, revision=revision or None)

@@ -17,7 +17,6 @@ setting (ValueError).
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,13 +27,18 @@ SETS = ("tiny", "hub")
 SETTINGS = ("DREAMLINE_BASE_MODEL", "DREAMLINE_CLIP_MODEL", "DREAMLINE_DINO_MODEL")
 
 
-def hub_models() -> dict[str, str]:
+def deployment():
+    """plugins/dreamline/deployment.py, which says what the production models are and what a model setting may be."""
     plugins = str(REPO / "plugins")
     if plugins not in sys.path:
         sys.path.append(plugins)
-    from dreamline.deployment import HUB_MODELS  # one place says what the production models are
+    from dreamline import deployment
 
-    return {k: HUB_MODELS[k] for k in SETTINGS}
+    return deployment
+
+
+def hub_models() -> dict[str, str]:
+    return {k: deployment().HUB_MODELS[k] for k in SETTINGS}
 
 
 def tiny_models(folder: Path) -> dict[str, str]:
@@ -57,7 +61,7 @@ def chosen(environ, folder: Path, cwd: Path) -> dict[str, str]:
     for setting, value in models.items():
         if value.startswith("/"):
             continue
-        if not re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*(@[\w./-]+)?", value):
+        if not deployment().is_model_reference(value):
             raise ValueError(f"{setting}={value}: neither a Hugging Face id (org/name) nor an absolute path to a "
                              f"folder")
         if (cwd / value.partition("@")[0]).is_dir():
