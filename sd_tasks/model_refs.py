@@ -5,13 +5,14 @@ files into the model cache (HF_HOME) and hands `id@sha` to every later step. So 
 the lineage, the MLflow tags and the registered version all name the weights that ran; a new commit upstream reads
 as a changed model; and the steps load from the cache without asking the hub.
 
-    /abs/folder        a local diffusers or transformers folder, used as it is (the tiny offline models)
+    /abs/folder        a local diffusers or transformers folder, used as it is (the tiny offline models); also
+                       ./x, ~/x and x/y/z (which cannot be hub ids), from the working folder (dvc.yaml's stages)
     org/name           a hub model at the commit its `main` branch points to now
     org/name@rev       a hub model at a branch, tag or commit
 
-A relative path (`./x`, `x/y/z`, `~/x`) is refused in one line: it would mean another folder in every working
-directory. And `org/name` always means the hub: steps run in a scratch folder and load hub models from the cache's
-snapshot folder, so a folder of that name in the checkout can never stand in for the real model.
+`org/name` always means the hub: steps load hub models from the cache's snapshot folder, and the DAG's steps run in
+a scratch folder, so a folder of that name in the checkout never stands in for the real model; run by hand where
+such a folder exists, a step refuses the id in one line rather than guess which was meant.
 
 When the hub cannot be reached, a commit resolved before (the cache's `refs/`) is used, as huggingface_hub's own
 `resolve_revision` does, so a warm cache runs offline (HF_HUB_OFFLINE=1 too); with nothing cached, one line says
@@ -52,14 +53,19 @@ class ModelRef:
 
 
 def parse(ref: str, setting: str = "model") -> ModelRef:
-    """A reference as written; StepError naming `setting` for a relative path or anything that is neither."""
+    """A reference as written: a folder (absolute, or relative to the working folder when it cannot be a hub id:
+    `./x`, `~/x`, `a/b/c`), or a hub id. StepError naming `setting` for a hub id that is also a folder here (which
+    one was meant?) and for what is neither."""
     text = ref.strip()
-    if text.startswith("/"):
-        return ModelRef(text, folder=Path(text))
+    if text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 and "@" not in text:
+        return ModelRef(text, folder=Path(text).expanduser().absolute())
     repo_id, at, revision = text.partition("@")
-    if text.startswith((".", "~")) or not HUB_ID.fullmatch(repo_id) or (at and not revision):
-        raise StepError(f"{setting} {ref}: neither a Hugging Face id (org/name, optionally @revision) nor an "
-                        f"absolute path to a local folder (a relative path would depend on the working folder)")
+    if not HUB_ID.fullmatch(repo_id) or (at and not revision):
+        raise StepError(f"{setting} {ref}: neither a Hugging Face id (org/name, optionally @revision) nor a path to "
+                        f"a local folder")
+    if Path(repo_id).is_dir():
+        raise StepError(f"{setting} {ref}: a Hugging Face id, and a folder of that name is in {Path.cwd()}: write "
+                        f"the folder as ./{repo_id} (or its absolute path), or run elsewhere to mean the id")
     return ModelRef(text, repo_id=repo_id, revision=revision or None)
 
 

@@ -99,8 +99,8 @@ def test_a_hub_that_cannot_be_reached_fails_in_one_line_unless_the_cache_has_the
 
 
 @pytest.mark.parametrize("ref, says", [
-    ("./models/sdxl", "neither a Hugging Face id"), ("models/evaluators/clip", "neither a Hugging Face id"),
-    ("~/sdxl", "neither a Hugging Face id"), ("org/name@", "neither a Hugging Face id"),
+    ("./models/sdxl", "no such folder"), ("models/evaluators/clip", "no such folder"), ("~/sdxl", "no such folder"),
+    ("org/name@", "neither a Hugging Face id"), ("org/na me", "neither a Hugging Face id"),
     ("nobody/no-such-model", "no such model on"), (f"{SDXL}@no-such-branch", "no revision 'no-such-branch'"),
     ("/no/such/folder", "no such folder"),
 ])
@@ -117,15 +117,21 @@ def test_a_gated_model_asks_for_a_token(hub, models, tmp_path):
     assert proc.returncode == 65 and "a gated model: accept its terms on the hub and set HF_TOKEN" in proc.stderr
 
 
-def test_a_folder_named_like_the_hub_id_never_stands_in_for_the_model(hub, tmp_path):
-    """diffusers prefers a local folder to a hub id: a folder `stabilityai/stable-diffusion-xl-base-1.0` where the
-    step runs (a checkout where an old demo built a random-weight model there) must not be what loads."""
-    impostor = tmp_path / "work" / SDXL
-    impostor.mkdir(parents=True)
-    (impostor / "model_index.json").write_text("{}")
+def test_a_folder_named_like_the_hub_id_never_stands_in_for_the_model(hub, models, tmp_path):
+    """diffusers prefers a local folder to a hub id: a folder `stabilityai/stable-diffusion-xl-base-1.0` where a
+    step runs (a checkout where an old demo built a random-weight model there) must never be what loads for the id.
+    Where it exists the id is refused, naming both readings; `./` means the folder; elsewhere the id is the hub's."""
+    import shutil
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(models["sdxl"], checkout / SDXL)
     env = step_env(hub, tmp_path / "hf")
-    pinned = result(pin(env, f"--base-model={SDXL}", cwd=tmp_path / "work"))["base_model"]
+    refused = pin(env, f"--base-model={SDXL}", cwd=checkout)
+    assert refused.returncode == 65 and "a folder of that name is in" in refused.stderr
+    assert result(pin(env, f"--base-model=./{SDXL}", cwd=checkout))["base_model"] == str(checkout / SDXL)
+    (tmp_path / "scratch").mkdir()
+    pinned = result(pin(env, f"--base-model={SDXL}", cwd=tmp_path / "scratch"))["base_model"]
     where = subprocess.run([sys.executable, "-c", "import sys; from sd_tasks.model_refs import local_folder; "
                             "print(local_folder(sys.argv[1]))", pinned], env=env, capture_output=True, text=True,
-                           cwd=tmp_path / "work", timeout=120)
+                           cwd=tmp_path / "scratch", timeout=120)
     assert Path(where.stdout.strip()).is_relative_to(tmp_path / "hf"), where.stderr
