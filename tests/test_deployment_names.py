@@ -125,7 +125,7 @@ def parse_airflow(argv: list[str]):
     return get_parser().parse_args(argv)  # Airflow's own CLI: an unknown flag or a bad slot count exits
 
 
-def test_every_place_that_creates_the_gpu_pool_creates_the_one_the_gpu_steps_use(raw, example_env):
+def test_every_place_that_creates_the_gpu_pool_creates_the_one_the_gpu_steps_use(raw, example_env, settings):
     from deploy.local.pools import GPU_POOL as LOCAL_POOL
     from dreamline.profiles import GPU_POOL, PROFILES
 
@@ -141,10 +141,11 @@ def test_every_place_that_creates_the_gpu_pool_creates_the_one_the_gpu_steps_use
         assert (args.pool, args.slots, args.include_deferred) == (GPU_POOL, slots, True), created[0]
         script = init["command"][2]
         assert script.index("airflow db migrate") < script.index("airflow pools set")
-    # the command docs/deployment.md gives for Kubernetes
+    # the command docs/deployment.md gives for Kubernetes, as large as the slots the DAG shares evaluations over
     [argv] = [a for command in documented_commands() for a in pools_set(command)]
     args = parse_airflow(argv)
     assert (args.pool, args.include_deferred) == (GPU_POOL, True), argv
+    assert args.slots == int(settings["DREAMLINE_GPU_SLOTS"])
 
 
 def test_the_docs_figures_are_the_codes_and_the_values(values):

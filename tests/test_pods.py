@@ -47,8 +47,8 @@ def test_every_pod_of_a_run_is_listed(manifests):
     assert sorted(tasks) == sorted(["models", "dataset", "lineage", "mlflow_run", "validate", "caption", "resize",
                                     "encode[0]", "encode[1]", "encode[2]", "merge_cache", "class_images",
                                     "encode_class_images", "champion", "train[0]", "train[1]",
-                                    "evaluate[0]", "select",  # one GPU slot: both rates, champion, base in one
-                                    "confirm", "register", "close_mlflow_run"])
+                                    *[f"evaluate[{i}]" for i in range(4)], "select",  # 4 GPU slots (dreamline.env):
+                                    "confirm", "register", "close_mlflow_run"])  # each rate, champion, base
 
 
 def test_every_step_after_models_loads_the_models_as_pinned(manifests):
@@ -257,7 +257,9 @@ def test_a_retried_task_reattaches_to_its_running_pod_and_keeps_failed_pods():
 def test_checkpoint_evaluations_are_shared_out_over_the_gpu_slots(tmp_path, slots, pods):
     """One evaluation process per GPU slot, never more than there is to evaluate: each loads SDXL and the evaluators
     once for all of its targets; every checkpoint of each rate, the champion and the base model is in exactly one."""
-    proc = pods_command(tmp_path, "--conf", json.dumps(CONF), DREAMLINE_GPU_SLOTS=slots)
+    settings = tmp_path / "dreamline.env"
+    settings.write_text(SETTINGS.read_text().replace("DREAMLINE_GPU_SLOTS=4", f"DREAMLINE_GPU_SLOTS={slots}"))
+    proc = pods_command(tmp_path, "--conf", json.dumps(CONF), settings=settings)
     assert proc.returncode == 0, proc.stderr
     evaluations = [doc for doc in yaml.safe_load_all(proc.stdout) if doc and container(doc)["args"][0] == "evaluate"
                    and any(a.startswith("--output=") and a.endswith("/eval") for a in container(doc)["args"])]
