@@ -66,6 +66,7 @@ def test_a_gpu_step_sees_only_the_gpu_it_leased(tmp_path, home, monkeypatch):
         op.execute(context)
     record = json.loads(next((tmp_path / "runs" / "lora_dog").glob("*/cost/evaluate.0.try-1.json")).read_text())
     assert taken == ["0"] and record["devices"] == "1"  # CUDA_VISIBLE_DEVICES, as the step saw it
+    assert record["peak_rss_gb"] > 0  # its peak memory (on a GPU: peak_gpu_memory_gb and _reserved_gb instead)
     cpu = LocalStepOperator(task_id="validate", step="validate", options={"input": str(images),
                                                                          "output": str(tmp_path / "out2")})
     cpu.execute({**context, "ti": SimpleNamespace(**{**vars(ti), "task_id": "validate"})})
