@@ -67,7 +67,8 @@ CONF = {"subject": "dog", "dataset_version": "dog-v1", **RECIPE}  # the registry
 RUN_TIMEOUT = 900  # seconds; the training run takes 2 to 4 minutes on 2 cores, a skipped one under one
 FINISHED = ("success", "failed")
 GPU_TASKS = ("encode", "class_images", "encode_class_images", "train", "evaluate", "confirm")  # the gpu profile's
-FIRST_TASKS = {"recipe", "dataset", "champion", "lineage", "anything_to_train"}  # those a skipped run runs
+# the tasks a run with nothing to train runs, before it ends skipped
+FIRST_TASKS = {"recipe", "models_to_pin", "models", "dataset", "champion", "lineage", "anything_to_train"}
 # What may hold files in the stack folder after a run: the services' own folders, the models and the registry, and
 # the scratch folder's caches. Everything a run produced must be in S3 (and PostgreSQL).
 SERVICE_DATA = {"postgres", "s3", "models", "registry"}
