@@ -54,10 +54,10 @@ def main() -> int:
     started = time.monotonic()
     try:  # before any work: models that cannot run here, or cannot be fetched, are said in one line
         chosen = models.chosen(os.environ, home / "models", Path.cwd())
-        os.environ.update(models.environment(chosen, home / "models"))
-        os.environ.update(models.gpu_environment(chosen, home / "models"))
-        tiny = models.is_tiny(chosen, home / "models")
-        if tiny:  # three independent preparations, mostly in subprocesses: at once, on as many cores
+        os.environ.update(models.environment(chosen))
+        os.environ.update(models.gpu_environment(chosen))
+        tiny = not models.needs_gpu(chosen)
+        if not models.from_hub(chosen):  # three independent preparations, mostly in subprocesses: at once
             at_once({"offline models": (ensure_models, chosen, home), "data registry": (ensure_dataset, home),
                      "airflow database": (ensure_airflow,)})
         else:  # hub models first: a download that fails stops the demo before anything else is made

@@ -16,14 +16,20 @@ from deploy.local.settings import Stack
 HUB = models.hub_models()
 
 
+@pytest.fixture
+def models_built(models):  # conftest's tiny models (this module's `models` is deploy.local.models)
+    return models
+
+
 def test_the_model_set_and_each_setting(tmp_path):
     folder = tmp_path / "models"
     assert models.chosen({}, folder, tmp_path) == models.tiny_models(folder)
     assert models.chosen({"DREAMLINE_MODELS": "hub"}, folder, tmp_path) == HUB
     mixed = models.chosen({"DREAMLINE_BASE_MODEL": HUB["DREAMLINE_BASE_MODEL"]}, folder, tmp_path)
-    assert mixed["DREAMLINE_BASE_MODEL"] == HUB["DREAMLINE_BASE_MODEL"] and not models.is_tiny(mixed, folder)
-    assert models.environment(models.tiny_models(folder), folder)["HF_HUB_OFFLINE"] == "1"  # tiny: never the hub
-    assert "HF_HUB_OFFLINE" not in models.environment(HUB, folder)
+    assert mixed["DREAMLINE_BASE_MODEL"] == HUB["DREAMLINE_BASE_MODEL"] and models.from_hub(mixed) == [
+        "DREAMLINE_BASE_MODEL"]
+    assert models.environment(models.tiny_models(folder))["HF_HUB_OFFLINE"] == "1"  # no hub id: never the hub
+    assert "HF_HUB_OFFLINE" not in models.environment(HUB)
 
 
 @pytest.mark.parametrize("environ, says", [
@@ -40,17 +46,25 @@ def test_a_model_setting_that_means_two_things_or_nothing_is_refused_in_one_line
     assert "\n" not in str(refused.value)
 
 
-def test_hub_models_need_a_gpu_unless_the_cpu_is_asked_for(tmp_path):
+def test_sdxl_at_its_real_size_needs_a_gpu_unless_the_cpu_is_asked_for(tmp_path, models_built):
     folder = tmp_path / "models"
     no_gpu = {"CUDA_VISIBLE_DEVICES": ""}
     with pytest.raises(ValueError, match="SDXL needs a CUDA GPU and this machine has none"):
-        models.gpu_environment(HUB, folder, no_gpu)
-    assert models.gpu_environment(HUB, folder, {**no_gpu, "DREAMLINE_DEVICE": "cpu"}) == {}
-    assert models.gpu_environment(models.tiny_models(folder), folder, no_gpu) == {}
+        models.gpu_environment(HUB, no_gpu)
+    assert models.gpu_environment(HUB, {**no_gpu, "DREAMLINE_DEVICE": "cpu"}) == {}
+    assert models.gpu_environment(models.tiny_models(folder), no_gpu) == {}  # not built yet: built tiny
+    # a tiny pipeline anywhere on this machine runs on the CPU; a folder holding SDXL's real UNet needs the GPU
+    local = {**HUB, "DREAMLINE_BASE_MODEL": models_built["sdxl"]}
+    assert models.gpu_environment(local, no_gpu) == {}
+    full = tmp_path / "sdxl-base" / "unet"
+    full.mkdir(parents=True)
+    (full / "config.json").write_text('{"block_out_channels": [320, 640, 1280]}')
+    with pytest.raises(ValueError, match="SDXL needs a CUDA GPU"):
+        models.gpu_environment({**HUB, "DREAMLINE_BASE_MODEL": str(full.parent)}, no_gpu)
     # one pool slot per GPU and the GPUs to share out, unless the slots are set
-    assert models.gpu_environment(HUB, folder, {"CUDA_VISIBLE_DEVICES": "0,1,3"}) == {
+    assert models.gpu_environment(HUB, {"CUDA_VISIBLE_DEVICES": "0,1,3"}) == {
         "DREAMLINE_GPU_DEVICES": "0,1,3", "DREAMLINE_GPU_SLOTS": "3"}
-    assert models.gpu_environment(HUB, folder, {"CUDA_VISIBLE_DEVICES": "2", "DREAMLINE_GPU_SLOTS": "1"}) == {
+    assert models.gpu_environment(HUB, {"CUDA_VISIBLE_DEVICES": "2", "DREAMLINE_GPU_SLOTS": "1"}) == {
         "DREAMLINE_GPU_DEVICES": "2", "DREAMLINE_GPU_SLOTS": "1"}
     assert models.gpu_devices({}) == []  # this machine: torch sees no CUDA device
 

@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                         {"airflow": args.airflow_port, "mlflow": args.mlflow_port}, usable_cpus())
     try:
         chosen = models.chosen(os.environ, embedded.home / "models", Path.cwd())
-        os.environ.update(models.environment(chosen, embedded.home / "models"))
-        os.environ.update(models.gpu_environment(chosen, embedded.home / "models"))
+        os.environ.update(models.environment(chosen))
+        os.environ.update(models.gpu_environment(chosen))
     except ValueError as exc:  # before anything starts
         print(f"error: make ui: {exc}", file=sys.stderr)
         return 1
@@ -172,7 +172,7 @@ def prepare_models(embedded: Embedded, chosen: dict[str, str]) -> None:
     """The tiny models built if missing; hub models fetched into the model cache now (minutes the first time), so
     the first night does not begin with the download and a wrong id or an unreachable hub is said here."""
     folder = embedded.home / "models"
-    if not models.is_tiny(chosen, folder):
+    if models.from_hub(chosen):
         print("Fetching the models into the model cache (the first time: about 16 GB)...", flush=True)
     ready = models.prepare(chosen, folder, dict(os.environ), embedded.home / "steps")
     gpus = os.environ.get("DREAMLINE_GPU_DEVICES")

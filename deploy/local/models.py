@@ -16,6 +16,7 @@ setting (ValueError).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,14 +71,28 @@ def chosen(environ, folder: Path, cwd: Path) -> dict[str, str]:
     return models
 
 
-def is_tiny(models: dict[str, str], folder: Path) -> bool:
-    return models == tiny_models(folder)
+def from_hub(models: dict[str, str]) -> list[str]:
+    """The settings that name a Hugging Face id (the others are folders on this machine)."""
+    return [k for k, v in models.items() if not v.startswith("/")]
 
 
-def environment(models: dict[str, str], folder: Path) -> dict[str, str]:
-    """The variables the deployment's processes get: the models, and HF_HUB_OFFLINE=1 with the tiny ones (nothing
-    asks the hub; a stray request fails at once instead of waiting on a network that may be closed)."""
-    return {**models, **({"HF_HUB_OFFLINE": "1"} if is_tiny(models, folder) else {})}
+def needs_gpu(models: dict[str, str]) -> bool:
+    """Whether the base model is SDXL at its real size: a hub id, or a local pipeline with an SDXL-sized UNet. The
+    tiny models (a UNet of 32 and 64 channels, or not built yet where their defaults point) run on a CPU."""
+    base = models["DREAMLINE_BASE_MODEL"]
+    if not base.startswith("/"):
+        return True
+    try:
+        channels = json.loads((Path(base) / "unet" / "config.json").read_text())["block_out_channels"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # not there yet (the tiny models are built on first use), or not a pipeline: its run says so
+    return max(channels) >= 320  # SDXL's UNet: 320, 640, 1280
+
+
+def environment(models: dict[str, str]) -> dict[str, str]:
+    """The variables the deployment's processes get: the models, and HF_HUB_OFFLINE=1 when none comes from the hub
+    (nothing asks it; a stray request fails at once instead of waiting on a network that may be closed)."""
+    return {**models, **({} if from_hub(models) else {"HF_HUB_OFFLINE": "1"})}
 
 
 def ensure_tiny(models: dict[str, str], folder: Path, env: dict[str, str], log: Path) -> bool:
@@ -110,11 +125,11 @@ def gpu_devices(environ=os.environ) -> list[str]:
     return [str(i) for i in range(count)]
 
 
-def gpu_environment(models: dict[str, str], folder: Path, environ=os.environ) -> dict[str, str]:
-    """With models that need a GPU: the devices GPU steps share out and the `gpu` pool's size (one slot per GPU,
-    unless DREAMLINE_GPU_SLOTS is set); a machine without CUDA is refused in one line, unless DREAMLINE_DEVICE=cpu.
-    Nothing with the tiny models: every step runs on the CPU."""
-    if is_tiny(models, folder):
+def gpu_environment(models: dict[str, str], environ=os.environ) -> dict[str, str]:
+    """With a base model that needs a GPU: the devices GPU steps share out and the `gpu` pool's size (one slot per
+    GPU, unless DREAMLINE_GPU_SLOTS is set); a machine without CUDA is refused in one line, unless
+    DREAMLINE_DEVICE=cpu. Nothing with the tiny models: every step runs on the CPU."""
+    if not needs_gpu(models):
         return {}
     devices = gpu_devices(environ)
     if not devices:
@@ -131,7 +146,7 @@ def prepare(models: dict[str, str], folder: Path, env: dict[str, str], scratch: 
     """The models ready to run: tiny ones built where the settings point at their defaults, the others fetched
     into the model cache and pinned. Returns what each setting loads (an absolute folder or `id@sha`)."""
     ensure_tiny(models, folder, env, folder / "tiny-model.log")
-    if is_tiny(models, folder):
+    if not from_hub(models):
         return models
     scratch.mkdir(parents=True, exist_ok=True)
     return pin(models, env, cwd=scratch)

@@ -174,7 +174,7 @@ class Stack:
             "DREAMLINE_STORAGE": f"s3://{self.bucket}/runs",
             "DREAMLINE_CACHE": f"s3://{self.bucket}/cache",
             "DREAMLINE_DATASET_REPO": str(self.registry),
-            **environment(self.model_settings(), self.path("models")),
+            **environment(self.model_settings()),
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "DVC_NO_ANALYTICS": "1",
             **({"DREAMLINE_SUBJECTS": self.subjects} if self.subjects else {}),

@@ -120,8 +120,8 @@ def configured(folder: Path, args: argparse.Namespace, procs: Processes) -> tupl
     subjects = registry_source(args.subjects)
     slots = gpu_slots(args.gpu_slots)
     chosen = models.chosen(os.environ, folder / "models", Path.cwd())  # the caller's, each `up`
-    hub = {} if models.is_tiny(chosen, folder / "models") else chosen
-    gpus = models.gpu_environment(chosen, folder / "models")  # a machine without CUDA is refused here
+    hub = {} if chosen == models.tiny_models(folder / "models") else chosen  # kept: models other than the tiny set
+    gpus = models.gpu_environment(chosen)  # a machine without CUDA is refused here
     stack = Stack.load(folder)
     if stack is None:
         stack = Stack.create(folder, requested, schedules=True if schedules is None else schedules,
