@@ -10,7 +10,9 @@ is; one already whole in its folder (an earlier rung of successive halving, or a
 
 Scores (the DreamBooth paper's, plus one for what the user fears losing):
 - dino, clip_i: subject fidelity, generated vs the real instance images (mean pairwise cosine);
-- clip_t: prompt fidelity, each image vs its prompt;
+- clip_t: prompt fidelity, each image vs its prompt without the identifier (`--identifier`: "a sks dog in the jungle"
+  is scored against "a dog in the jungle", as the DreamBooth and Custom Diffusion evaluations do; the rare token means
+  nothing to CLIP, or something else: "sks" is a rifle);
 - preservation: the base model kept: images for the class prompt with the LoRA vs without it, same seeds
   (mean matched DINO cosine; 1 means the class looks exactly as before).
 
@@ -56,8 +58,8 @@ from sd_tasks.train import list_checkpoints
 
 IMAGE_METRICS = ("dino", "clip_i", "clip_t")  # per generated image; preservation is per class image
 BASE_INFO = {"step": None, "learning_rate": None, "run_id": None, "champion_version": None, "base_model": None}
-SUITE_FIELDS = ("prompts", "class_prompts", "seeds", "class_seeds")  # written beside a result, not part of it
-SCORING_VERSION = 2  # raise when a change here or in sd_tasks.metrics changes scores: kept evaluations expire
+SUITE_FIELDS = ("prompts", "class_prompts", "clip_t_texts", "seeds", "class_seeds")  # written beside a result, not part of it
+SCORING_VERSION = 3  # raise when a change here or in sd_tasks.metrics changes scores: kept evaluations expire
 
 
 @dataclass
@@ -68,6 +70,8 @@ class EvaluateConfig:
     output: str = option("URI to write images/ and metrics.json to")
     instance_images: str = option("resize's output: the real subject images to compare with (URI)")
     prompts: list[str] = option("evaluation prompts, literal")
+    identifier: str | None = option("the subject's identifier token (e.g. sks): CLIP-T scores each image against its "
+                                    "prompt without it", None)
     checkpoint: str | None = option("a checkpoint-<step> folder written by train (URI); omitted: the base model "
                                     "alone (needs --base-model), the yardstick scores are normalised by", None)
     training_run: str | None = option("instead of --checkpoint: train's output folder (URI); every whole checkpoint "
@@ -253,7 +257,7 @@ def write_metrics(out: Path, result: dict, config: EvaluateConfig) -> None:
     seeds = {"seeds": [prompt_seeds(config, j) for j in range(len(config.prompts))],
              "class_seeds": [prompt_seeds(config, j) for j in range(len(config.class_prompts))]}
     write_json(out / "metrics.json", {**result, "prompts": config.prompts, "class_prompts": config.class_prompts,
-                                      **seeds})
+                                      "clip_t_texts": clip_t_texts(config.prompts, config.identifier), **seeds})
 
 
 def means(result: dict) -> dict[str, float]:
@@ -306,7 +310,7 @@ class Scorer:
     def score(self, generated, preserved, base, config: EvaluateConfig) -> dict:
         """Mean scores, and the same per image (nested per prompt, then seed) so evaluations can be paired."""
         flat = [image for row in generated for image in row]
-        flat_prompts = [p for p, row in zip(config.prompts, generated) for _ in row]
+        flat_prompts = [p for p, row in zip(clip_t_texts(config.prompts, config.identifier), generated) for _ in row]
         clip_generated = self.clip.images(flat)
         per_image = {
             "clip_t": matched_cosines(clip_generated, self.clip.texts(flat_prompts)),
@@ -329,6 +333,15 @@ class Scorer:
         if self._dino_base is None or self._dino_base[0] != id(base):
             self._dino_base = (id(base), self.dino.images([image for row in base for image in row]))
         return self._dino_base[1]
+
+
+def clip_t_texts(prompts: list[str], identifier: str | None) -> list[str]:
+    """What CLIP-T scores each prompt's images against: the prompt without the identifier token (and the space
+    after it), "a sks dog in the jungle" -> "a dog in the jungle"; the prompt itself without an identifier."""
+    if not identifier:
+        return list(prompts)
+    token = re.compile(rf"(?<!\S){re.escape(identifier)}(\s+|$)")
+    return [" ".join(token.sub("", prompt).split()) for prompt in prompts]
 
 
 def worst(config: EvaluateConfig) -> dict:

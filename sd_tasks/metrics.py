@@ -31,7 +31,9 @@ class ClipEmbedder:
 
 
 class DinoEmbedder:
-    """DINO ViT's [CLS] token, as in the DreamBooth paper."""
+    """DINO ViT's [CLS] token, as in the DreamBooth paper, on DINO's evaluation view of an image: the shorter side
+    resized to 256/224 of the model's input size, then the centre cropped to it (a non-square photo keeps its
+    proportions instead of being squashed to a square by the image processor)."""
 
     def __init__(self, model_id: str):
         from transformers import AutoImageProcessor, AutoModel
@@ -42,8 +44,24 @@ class DinoEmbedder:
 
     @torch.no_grad()
     def images(self, images) -> torch.Tensor:
-        out = self.model(**self.processor(images=images, return_tensors="pt"))
+        side = self.processor.size.get("height") or self.processor.size["shortest_edge"]
+        views = [evaluation_view(image, side) for image in images]
+        out = self.model(**self.processor(images=views, return_tensors="pt"))
         return F.normalize(out.last_hidden_state[:, 0], dim=-1)
+
+
+def evaluation_view(image, side: int):
+    """DINO's evaluation transform before normalising: the shorter side to round(side * 256 / 224) (bicubic), then
+    the centre side x side."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    short = round(side * 256 / 224)
+    width, height = image.size
+    scale = short / min(width, height)
+    image = image.resize((max(short, round(width * scale)), max(short, round(height * scale))), Image.BICUBIC)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
 
 
 def mean_cosines(a: torch.Tensor, b: torch.Tensor) -> list[float]:

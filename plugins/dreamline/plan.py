@@ -181,6 +181,7 @@ def continued_training(params: dict, rung: int, first_stage: list[dict], kept: l
 def evaluation_suite(params: dict, run: str) -> dict:
     """The `evaluate` options every checkpoint, the champion and the base model are judged with."""
     return {"instance_images": f"{run}/resized", "prompts": evaluation_prompts(params),
+            "identifier": params["instance_token"],
             "class_prompts": [params["class_prompt"]], "clip_model": params["clip_model"],
             "dino_model": params["dino_model"], "base_model": params["base_model"],
             "images_per_prompt": params["images_per_prompt"], "num_inference_steps": params["inference_steps"],
