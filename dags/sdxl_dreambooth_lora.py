@@ -229,11 +229,12 @@ def lora_dag(subject: subjects.Subject):
 
         @task
         def confirmations(selection: dict) -> dict:
-            """`evaluate` options for the selected checkpoint, the champion and the base model on seeds selection
-            did not use, in one process (dreamline.plan.confirmation_options)."""
+            """`evaluate` options for the selected checkpoint, the champion and the base model on prompts and
+            seeds selection did not use, in one process (dreamline.plan.confirmation_options)."""
             params, run = _params_and_run_dir()
-            current = get_current_context()["ti"].xcom_pull(task_ids="champion")
-            return plan.confirmation_options(params, run, selection["selected"], current)
+            ti = get_current_context()["ti"]
+            return plan.confirmation_options(params, run, selection["selected"], ti.xcom_pull(task_ids="champion"),
+                                             ti.xcom_pull(task_ids="dataset")["hash"])
 
         confirmed = StepOperator(task_id="confirm", step="evaluate", profile="gpu",
                                  options=confirmations(selected.output))
@@ -261,6 +262,7 @@ def lora_dag(subject: subjects.Subject):
             "model_name": subject.model_name, "version": f"{{{{ {REGISTERED}['version'] }}}}",
             "by": "{{ (ti.xcom_pull(task_ids='approval')['responded_by_user'] or {}).get('name', 'a reviewer') }}",
             "reason": f"{{{{ {REGISTERED}['decision'] }}}}",
+            "compared_with": f"{{{{ {REGISTERED}['compared_with'] or 0 }}}}",  # refused if champion moved meanwhile
         })
 
         # Runs whatever happened upstream; a run that failed before `register` closed it ends FAILED, not RUNNING.

@@ -16,9 +16,14 @@ preservation, over the parts that were measured.
 
 **Paired comparison.** Two evaluations on one suite scored the same images' prompts and seeds, so they are compared
 image by image: the weighted score is linear in the per-image scores, so its difference is a weighted mean of
-per-image differences. A percentile bootstrap over the images (generated images and class images resampled
-separately, each with the pairing kept) gives a confidence interval of the mean difference. A promotion needs the
-whole interval above a margin: a challenger that differs from the champion by noise has an interval around zero.
+per-image differences. Its confidence interval comes from a bootstrap that resamples prompts, each with all of its
+seeds (a cluster bootstrap): the images of one prompt share what a checkpoint happens to do with that prompt, so
+treating them as independent would make the interval too narrow. Generated images and class images (preservation)
+are resampled separately, each by its own prompts. With a dozen prompts a percentile interval is still too narrow, so
+each part's resampled deviations are scaled to the unbiased variance (n / (n - 1)) and the tails are read at the
+level a Student t with n - 1 degrees of freedom gives (the "expanded percentile" interval). A part measured on fewer
+than two prompts has no interval and is left out, said in the comparison. A promotion needs the whole interval above
+a margin: a challenger that differs from the champion by noise has an interval around zero.
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ PARTS = {"accuracy": ("dino", "clip_i"), "flexibility": ("clip_t",), "preservati
 METRICS = ("dino", "clip_i", "clip_t", "preservation")
 SCALE_FLOOR = 1e-3  # a spread below this says the suite's images hardly differ; dividing by less would amplify noise
 RESAMPLES = 4000  # enough for the 2.5% and 97.5% percentiles to settle to about 0.01 of the interval's width
+MIN_PROMPTS = 2  # a part's interval needs its prompts to vary; with fewer it is left out of the comparison
+GROUPS = {"images": ("accuracy", "flexibility"), "class images": ("preservation",)}  # each resampled by its prompts
 
 
 @dataclass(frozen=True)
@@ -62,13 +69,14 @@ class Yardstick:
                 if metrics.get(m) is not None and m in self.centre}
 
     def per_image(self, evaluation: dict) -> dict[str, np.ndarray]:
-        """Per part, the normalised per-image scores: accuracy and flexibility over the generated images (in one
-        order: prompt, then seed), preservation over the class images."""
+        """Per part, the normalised per-image scores as a (prompts, seeds) array: accuracy and flexibility over the
+        generated images, preservation over the class images."""
         z = {}
         for group in ("per_image", "per_class_image"):
             for metric, rows in (evaluation.get(group) or {}).items():
                 if metric in self.centre:
-                    z[metric] = (np.asarray(rows, dtype=float).ravel() - self.centre[metric]) / self.scale[metric]
+                    z[metric] = (np.asarray(rows, dtype=float).reshape(len(rows), -1) - self.centre[metric]) / \
+                        self.scale[metric]
         return {part: np.mean([z[m] for m in metrics], axis=0) for part, metrics in PARTS.items()
                 if all(m in z for m in metrics)}
 
@@ -85,33 +93,51 @@ def weighted_score(normalised: dict, weights: dict) -> float:
 
 def paired_difference(challenger: dict, reference: dict, yardstick: Yardstick, weights: dict, confidence: float,
                       resamples: int = RESAMPLES, seed: int = 0) -> dict:
-    """The challenger's weighted score minus the reference's, image by image on their common suite, with a
-    bootstrap confidence interval. Both are evaluate's metrics.json."""
+    """The challenger's weighted score minus the reference's, image by image on their common suite, with a cluster
+    bootstrap interval (prompts resampled with their seeds; see the module docstring). Both are evaluate's
+    metrics.json. The result says what the interval rests on: prompts and images per group, and the parts left
+    out."""
+    from scipy import stats
+
     for name, evaluation in (("challenger", challenger), ("reference", reference)):
         if evaluation.get("suite") != yardstick.suite:
             raise StepError(f"{name} was evaluated on suite {evaluation.get('suite')}, the base model on "
                             f"{yardstick.suite}: images can only be paired within one suite")
     a, b = yardstick.per_image(challenger), yardstick.per_image(reference)
-    parts = [p for p in PARTS if p in a and p in b and weights.get(p)]
+    measured = [p for p in PARTS if p in a and p in b and weights.get(p)]
+    parts = [p for p in measured if len(a[p]) >= MIN_PROMPTS]
     if not parts:
-        raise StepError("no score part with a positive weight was measured for both: nothing to compare")
+        raise StepError(f"no score part with a positive weight was measured on at least {MIN_PROMPTS} prompts for "
+                        f"both: nothing to compare")
     total = sum(weights[p] for p in parts)
     rng = np.random.default_rng(seed)  # fixed: the same evaluations always get the same interval
-    estimate, draws = 0.0, np.zeros(resamples)
-    for group in (("accuracy", "flexibility"), ("preservation",)):  # images of one group are resampled together
-        members = [p for p in parts if p in group]
+    estimate, deviations, rests_on, fewest = 0.0, np.zeros(resamples), {}, None
+    for group, members in GROUPS.items():
+        members = [p for p in parts if p in members]
         if not members:
             continue
-        diffs = sum(weights[p] / total * (a[p] - b[p]) for p in members)  # per image, this group's share
-        estimate += float(diffs.mean())
-        draws += diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(draws, [tail, 1 - tail])
+        diffs = sum(weights[p] / total * (a[p] - b[p]) for p in members)  # (prompts, seeds): this group's share
+        prompts = len(diffs)
+        share = float(diffs.mean())
+        drawn = rng.integers(0, prompts, size=(resamples, prompts))
+        deviations += (diffs.mean(axis=1)[drawn].mean(axis=1) - share) * np.sqrt(prompts / (prompts - 1))
+        estimate += share
+        rests_on[group] = {"prompts": prompts, "images": int(diffs.size)}
+        fewest = prompts if fewest is None else min(fewest, prompts)
+    tail = stats.norm.cdf(stats.t.ppf((1 - confidence) / 2, fewest - 1))  # the expanded percentile's tail
+    low, high = estimate + np.quantile(deviations, [tail, 1 - tail])
     return {"difference": estimate, "low": float(low), "high": float(high), "confidence": confidence,
-            "parts": parts, "images": int(len(next(iter(a.values()))))}
+            "parts": parts, "left_out": [p for p in measured if p not in parts], "rests_on": rests_on,
+            "images": rests_on.get("images", {}).get("images", 0)}
 
 
 def describe(comparison: dict) -> str:
-    """'+0.42 (95% interval +0.10 to +0.71)'."""
+    """'+0.420 (95% interval +0.100 to +0.710, on 12 prompts (48 images) and 12 class prompts (48 class images))'."""
+    rests_on = comparison.get("rests_on") or {"images": {"prompts": None, "images": comparison["images"]}}
+    on = " and ".join(f"{n['images']} {group}" if n["prompts"] is None else
+                      f"{n['prompts']} {'class ' * (group != 'images')}prompts ({n['images']} {group})"
+                      for group, n in rests_on.items())
+    left_out = f"; {', '.join(comparison['left_out'])} left out (fewer than {MIN_PROMPTS} prompts)" \
+        if comparison.get("left_out") else ""
     return (f"{comparison['difference']:+.3f} ({comparison['confidence']:.0%} interval {comparison['low']:+.3f} to "
-            f"{comparison['high']:+.3f}, {comparison['images']} images)")
+            f"{comparison['high']:+.3f}, on {on}{left_out})")

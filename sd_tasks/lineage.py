@@ -33,9 +33,8 @@ def run(config: LineageConfig) -> dict:
     client = tracking.client()
     compared, seen = [], set()
     for alias in (CHAMPION, CHALLENGER):
-        try:
-            version = client.get_model_version_by_alias(config.model_name, alias)
-        except Exception:  # no such model or alias yet
+        version = tracking.version_by_alias(client, config.model_name, alias)
+        if version is None:  # no such model or alias yet
             continue
         if version.version in seen:
             continue

@@ -118,6 +118,18 @@ def check_version(client, model_name: str, version: int) -> None:
                         f"it cannot be champion")
 
 
+def check_still_champion(client, model_name: str, version: int, compared_with: int) -> None:
+    """Refuse an approval whose evidence is stale: `champion` no longer points where it did when `version` was
+    compared with it (0: it pointed nowhere)."""
+    current = client.get_registered_model(model_name).aliases.get(CHAMPION)
+    now = int(current) if current is not None else 0
+    if now not in (compared_with, int(version)):
+        then = f"v{compared_with}" if compared_with else "none"
+        raise StepError(f"model {model_name!r}: champion is {f'v{now}' if now else 'none'} now, {then} when version "
+                        f"{version} was compared with it (moved during the approval wait): not promoted; a forced "
+                        f"run compares again, or `rollback --version {version}` makes it champion by hand")
+
+
 @dataclass
 class RollbackConfig:
     """Put an earlier version back as champion, recording who did it and why in the registry."""
@@ -151,11 +163,15 @@ class PromoteConfig:
     version: int = option("version to make champion")
     by: str = option("who approved it")
     reason: str = option("why (kept in the model's champion history)", "approved by a reviewer")
+    compared_with: int | None = option("the champion version the approved one was compared with (0: there was none); "
+                                       "refused if `champion` has moved since (a rollback during the wait)", None)
 
 
 def promote(config: PromoteConfig) -> dict:
     client = tracking.client()
     check_version(client, config.model_name, config.version)
+    if config.compared_with is not None:
+        check_still_champion(client, config.model_name, config.version, config.compared_with)
     moved = move_champion(client, config.model_name, config.version, by=config.by, reason=config.reason,
                           action="approved")
     aliases = client.get_registered_model(config.model_name).aliases

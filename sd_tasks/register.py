@@ -4,8 +4,9 @@ The version is logged with MLflow's diffusers flavor (the LoRA plus a reference 
 `mlflow.pyfunc.load_model("models:/<name>@champion")` rebuilds the pipeline), tagged with its lineage (dataset rev,
 commit and hash, code version, base model, learning rate, step) and every score, and described by a model card.
 It always gets the alias `challenger`. `champion` moves to it only on evidence, judged on the confirmation suite:
-the selected checkpoint, the champion and the base model evaluated again on seeds that were not used to select it
-(so picking the best of many noisy evaluations does not decide), compared image by image (sd_tasks.compare):
+the selected checkpoint, the champion and the base model evaluated again on prompts and seeds that were not used to
+select it (so picking the best of many noisy evaluations, and a checkpoint's luck with particular prompts, do not
+decide), compared image by image with the prompts resampled as clusters (sd_tasks.compare):
 - with a champion, the challenger's normalised weighted score minus the champion's must have its whole bootstrap
   confidence interval above the margin;
 - with none (the first version), its subject fidelity must beat the base model's the same way: a LoRA that learned
@@ -56,7 +57,7 @@ class RegisterConfig:
     experiment: str = option("MLflow experiment for a standalone registration", "dreamline")
     recipe_hash: str = option("fingerprint of the recipe the pipeline ran (its lineage; see sd_tasks.lineage)", "")
     confirmation: str | None = option("folder whose sub-folders hold the confirmation evaluations (URI): the selected "
-                                      "checkpoint, the champion and the base model on seeds not used to select", None)
+                                      "checkpoint, the champion and the base model on prompts and seeds not used to select", None)
     confidence: float = option("confidence level of the paired bootstrap interval", 0.95)
     margin: float = option("normalised score difference the whole interval must exceed to promote", 0.1)
     require_approval: bool = option("an eligible version waits for a reviewer (the DAG's approval task, then "
@@ -93,9 +94,9 @@ def run(config: RegisterConfig) -> dict:
     found = existing_version(client, config.model_name, run_key)
     version = complete_version(client, found, tags) if found else log_version(config, best, info, tags)
     confirmation = confirmation_evaluations(config.confirmation)
-    eligible, reason, comparison = decide(client, config.model_name, version, best, confirmation,
-                                          selection["weights"], config.confidence, config.margin)
     current = client.get_registered_model(config.model_name).aliases.get(CHAMPION)
+    eligible, reason, comparison = decide(current, version, best, confirmation, selection["weights"],
+                                          config.confidence, config.margin)
     awaiting = eligible and config.require_approval and str(current) != str(version)
     decision = reason
     if awaiting:
@@ -114,6 +115,7 @@ def run(config: RegisterConfig) -> dict:
               "awaiting_approval": awaiting, "reason": reason, "decision": decision, "comparison": comparison,
               "aliases": sorted(a for a, v in aliases.items() if str(v) == str(version)),
               "champion": int(aliases[CHAMPION]) if CHAMPION in aliases else None,
+              "compared_with": int(current) if current is not None else None,  # `promote` checks it still is
               "learning_rate": best["learning_rate"], "step": best["step"], "score": best["score"], "cost": spent}
     if config.parent_run_id:
         client.log_dict(config.parent_run_id, selection, "selection.json")
@@ -144,10 +146,10 @@ def confirmation_evaluations(uri: str | None) -> list[dict]:
             if (f / "metrics.json").exists()]
 
 
-def decide(client, name: str, version: str, best: dict, confirmation: list[dict], weights: dict, confidence: float,
-           margin: float) -> tuple[bool, str, dict | None]:
-    """Whether `version` may become champion, why, and the paired comparison that decided it."""
-    current = client.get_registered_model(name).aliases.get(CHAMPION)
+def decide(current: str | None, version: str, best: dict, confirmation: list[dict], weights: dict,
+           confidence: float, margin: float) -> tuple[bool, str, dict | None]:
+    """Whether `version` may become champion, why, and the paired comparison that decided it; `current` is the
+    champion's version (None without one), `confirmation` the confirmation suite's evaluations."""
     if best.get("broken"):
         return False, "its images were not finite (a diverged LoRA)", None
     if str(current) == str(version):
@@ -306,10 +308,8 @@ class ChampionConfig:
 def champion(config: ChampionConfig) -> dict:
     import mlflow
 
-    client = tracking.client()
-    try:
-        current = client.get_model_version_by_alias(config.model_name, CHAMPION)
-    except Exception:  # no such model or no champion yet
+    current = tracking.version_by_alias(tracking.client(), config.model_name, CHAMPION)
+    if current is None:  # no such model or no champion yet (and only then: an outage fails the step)
         return {"checkpoint": None, "version": None}
     with write_dir(config.output) as out, tempfile.TemporaryDirectory() as tmp:  # the download is not kept
         downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{config.model_name}/{current.version}",

@@ -23,7 +23,8 @@ def report(name: str, selection: dict, result: dict) -> str:
         f"Registered as version {result['version']} ({', '.join(result['aliases'])}). {status(result)}: "
         f"{result['reason']}.",
         "",
-        "The decision was taken on the confirmation suite (seeds not used to select), image by image: "
+        "The decision was taken on the confirmation suite (prompts and seeds selection never saw), image by image, "
+        "the prompts resampled with their seeds: "
         + (describe(result["comparison"]) if result.get("comparison") else "no comparison") + ".",
         "",
         f"Scores on the selection suite: raw metrics, then the weighted score of metrics normalised against the base "
@@ -77,7 +78,8 @@ def review(name: str, selection: dict, result: dict, parent_run_id: str | None, 
     parts = [
         f"**Version {result['version']} of `{name}`**: learning rate {best['learning_rate']:g}, step {best['step']}.",
         f"**{status(result)}**: {result['reason']}.",
-        "Decided on the confirmation seeds (not used to select), image by image. Below, the selection suite's scores: "
+        "Decided on the confirmation suite (prompts and seeds selection never saw), image by image. Below, the "
+        "selection suite's scores: "
         f"raw, and in brackets normalised against the base model (weights {weights(selection)}).",
         "\n".join(table),
     ]

@@ -51,7 +51,7 @@ def run(config: SelectConfig) -> dict:
     if not candidates:
         raise StepError(f"{config.evaluations}: no metrics.json of a checkpoint on the base model's suite found; "
                         f"did evaluate run?")
-    ranking = sorted(candidates, key=lambda r: (-r["score"], r["step"], r["learning_rate"]))
+    ranking = rank(candidates)
     champion = next((r for r in rows if r["champion_version"]), None)
     missing = missing_evaluations(config, folder, evaluations)
     if missing:
@@ -73,6 +73,11 @@ def run(config: SelectConfig) -> dict:
         log_review(config.parent_run_id, evaluations, candidates)
     return {"selection": f"{config.output}/selection.json", "selected": ranking[0], "candidates": len(candidates),
             "missing": missing}
+
+
+def rank(candidates: list[dict]) -> list[dict]:
+    """Scored rows, best first; a tie goes to the earlier step (cheaper, less overfit), then the lower rate."""
+    return sorted(candidates, key=lambda r: (-r["score"], r["step"], r["learning_rate"]))
 
 
 def score_weights(config) -> dict[str, float]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd_tasks.cli import option
-from sd_tasks.errors import StepError
+from sd_tasks.errors import StepError, Unavailable
 
 RUN_KEY = "dreamline.run_key"
 
@@ -31,6 +31,22 @@ def client():
 
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow.MlflowClient()
+
+
+def version_by_alias(client, model_name: str, alias: str):
+    """The model version `alias` points to, or None when the model is not registered or has no such alias. Only
+    those mean "none": any other error (the tracking server unreachable, a refused credential) is raised, since
+    taking it for "no model yet" would train a night from nothing, or leave a champion undefended."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(model_name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":  # down, or refusing us: one line, exit 1, retried
+            raise Unavailable(f"MLflow at {tracking_uri()}: {str(exc).splitlines()[0][:300]}") from None
+        return None
+    version = model.aliases.get(alias)
+    return None if version is None else client.get_model_version(model_name, str(version))
 
 
 def experiment_id(name: str) -> str:

@@ -11,6 +11,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "plugins")]
 SAMPLE = REPO / "sample_data" / "dog"
+# The fewest evaluation prompts a run takes: two choose the checkpoint, two confirm it (dreamline.params).
+FOUR_PROMPTS = ["a {instance} in the snow", "a red {instance}", "a {instance} on the beach",
+                "a {instance} with a hat"]
 
 
 @pytest.fixture(scope="session")

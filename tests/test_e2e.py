@@ -11,12 +11,12 @@ from urllib.parse import quote
 
 import pytest
 
-from conftest import REPO
+from conftest import FOUR_PROMPTS, REPO
 
 # lr 1e6 diverges: its train task fails and the sweep goes on with the other two.
 CONF = {"subject": "dog", "dataset_version": "dog-v1", "learning_rates": [1e-3, 1e-4, 1e6], "max_steps": 4,
         "checkpointing_steps": 2, "resolution": 64, "images_per_prompt": 1, "inference_steps": 2,
-        "evaluation_prompts": ["a {instance} in the snow", "a red {instance}"],
+        "evaluation_prompts": FOUR_PROMPTS,
         "encode_shard_size": 2,  # 5 images: the encode is split over 3 mapped tasks and merged
         "prior_preservation": True, "num_class_images": 2,
         # The tiny random evaluators cannot see a subject, so no LoRA of theirs beats the base model: the dog's floor
@@ -183,6 +183,7 @@ def test_parent_run_has_one_nested_run_per_learning_rate_with_curves_metrics_and
     report = open(client.download_artifacts(parents[0].info.run_id, "report.md")).read()
     assert "Promoted to champion: first version: subject fidelity against the base model " in report
     assert "% interval " in report and "above the margin -10" in report and "base model" in report
+    assert re.search(r"on 2 prompts \(\d+ images\)", report)  # what the interval rests on: the 2 held-out prompts
     import mlflow  # every evaluated checkpoint is a LoggedModel of its training run, ranked by select's score
 
     models = [m for m in mlflow.search_logged_models(  # besides the registered version's `lora`

@@ -52,6 +52,7 @@ def test_the_form_refuses(dag, conf):
     ({"sweep_strategy": "halving", "halving_rungs": [300, 100]}, r"halving rungs \[300, 100\]: ascending"),
     ({"sweep_strategy": "halving", "halving_rungs": [500]}, "each below max_steps 500"),
     ({"sweep_strategy": "halving", "halving_rungs": [150]}, "rung 150 is not a multiple of the checkpoint interval"),
+    ({"evaluation_prompts": ["a {instance}"] * 3}, r"evaluation_prompts: 3 given, at least 4 \(half choose"),
 ])
 def test_the_first_task_refuses_what_json_schema_cannot_say(dag, conf, message):
     with pytest.raises(plan.RecipeError, match=message):
@@ -118,19 +119,41 @@ def test_values_keep_their_types(dag):
     assert "--no-upscale" in step_argv("resize", resize) and "--resolution=128" in step_argv("resize", resize)
 
 
+def test_confirmation_judges_on_prompts_and_seeds_selection_never_saw(dag, tmp_path):
+    """Selection and confirmation split the prompt set (even positions choose, the others confirm); preservation is
+    confirmed on the held-out prompts with the class noun; the confirmation seeds are past selection's range and
+    rotate with the dataset's content."""
+    params = form(dag)
+    [chosen] = plan.evaluation_options({**params, "learning_rates": [1e-4]}, str(tmp_path), [
+        {"learning_rate": 1e-4, "checkpoints": [{"step": 100, "uri": "c"}]}], {"checkpoint": None})[:1]
+    confirm = plan.confirmation_options(params, str(tmp_path), {"checkpoint": "c"}, {"checkpoint": None}, "md5:aa")
+    assert len(chosen["prompts"]) == 13 and len(confirm["prompts"]) == 12  # DreamBench's 25
+    assert not set(chosen["prompts"]) & set(confirm["prompts"])
+    assert all("sks dog" in p for p in confirm["prompts"]) and chosen["identifier"] == confirm["identifier"] == "sks"
+    assert confirm["class_prompts"] == [p.replace("sks dog", "dog") for p in confirm["prompts"]]
+    assert chosen["class_prompts"] == [params["class_prompt"]]
+    seeds = {plan.confirmation_seed(params["seed"], f"md5:{i}") for i in range(50)}
+    assert len(seeds) > 40  # rotating with the dataset
+    assert confirm["seed"] == plan.confirmation_seed(params["seed"], "md5:aa")  # the same data, the same seeds
+    for seed in seeds:  # every rotation lies past selection's seeds (seed + 1000 * prompt + image)
+        assert seed - params["seed"] >= plan.CONFIRMATION_SEED_OFFSET and \
+            (seed - params["seed"]) % plan.CONFIRMATION_SEED_OFFSET == 0
+
+
 def test_a_value_that_looks_like_a_flag_stays_a_value(dag, tmp_path):
     options = rendered_options(dag, "caption", instance_prompt="--cache /tmp/x")
     argv = step_argv("caption", options)
     parser = cli.build_parser("caption", caption.CaptionConfig)
     assert cli.make_config(caption.CaptionConfig, parser.parse_args(argv[1:]), parser).instance_prompt == \
         "--cache /tmp/x"
-    params = form(dag, evaluation_prompts=["--cache /tmp/x {instance}", "a {instance}"])
+    params = form(dag, evaluation_prompts=["--cache /tmp/x {instance}", "a {instance}", "a {instance} on a beach",
+                                           "a {instance} in snow"])
     [first, *_] = plan.evaluation_options(params, str(tmp_path), [{"learning_rate": 1e-4, "checkpoints": [
         {"step": 100, "uri": "c"}]}], {"checkpoint": None})
     argv = step_argv("evaluate", first)
     parser = cli.build_parser("evaluate", evaluate.EvaluateConfig)
     config = cli.make_config(evaluate.EvaluateConfig, parser.parse_args(argv[1:]), parser)
-    assert config.prompts == ["--cache /tmp/x sks dog", "a sks dog"]
+    assert config.prompts == ["--cache /tmp/x sks dog", "a sks dog on a beach"]
     assert config.cache == first["cache"]  # the prompt did not set --cache
 
 

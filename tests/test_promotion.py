@@ -81,8 +81,10 @@ def test_the_confirmation_seeds_differ_from_the_selection_seeds(champion_run):
     # and the DAG plans them so, for any seed and the largest prompt set and image count the form allows
     params = {"seed": 2**31 - 1, "confirmation_images_per_prompt": 64, "images_per_prompt": 64}
     selection = {params["seed"] + 1000 * j + k for j in range(100) for k in range(64)}
-    confirmation = {params["seed"] + plan.CONFIRMATION_SEED_OFFSET + 1000 * j + k for j in range(100) for k in range(64)}
-    assert not selection & confirmation
+    for rotation in ("md5:a", "md5:b", "md5:c"):
+        start = plan.confirmation_seed(params["seed"], rotation)
+        confirmation = {start + 1000 * j + k for j in range(100) for k in range(64)}
+        assert not selection & confirmation
 
 
 def test_the_champions_own_weights_are_not_promoted(champion_run, prepared, models):
@@ -125,12 +127,14 @@ def test_a_first_version_equal_to_the_base_model_is_not_promoted(prepared, cache
 # --- the statistics, on known per-image scores ---
 
 def fake_evaluation(suite: str, dino, clip_i, clip_t, preservation=None, **fields) -> dict:
-    evaluation = {"suite": suite, "per_image": {"dino": [list(dino)], "clip_i": [list(clip_i)],
-                                                "clip_t": [list(clip_t)]}, **fields}
+    """An evaluation's metrics.json with these per-image scores, 4 seeds per prompt."""
+    rows = lambda values: np.reshape(values, (-1, 4)).tolist()  # noqa: E731
+    evaluation = {"suite": suite, "per_image": {"dino": rows(dino), "clip_i": rows(clip_i), "clip_t": rows(clip_t)},
+                  **fields}
     for name in ("dino", "clip_i", "clip_t"):
         evaluation[name] = float(np.mean(evaluation["per_image"][name]))
     if preservation is not None:
-        evaluation["per_class_image"] = {"preservation": [list(preservation)]}
+        evaluation["per_class_image"] = {"preservation": rows(preservation)}
         evaluation["preservation"] = float(np.mean(preservation))
     return evaluation
 
@@ -179,13 +183,13 @@ def test_a_clearly_better_challenger_takes_the_champion_alias(tmp_path, home):
         fake_evaluation("c", *(d + 0.08 for d in difficulty), checkpoint="ckpt"),
     ]
     weights = {"accuracy": 1.0, "flexibility": 1.0, "preservation": 0.5}
-    promote, reason, comparison = register.decide(client, "dog-clear", second, {"checkpoint": "ckpt"}, confirmation,
+    promote, reason, comparison = register.decide(first, second, {"checkpoint": "ckpt"}, confirmation,
                                                   weights, 0.95, 0.1)
     assert promote and comparison["low"] > 0.1 and reason.startswith(f"score against champion v{first} +")
     # the same gain on another suite than the base model's is refused, not compared
     confirmation[2]["suite"] = "other"
     with pytest.raises(Exception, match="images can only be paired within one suite"):
-        register.decide(client, "dog-clear", second, {"checkpoint": "ckpt"}, confirmation, weights, 0.95, 0.1)
+        register.decide(first, second, {"checkpoint": "ckpt"}, confirmation, weights, 0.95, 0.1)
 
 
 def test_select_ranks_on_normalised_scores_and_names_the_base_model(tmp_path):

@@ -16,13 +16,13 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import FOUR_PROMPTS, REPO
 from fake_hub import REAL_IDS, UNUSED, FakeHub, folder_files
 
 SDXL = REAL_IDS["sdxl"]
 CONF = {"subject": "dog", "dataset_version": "dog-v1", "learning_rates": [1e-4], "max_steps": 2,
         "checkpointing_steps": 2, "resolution": 64, "images_per_prompt": 1, "inference_steps": 2,
-        "evaluation_prompts": ["a {instance} in the snow"], "confirmation_images_per_prompt": 1}
+        "evaluation_prompts": FOUR_PROMPTS, "confirmation_images_per_prompt": 1}
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 
 import pytest
@@ -118,3 +119,47 @@ def test_history_keeps_text_after_it_and_drops_its_oldest_lines_to_fit():
     assert text == f"Intro.\n\n{HISTORY}\n{promotion.DROPPED}\n- line 18\n- line 19\n- newest\n"
     assert promotion.with_history_line(text, "- later", limit=160).startswith(  # still says lines were dropped
         f"Intro.\n\n{HISTORY}\n{promotion.DROPPED}\n- line 19\n")
+
+
+def test_an_approval_is_refused_when_champion_moved_since_the_comparison(model):
+    """v2 was compared with champion v1; during the approval wait somebody rolled back to v3: the approval rests on a
+    comparison with a champion that no longer is, so `promote` refuses and the champion stays."""
+    rollback(RollbackConfig(model_name=model, version=3, reason="v1 draws the wrong dog", by="alice"))
+    with pytest.raises(StepError, match=rf"^model '{model}': champion is v3 now, v1 when version 2 was compared with "
+                                        r"it \(moved during the approval wait\): not promoted"):
+        promote(PromoteConfig(model_name=model, version=2, by="bob", compared_with=1))
+    assert champion(model) == "3"
+    with pytest.raises(StepError, match="champion is v3 now, none when version 2 was compared"):
+        promote(PromoteConfig(model_name=model, version=2, by="bob", compared_with=0))
+    # compared with the champion that still is: promoted; approving the champion itself again changes nothing
+    assert promote(PromoteConfig(model_name=model, version=2, by="bob", compared_with=3))["changed"]
+    assert not promote(PromoteConfig(model_name=model, version=2, by="bob", compared_with=3))["changed"]
+
+
+@pytest.mark.parametrize("step, options", [
+    ("champion", ["--output", "{tmp}/champion"]),
+    ("lineage", ["--dataset", "{tmp}/dataset", "--base-model", "base", "--recipe-hash", "r"]),
+])
+def test_an_unreachable_registry_is_not_taken_for_no_model_yet(step, options, tmp_path):
+    """Only "not registered" or "no such alias" mean there is no champion: with the tracking server down, `champion`
+    must not say "none" (the night would not defend it) nor `lineage` "no version yet" (it would train from scratch):
+    the step fails with exit 1, which Airflow retries."""
+    import socket
+    import subprocess
+    import sys
+
+    from sd_tasks.storage import write_dir, write_json
+
+    with write_dir(str(tmp_path / "dataset")) as out:
+        write_json(out / "dataset.json", {"hash": "md5:x"})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    done = subprocess.run([sys.executable, "-m", "sd_tasks", step, "--model-name", "dog-sdxl-lora",
+                           *[o.format(tmp=tmp_path) for o in options]], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == cli.EXIT_CRASHED, (done.stdout, done.stderr)
+    assert done.stdout == "" and done.stderr.startswith(f"error: {step}: MLflow at http://127.0.0.1:{port}: ")
+    assert len(done.stderr.strip().splitlines()) == 1  # one line, no traceback

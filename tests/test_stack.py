@@ -38,7 +38,7 @@ from urllib.parse import quote
 import pytest
 import yaml
 
-from conftest import REPO, SAMPLE
+from conftest import FOUR_PROMPTS, REPO, SAMPLE
 from deploy.local.bootstrap import s3_client
 from deploy.local.processes import leftovers
 from deploy.local.seaweedfs import free_port_pairs, is_free
@@ -53,7 +53,7 @@ GPU_SLOTS = 2
 LEARNING_RATES = [1e-3, 1e-4, 5e-4]  # three runs on two slots: two at once, then the third
 RECIPE = {"learning_rates": LEARNING_RATES, "max_steps": 4, "checkpointing_steps": 2, "resolution": 64,
           "images_per_prompt": 1, "inference_steps": 2,
-          "evaluation_prompts": ["a {instance} in the snow", "a red {instance}"],
+          "evaluation_prompts": FOUR_PROMPTS,
           # The tiny random-weight evaluators cannot see a subject, so no version beats the base model or the
           # champion by the default margin: -10 lets every eligible version through (the gate itself is tested in
           # test_promotion.py and test_train_evaluate_register.py), so the first run promotes v1 and the runs

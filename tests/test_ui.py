@@ -16,7 +16,7 @@ import urllib.request
 import psutil
 import pytest
 
-from conftest import REPO, tree_snapshot
+from conftest import FOUR_PROMPTS, REPO, tree_snapshot
 from deploy.local.embedded import max_processes
 from deploy.local.processes import leftovers
 from deploy.local.seaweedfs import free_ports
@@ -135,7 +135,7 @@ def test_your_own_subject_as_the_readme_says(ui):
             time.sleep(3)
     patch(dag, token, {"is_paused": False})
     conf = {"learning_rates": [1e-4], "max_steps": 2, "checkpointing_steps": 2, "resolution": 64,
-            "images_per_prompt": 1, "inference_steps": 2, "evaluation_prompts": ["a {instance} in the snow"],
+            "images_per_prompt": 1, "inference_steps": 2, "evaluation_prompts": FOUR_PROMPTS,
             "confirmation_images_per_prompt": 1, "promotion_margin": -10}
     run = get(f"{dag}/dagRuns", token=token, data={"logical_date": None, "conf": conf})
     deadline = time.monotonic() + 900

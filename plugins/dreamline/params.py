@@ -43,11 +43,18 @@ DREAMBENCH_PROMPTS = {
 PROMPT_TEMPLATE = r"^(?=.*\{instance\})(?:[^{}]|\{instance\}|\{class_noun\})*$"
 
 
-def evaluation_prompts(params: dict) -> list[str]:
-    """The run's evaluation prompts, filled in: the form's list, or DreamBench's 25 for the subject kind."""
-    instance = f"{params['instance_token']} {params['class_noun']}"
+def evaluation_prompts(params: dict, suite: str = "selection", subject: bool = True) -> list[str]:
+    """The run's evaluation prompts of one suite, filled in. The templates are the form's list, or DreamBench's 25
+    for the subject kind: those at even positions choose the checkpoint (`selection`), the others confirm it
+    (`confirmation`), so the promotion is judged on prompts selection never saw. `subject` False renders the class
+    noun in place of `{instance}` ("a dog in the jungle"): preservation's class prompts on the confirmation suite."""
     templates = params["evaluation_prompts"] or DREAMBENCH_PROMPTS[params["subject_kind"]]
+    templates = templates[{"selection": 0, "confirmation": 1}[suite]::2]
+    instance = f"{params['instance_token']} {params['class_noun']}" if subject else params["class_noun"]
     return [t.format(instance=instance, class_noun=params["class_noun"]) for t in templates]
+
+
+MIN_EVALUATION_PROMPTS = 4  # half choose the checkpoint, half confirm it; an interval needs two prompts or more
 
 
 def integer_params() -> frozenset[str]:
@@ -217,7 +224,9 @@ def evaluation_params(kind: str = "live") -> dict[str, Param]:
                               title="Subject kind", description="Picks DreamBench's prompt set.", section=EVALUATION),
         "evaluation_prompts": Param([], type="array", items={"type": "string", "pattern": PROMPT_TEMPLATE},
                                     maxItems=100, title="Evaluation prompts",
-                                    description="Empty: DreamBench's 25 prompts for the subject kind. Each prompt "
+                                    description="Empty: DreamBench's 25 prompts for the subject kind; otherwise at "
+                                    f"least {MIN_EVALUATION_PROMPTS}. The 1st, 3rd, 5th... choose the checkpoint, the "
+                                    "others confirm it (prompts selection never saw decide the promotion). Each prompt "
                                     "contains `{instance}`, which becomes '<token> <class>'; `{class_noun}` becomes "
                                     "the class; no other braces.", section=EVALUATION),
         "images_per_prompt": Param(4, type="integer", minimum=1, maximum=64, title="Images per prompt",

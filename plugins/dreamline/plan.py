@@ -12,14 +12,17 @@ import re
 import string
 
 from dreamline.deployment import DEPLOYMENT
-from dreamline.params import MAX_CHECKPOINTS, MAX_RUNGS, evaluation_prompts, integer_params
+from dreamline.params import MAX_CHECKPOINTS, MAX_RUNGS, MIN_EVALUATION_PROMPTS, evaluation_prompts, integer_params
 
 # Form settings that do not change what a run trains or how it is judged: left out of the recipe's fingerprint.
 NOT_RECIPE = frozenset({"force", "subject", "dataset_repo", "dataset_path", "dataset_version", "encode_shard_size",
                         "promotion_confidence", "promotion_margin", "require_approval"})
 # Confirmation images use seeds from another range than selection's (seed + 1000 * prompt + image, both below
-# 1,000,000 with at most 100 prompts and 64 images each), so the winner is judged on images it was not chosen on.
+# 1,000,000 with at most 100 prompts and 64 images each), so the winner is judged on images it was not chosen on;
+# the range rotates with the dataset's content (one of SEED_ROTATIONS), so nights of comparisons do not all lean on
+# one fixed set of images.
 CONFIRMATION_SEED_OFFSET = 1_000_000
+SEED_ROTATIONS = 1000
 MAX_MAPPED = 1024  # Airflow's [core] max_map_length
 # A form's text becomes one argument of a step's command line (Linux takes at most 128 KiB per argument; a NUL none)
 # and part of prompts, paths and URLs, where a control character is never meant.
@@ -50,6 +53,10 @@ def check_recipe(params: dict) -> dict:
             raise RecipeError(f"learning rates {folders[name]!r} and {lr!r} would share the run folder {name}: "
                               f"use values that differ in their first 6 significant digits")
         folders[name] = lr
+    if 0 < len(params["evaluation_prompts"]) < MIN_EVALUATION_PROMPTS:
+        raise RecipeError(f"evaluation_prompts: {len(params['evaluation_prompts'])} given, at least "
+                          f"{MIN_EVALUATION_PROMPTS} (half choose the checkpoint, the other half confirm it), or none "
+                          f"for DreamBench's 25")
     for template in params["evaluation_prompts"]:
         fields = [f for _, f, spec, conv in string.Formatter().parse(template) if f is not None
                   and (f not in ("instance", "class_noun") or spec or conv)] if _parses(template) else [None]
@@ -179,8 +186,9 @@ def continued_training(params: dict, rung: int, first_stage: list[dict], kept: l
 
 
 def evaluation_suite(params: dict, run: str) -> dict:
-    """The `evaluate` options every checkpoint, the champion and the base model are judged with."""
-    return {"instance_images": f"{run}/resized", "prompts": evaluation_prompts(params),
+    """The `evaluate` options every checkpoint, the champion and the base model are judged with: the selection
+    prompts (dreamline.params.evaluation_prompts)."""
+    return {"instance_images": f"{run}/resized", "prompts": evaluation_prompts(params, "selection"),
             "identifier": params["instance_token"],
             "class_prompts": [params["class_prompt"]], "clip_model": params["clip_model"],
             "dino_model": params["dino_model"], "base_model": params["base_model"],
@@ -216,13 +224,23 @@ def evaluation_folders(options: list[dict]) -> list[str]:
     return [f"{o['output']}/{target.partition('=')[0]}" for o in options for target in o["targets"]]
 
 
-def confirmation_options(params: dict, run: str, selected: dict, champion: dict) -> dict:
+def confirmation_options(params: dict, run: str, selected: dict, champion: dict, dataset_hash: str) -> dict:
     """`evaluate` options for the confirmation suite, in one process: the selected checkpoint, the champion and the
-    base model on seeds selection did not use, and more images per prompt. `register` decides the promotion on
-    these."""
-    suite = {**evaluation_suite(params, run), "seed": params["seed"] + CONFIRMATION_SEED_OFFSET,
+    base model on the prompts selection never saw, seeds it did not use (rotating with the dataset's content) and
+    more images per prompt; preservation on those prompts with the class noun in place of the subject (a dozen class
+    prompts, not one). `register` decides the promotion on these."""
+    suite = {**evaluation_suite(params, run), "seed": confirmation_seed(params["seed"], dataset_hash),
+             "prompts": evaluation_prompts(params, "confirmation"),
+             "class_prompts": evaluation_prompts(params, "confirmation", subject=False),
              "images_per_prompt": params["confirmation_images_per_prompt"]}
     targets = [f"challenger={selected['checkpoint']}", "base="]
     if champion["checkpoint"]:
         targets.insert(1, f"champion-v{champion['version']}={champion['checkpoint']}")
     return {"targets": targets, "output": f"{run}/confirm", **suite}
+
+
+def confirmation_seed(seed: int, dataset_hash: str) -> int:
+    """The confirmation suite's base seed: past selection's range, in one of SEED_ROTATIONS ranges chosen by the
+    dataset's content hash (the same dataset, the same seeds: a retried night is judged on the same images)."""
+    rotation = int(hashlib.sha256(dataset_hash.encode()).hexdigest(), 16) % SEED_ROTATIONS
+    return seed + CONFIRMATION_SEED_OFFSET * (1 + rotation)

@@ -91,7 +91,8 @@ def planned_pods(conf: dict, images: int = 5, champion: bool = True, run_id: str
                                        "<mlflow_run.run_id>", results["encode_class_images"]["cache"]
                                        if params["prior_preservation"] else None),
         "evaluate": evaluations,
-        "confirm": plan.confirmation_options(params, run, {"checkpoint": "<select.selected.checkpoint>"}, current),
+        "confirm": plan.confirmation_options(params, run, {"checkpoint": "<select.selected.checkpoint>"}, current,
+                                            results["dataset"]["hash"]),
     }
     skipped = set() if params["prior_preservation"] else {"class_images", "encode_class_images"}
     kept = trained

@@ -26,7 +26,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from conftest import REPO
+from conftest import FOUR_PROMPTS, REPO
 from deploy.local.seaweedfs import free_port_pairs
 from deploy.local.settings import Stack
 from test_notify import Receiver
@@ -37,7 +37,7 @@ SUBSETS = [("00", "01", "02"), ("00", "01", "03"), ("00", "02", "04"), ("01", "0
 SUBJECT_DATA = {f"s{n}": (noun, subset) for n, (noun, subset) in enumerate(itertools.product(SOURCES, SUBSETS))}
 GPU_SLOTS = 2
 RECIPE = {"learning_rates": [1e-4], "max_steps": 2, "checkpointing_steps": 2, "resolution": 64,
-          "evaluation_prompts": ["a {instance} in the snow"], "images_per_prompt": 1, "inference_steps": 2,
+          "evaluation_prompts": FOUR_PROMPTS, "images_per_prompt": 1, "inference_steps": 2,
           "confirmation_images_per_prompt": 1, "promotion_margin": -10}
 RUN_ID = "load-test"  # the one run of each subject's DAG
 RUNS_TIMEOUT = 3000  # seconds for all ten runs (25 min on 2 cores shared with other work was too few)

@@ -440,7 +440,7 @@ def test_a_bad_param_is_refused_naming_it(dag, figures, conf):
 
 def test_the_default_form_still_passes(dag):
     assert refusal(dag, {}) is None
-    good = {"instance_prompt": "a photo of sks dög, 📷", "evaluation_prompts": ["a {instance} on a {class_noun}"]}
+    good = {"instance_prompt": "a photo of sks dög, 📷", "evaluation_prompts": ["a {instance} on a {class_noun}"] * 4}
     assert refusal(dag, good) is None
 
 

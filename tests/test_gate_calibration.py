@@ -1,0 +1,48 @@
+"""The promotion gate's error rate, measured: the real selection and gate code (`select`'s ranking, `decide`) on
+synthetic per-image scores (bench/gate_calibration.py), night after night. The figures are in docs/promotion.md."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from gate_calibration import Night, rates  # noqa: E402
+
+NIGHTS = 400
+NOMINAL = 0.025  # a two-sided 95% interval lies wholly above 0 by chance this often
+
+
+def most_promotions(nights: int) -> int:
+    """The most false promotions in `nights` that a gate at the nominal rate gives with probability 0.999."""
+    return int(stats.binom.ppf(0.999, nights, NOMINAL))
+
+
+@pytest.mark.parametrize("prompt_effect", [0.0, 0.25, 0.5])
+@pytest.mark.parametrize("seed_effect", [0.25, 0.5])
+def test_candidates_equal_to_the_champion_are_promoted_at_most_at_the_nominal_rate(prompt_effect, seed_effect):
+    """The best of 15 candidates all truly equal to the champion, at margin 0 (the margin cannot hide anything):
+    whatever luck a candidate has with particular prompts, the confirmation on held-out prompts with the prompts
+    resampled as clusters promotes it no more often than the confidence level says."""
+    night = Night(prompt_effect=prompt_effect, seed_effect=seed_effect, margin=0.0)
+    promoted = rates(night, NIGHTS, seed=int(prompt_effect * 100 + seed_effect * 10))["promoted"]
+    assert promoted * NIGHTS <= most_promotions(NIGHTS)
+
+
+def test_the_earlier_gate_fails_this_measure():
+    """The gate before this one (confirmation on the selection prompts, images resampled one by one) promotes equal
+    candidates far above the nominal rate when candidates have prompt effects: what this test exists to catch."""
+    promoted = rates(Night(prompt_effect=0.4, seed_effect=0.5, margin=0.0, old=True), NIGHTS)["promoted"]
+    assert promoted * NIGHTS > most_promotions(NIGHTS)
+
+
+def test_a_truly_better_candidate_is_found_and_promoted():
+    """Power at the defaults (margin 0.1): one candidate of 15 better by half a per-image spread in every part is
+    selected and promoted nearly every night; by a quarter, selected nearly always and promoted often at margin 0."""
+    clear = rates(Night(prompt_effect=0.2, seed_effect=0.5, better=0.5, margin=0.1), 200)
+    assert clear["selected_better"] >= 0.95 and clear["promoted"] >= 0.95
+    small = rates(Night(prompt_effect=0.2, seed_effect=0.5, better=0.25, margin=0.0), 200)
+    assert small["selected_better"] >= 0.8 and small["promoted"] >= 0.6
