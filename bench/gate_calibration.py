@@ -113,8 +113,8 @@ def one_night(rng, night: Night) -> tuple[bool, bool]:
         for e in evaluations:
             for group in ("per_image", "per_class_image"):
                 e[group] = {m: np.reshape(v, (-1, 1)).tolist() for m, v in e[group].items()}
-    promoted, _, _ = decide("1", "2", best, evaluations, WEIGHTS, night.confidence, night.margin)
-    return promoted, chosen == 0
+    decision = decide("1", "2", best, evaluations, WEIGHTS, night.confidence, night.margin)
+    return decision.eligible, chosen == 0
 
 
 def rates(night: Night, nights: int, seed: int = 0) -> dict:

@@ -52,11 +52,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, TaskGroup, chain, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from dreamline import plan, subjects
+from dreamline.approval import RunBoundApproval
 from dreamline.deployment import DEPLOYMENT
 from dreamline.notify import on_failure, on_promotion
 from dreamline.operators import StepOperator, evaluation_folders, param, partial_step, pinned
@@ -253,7 +253,7 @@ def lora_dag(subject: subjects.Subject):
             waits (approval and promote are skipped; register has promoted it, or it was not eligible)."""
             return registration["awaiting_approval"]
 
-        approval = ApprovalOperator(
+        approval = RunBoundApproval(
             task_id="approval", subject=f"Promote {subject.model_name} v{{{{ {REGISTERED}['version'] }}}} to champion?",
             body=f"{{{{ {REGISTERED}['review'] }}}}", defaults="Reject",  # no answer in time: the champion stays
             response_timeout=timedelta(hours=subject.approval_timeout_hours),

@@ -33,6 +33,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -79,6 +80,8 @@ class EvaluateConfig:
     targets: list[str] = option("instead of both: several evaluations in this one process, NAME=SOURCE each, into "
                                 "<output>/NAME; SOURCE a training run folder (each checkpoint into NAME/step-<N>), a "
                                 "checkpoint folder, or empty for the base model (URIs)", [])
+    optional: list[str] = option("NAMEs of --targets whose LoRA file is refused without failing the step (the "
+                                 "champion: a night still registers its challenger, which is then not compared)", [])
     class_prompts: list[str] = option("prompts without the subject, for preservation (e.g. 'a photo of dog')", [])
     clip_model: str = option("CLIP model id or folder", "openai/clip-vit-large-patch14")
     dino_model: str = option("DINO ViT model id or folder", "facebook/dino-vits16")
@@ -121,25 +124,36 @@ def evaluate_targets(config: EvaluateConfig) -> dict:
     targets = [parse_target(target) for target in config.targets]
     if len({name for name, _ in targets}) < len(targets):
         raise StepError(f"--targets {' '.join(config.targets)}: a name given twice")
+    if unknown := set(config.optional) - {name for name, _ in targets}:
+        raise StepError(f"--optional {' '.join(sorted(unknown))}: not among the --targets' names")
     runs = {name: list_checkpoints(source) for name, source in targets if source and not is_whole(source)}
     if empty := [source for name, source in targets if name in runs and not runs[name]]:
         raise StepError(f"{empty[0]}: no whole checkpoint to evaluate (did train write any?)")
-    uris = [c["uri"] for checkpoints in runs.values() for c in checkpoints] + \
-        [source for name, source in targets if source and name not in runs]
-    infos = {uri: read_json(f"{uri}/{CHECKPOINT_INFO}") for uri in uris}
+    uris = {name: [c["uri"] for c in runs[name]] if name in runs else [source] if source else []
+            for name, source in targets}
+    infos = {uri: read_json(f"{uri}/{CHECKPOINT_INFO}") for named in uris.values() for uri in named}
     base_model = config.base_model or next((info["base_model"] for info in infos.values()), None)
     if not base_model:
         raise StepError("--targets of the base model alone need --base-model")
-    lora_files.check_checkpoints(uris, base_model)
+    failed = {}
+    for name, named in uris.items():  # every LoRA file, before anything loads
+        try:
+            lora_files.check_checkpoints(named, base_model)
+        except StepError as exc:
+            if name not in config.optional:
+                raise
+            failed[name] = str(exc)
+            print(f"warning: {name} not evaluated: {exc}", file=sys.stderr)
     shared = Evaluator(config, base_model)
     results = []
-    for name, source in targets:
-        one = replace(config, targets=[], output=join(config.output, name))
+    for name, source in (t for t in targets if t[0] not in failed):
+        one = replace(config, targets=[], optional=[], output=join(config.output, name))
         if name in runs:
             results.append(each_checkpoint(replace(one, training_run=source), shared, runs[name], infos))
         else:
             results.append(evaluate(replace(one, checkpoint=source), shared, infos[source] if source else BASE_INFO))
-    return {"output": config.output, "targets": [name for name, _ in targets], "evaluations": results}
+    return {"output": config.output, "targets": [name for name, _ in targets if name not in failed],
+            "evaluations": results, "failed": failed}
 
 
 def parse_target(target: str) -> tuple[str, str | None]:
@@ -250,7 +264,7 @@ def checkpoint_fields(info: dict, config: EvaluateConfig) -> dict:
     """What a result says about the checkpoint it scores (from its dreamline.json)."""
     return {"step": info["step"], "learning_rate": info["learning_rate"], "run_id": info.get("run_id"),
             "champion_version": info.get("champion_version"), "checkpoint": config.checkpoint,
-            "base": config.checkpoint is None}
+            "base": config.checkpoint is None, "trained_on": info.get("base_model")}
 
 
 def write_metrics(out: Path, result: dict, config: EvaluateConfig) -> None:
@@ -276,7 +290,7 @@ def suite_fingerprint(config: EvaluateConfig, base_model: str) -> str:
     import transformers
 
     suite = {k: v for k, v in asdict(config).items()
-             if k not in ("checkpoint", "training_run", "targets", "output", "base_model", "cache")}
+             if k not in ("checkpoint", "training_run", "targets", "optional", "output", "base_model", "cache")}
     suite |= {"base_model": base_model, "instance_images": content_hash(read_dir(config.instance_images) / "images"),
               "vae": config.vae and model_fingerprint(config.vae, parts=[""]),  # a local folder by its content
               "versions": [SCORING_VERSION, torch.__version__, diffusers.__version__, transformers.__version__]}

@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from unittest import mock
 
 from sd_tasks import lora_files, model_refs, tracking
@@ -95,9 +96,9 @@ def run(config: RegisterConfig) -> dict:
     version = complete_version(client, found, tags) if found else log_version(config, best, info, tags)
     confirmation = confirmation_evaluations(config.confirmation)
     current = client.get_registered_model(config.model_name).aliases.get(CHAMPION)
-    eligible, reason, comparison = decide(current, version, best, confirmation, selection["weights"],
-                                          config.confidence, config.margin)
-    awaiting = eligible and config.require_approval and str(current) != str(version)
+    eligible, reason, comparison, needs_review = decide(current, version, best, confirmation, selection["weights"],
+                                                        config.confidence, config.margin)
+    awaiting = eligible and (config.require_approval or needs_review) and str(current) != str(version)
     decision = reason
     if awaiting:
         reason += "; waiting for a reviewer's approval"
@@ -146,36 +147,48 @@ def confirmation_evaluations(uri: str | None) -> list[dict]:
             if (f / "metrics.json").exists()]
 
 
+class Decision(NamedTuple):
+    eligible: bool  # may become champion
+    reason: str
+    comparison: dict | None  # the paired comparison that decided, if one did
+    needs_review: bool = False  # eligible only with a reviewer's approval, whatever the form says
+
+
 def decide(current: str | None, version: str, best: dict, confirmation: list[dict], weights: dict,
-           confidence: float, margin: float) -> tuple[bool, str, dict | None]:
+           confidence: float, margin: float) -> Decision:
     """Whether `version` may become champion, why, and the paired comparison that decided it; `current` is the
     champion's version (None without one), `confirmation` the confirmation suite's evaluations."""
     if best.get("broken"):
-        return False, "its images were not finite (a diverged LoRA)", None
+        return Decision(False, "its images were not finite (a diverged LoRA)", None)
     if str(current) == str(version):
-        return True, "already the champion", None
+        return Decision(True, "already the champion", None)
     challenger = next((e for e in confirmation if e.get("checkpoint") == best["checkpoint"]), None)
     base = next((e for e in confirmation if e.get("base")), None)
     if challenger is None or base is None:
         missing = "the selected checkpoint" if challenger is None else "the base model"
-        return False, f"{missing} was not evaluated on the confirmation suite; not promoted", None
+        return Decision(False, f"{missing} was not evaluated on the confirmation suite; not promoted", None)
     if challenger.get("broken"):
-        return False, "its images on the confirmation seeds were not finite (a diverged LoRA)", None
+        return Decision(False, "its images on the confirmation seeds were not finite (a diverged LoRA)", None)
     yardstick = Yardstick.from_base(base)
     if current is None:
         comparison = paired_difference(challenger, base, yardstick, {"accuracy": 1.0}, confidence)
         verdict = f"subject fidelity against the base model {describe(comparison)}"
         if comparison["low"] > margin:
-            return True, f"first version: {verdict}, above the margin {margin:g}", comparison
-        return False, f"first version: {verdict} does not lie above the margin {margin:g}", comparison
+            return Decision(True, f"first version: {verdict}, above the margin {margin:g}", comparison)
+        return Decision(False, f"first version: {verdict} does not lie above the margin {margin:g}", comparison)
     champion = next((e for e in confirmation if str(e.get("champion_version")) == str(current)), None)
     if champion is None:
-        return False, f"champion v{current} was not evaluated on the confirmation suite; kept", None
+        return Decision(False, f"champion v{current} was not evaluated on the confirmation suite (not compared); "
+                               f"kept", None)
     comparison = paired_difference(challenger, champion, yardstick, weights, confidence)
     verdict = f"score against champion v{current} {describe(comparison)}"
-    if comparison["low"] > margin:
-        return True, f"{verdict}, above the margin {margin:g}", comparison
-    return False, f"{verdict} does not lie above the margin {margin:g}; v{current} kept", comparison
+    if comparison["low"] <= margin:
+        return Decision(False, f"{verdict} does not lie above the margin {margin:g}; v{current} kept", comparison)
+    served, here = champion.get("trained_on"), challenger.get("trained_on")
+    if served and here and served != here:  # the champion was scored on a pairing that is never served
+        return Decision(True, f"{verdict}, above the margin {margin:g}; but champion v{current} is served on "
+                              f"{served} and was scored here on {here}: a reviewer decides", comparison, True)
+    return Decision(True, f"{verdict}, above the margin {margin:g}", comparison)
 
 
 def existing_version(client, name: str, run_key: str):

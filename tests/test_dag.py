@@ -160,3 +160,29 @@ def test_approval_shows_registers_review_and_a_silent_reviewer_keeps_the_champio
     # nothing waits unless register says the version earned promotion and a reviewer is required
     assert dag.task_dict["approval_needed"].downstream_task_ids == {"approval"}
     assert dag.task_dict["promote"].upstream_task_ids == {"approval"}
+
+
+def test_the_approval_wait_ends_inside_the_runs_time_limit(dag, monkeypatch):
+    """Training and evaluation took 15 of the run's 20 hours: a 10-hour wait would outlast the run (which would then
+    fail instead of keeping the champion), so the wait is cut to end before the limit; early, the full wait."""
+    from datetime import datetime, timedelta, timezone
+    from types import SimpleNamespace
+
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    from dreamline.approval import END_MARGIN, SHORTEST, approval_window
+
+    approval = dag.task_dict["approval"]
+    assert dag.dagrun_timeout == timedelta(hours=20) and approval.response_timeout == timedelta(hours=10)
+    waits = []
+    monkeypatch.setattr(ApprovalOperator, "execute", lambda self, context: waits.append(self.response_timeout))
+    now = datetime.now(timezone.utc)
+    for started in (now - timedelta(hours=15), now - timedelta(hours=1)):
+        task = approval.__class__.__new__(approval.__class__)
+        task.__dict__.update(approval.__dict__)  # a fresh copy per try, as a worker deserialises one
+        task.execute({"dag_run": SimpleNamespace(start_date=started), "dag": dag})
+    assert timedelta(hours=5) - END_MARGIN - timedelta(minutes=1) < waits[0] <= timedelta(hours=5) - END_MARGIN
+    assert waits[1] == timedelta(hours=10)
+    # past the limit already: still a short wait, never a negative one; no limit: as configured
+    assert approval_window(timedelta(hours=10), now - timedelta(hours=30), timedelta(hours=20), now) == SHORTEST
+    assert approval_window(timedelta(hours=10), now, None, now) == timedelta(hours=10)

@@ -158,3 +158,26 @@ def test_a_sweep_the_champion_and_the_base_model_share_one_process(run_folder, o
 def test_targets_that_cannot_be_evaluated_are_refused_in_one_line(tmp_path, prepared, models, targets, says):
     with pytest.raises(StepError, match=says):
         evaluate.run(evaluate.EvaluateConfig(targets=targets, output=str(tmp_path / "out"), **suite(prepared, models)))
+
+
+def test_a_champion_that_cannot_be_evaluated_does_not_stop_the_night(run_folder, prepared, models, tmp_path):
+    """The champion's LoRA file is refused (an old champion that does not fit today's base model): named `optional`,
+    the other targets are still evaluated and the step succeeds, reporting it; not optional, the step refuses."""
+    from sd_tasks.storage import write_dir
+
+    broken = tmp_path / "champion"
+    with write_dir(str(broken)) as out:
+        shutil.copy(run_folder / "checkpoint-2" / train.CHECKPOINT_INFO, out)
+        (out / train.LORA_WEIGHTS).write_bytes(b"not a safetensors file")
+    targets = [f"challenger={run_folder / 'checkpoint-4'}", f"champion-v1={broken}", "base="]
+    result = evaluate.run(evaluate.EvaluateConfig(targets=targets, optional=["champion-v1"],
+                                                  output=str(tmp_path / "confirm"), **suite(prepared, models)))
+    assert result["targets"] == ["challenger", "base"] and list(result["failed"]) == ["champion-v1"]
+    assert result["failed"]["champion-v1"].startswith(str(broken))  # the refusal, naming the file
+    assert sorted(p.name for p in (tmp_path / "confirm").iterdir()) == ["base", "challenger"]
+    with pytest.raises(StepError):
+        evaluate.run(evaluate.EvaluateConfig(targets=targets, output=str(tmp_path / "strict"),
+                                             **suite(prepared, models)))
+    with pytest.raises(StepError, match="--optional nobody: not among the --targets' names"):
+        evaluate.run(evaluate.EvaluateConfig(targets=targets, optional=["nobody"], output=str(tmp_path / "x"),
+                                             **suite(prepared, models)))

@@ -183,7 +183,7 @@ def test_a_clearly_better_challenger_takes_the_champion_alias(tmp_path, home):
         fake_evaluation("c", *(d + 0.08 for d in difficulty), checkpoint="ckpt"),
     ]
     weights = {"accuracy": 1.0, "flexibility": 1.0, "preservation": 0.5}
-    promote, reason, comparison = register.decide(first, second, {"checkpoint": "ckpt"}, confirmation,
+    promote, reason, comparison, _ = register.decide(first, second, {"checkpoint": "ckpt"}, confirmation,
                                                   weights, 0.95, 0.1)
     assert promote and comparison["low"] > 0.1 and reason.startswith(f"score against champion v{first} +")
     # the same gain on another suite than the base model's is refused, not compared
@@ -235,3 +235,24 @@ def test_the_approval_page_shows_the_decision_and_the_grids_from_a_url_the_brows
     # no URL a browser can reach (a sqlite store): the page says where the grids are instead of linking nothing
     assert "`review/`" in review("dog-sdxl-lora", selection, result, parent, None)
     assert "get-artifact" not in review("dog-sdxl-lora", selection, result, parent, None)
+
+
+def test_a_champion_served_on_another_base_model_is_not_replaced_automatically():
+    """The operator moved the base model: the champion is served on its own (what its version records) but was
+    re-scored on today's. However clear the gain, that pairing is never served, so a reviewer decides; on one base
+    model the same gain promotes at once."""
+    rng = np.random.default_rng(4)
+    difficulty = [rng.normal(0.5, 0.1, 16) for _ in range(3)]
+    confirmation = [
+        fake_evaluation("c", *difficulty, base=True),
+        fake_evaluation("c", *(d + 0.01 for d in difficulty), champion_version=1, trained_on="sdxl@aaa"),
+        fake_evaluation("c", *(d + 0.08 for d in difficulty), checkpoint="ckpt", trained_on="sdxl-turbo@bbb"),
+    ]
+    weights = {"accuracy": 1.0, "flexibility": 1.0, "preservation": 0.5}
+    decision = register.decide("1", "2", {"checkpoint": "ckpt"}, confirmation, weights, 0.95, 0.1)
+    assert decision.eligible and decision.needs_review
+    assert decision.reason.endswith("champion v1 is served on sdxl@aaa and was scored here on sdxl-turbo@bbb: a "
+                                    "reviewer decides")
+    confirmation[1]["trained_on"] = "sdxl-turbo@bbb"
+    same_base = register.decide("1", "2", {"checkpoint": "ckpt"}, confirmation, weights, 0.95, 0.1)
+    assert same_base.eligible and not same_base.needs_review

@@ -216,7 +216,8 @@ def evaluation_options(params: dict, run: str, training_results: list[dict], cha
     for cost, target in sorted(targets, key=lambda t: -t[0]):  # the most checkpoints first, to the least loaded
         min(groups, key=lambda g: sum(c for c, _ in g)).append((cost, target))
     suite = evaluation_suite(params, run)
-    return [{"targets": [target for _, target in group], "output": f"{run}/eval", **suite} for group in groups]
+    return [{"targets": [target for _, target in group], "output": f"{run}/eval", **suite,
+             **optional_champion([target for _, target in group])} for group in groups]
 
 
 def evaluation_folders(options: list[dict]) -> list[str]:
@@ -236,7 +237,15 @@ def confirmation_options(params: dict, run: str, selected: dict, champion: dict,
     targets = [f"challenger={selected['checkpoint']}", "base="]
     if champion["checkpoint"]:
         targets.insert(1, f"champion-v{champion['version']}={champion['checkpoint']}")
-    return {"targets": targets, "output": f"{run}/confirm", **suite}
+    return {"targets": targets, "output": f"{run}/confirm", **suite, **optional_champion(targets)}
+
+
+def optional_champion(targets: list[str]) -> dict:
+    """`evaluate`'s `optional`: the champion's target, if among `targets`. A champion whose LoRA file today's base
+    model refuses is reported, not fatal: the night's checkpoints are still evaluated, and `register` registers the
+    challenger and says the champion was not compared (it is kept)."""
+    names = [t.partition("=")[0] for t in targets if t.startswith("champion-v")]
+    return {"optional": names} if names else {}
 
 
 def confirmation_seed(seed: int, dataset_hash: str) -> int:
