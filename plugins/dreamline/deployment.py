@@ -83,9 +83,23 @@ class Deployment:
     gpu_devices: tuple[str, ...] = ()
     retry_delay: float = 60.0
     step_env: dict = field(default_factory=dict)
+    incoming: str = ""  # the one folder `publish_dataset` publishes from (DREAMLINE_INCOMING)
 
     def cache_dir(self, name: str) -> str:
         return f"{self.cache.rstrip('/')}/{name}"
+
+    def incoming_folder(self, name: str) -> str:
+        """The folder `name` inside the incoming folder, symbolic links resolved, or DeploymentError: the
+        `publish_dataset` form names a folder there, never any folder the worker can read (~/.ssh, the stack's
+        state), which publishing would copy into the data registry."""
+        root = os.path.realpath(self.incoming)
+        folder = os.path.realpath(os.path.join(root, name))
+        if os.path.isabs(name) or folder == root or os.path.commonpath([root, folder]) != root:
+            raise DeploymentError(f"source {name!r}: not a folder inside the incoming folder {self.incoming} "
+                                  f"(DREAMLINE_INCOMING); put the photos there and name their folder")
+        if not os.path.isdir(folder):
+            raise DeploymentError(f"source {name!r}: no such folder in {self.incoming} (DREAMLINE_INCOMING)")
+        return folder
 
     def run_dir(self, dag_id: str, run_id: str) -> str:
         """The one folder (URI) that holds everything a pipeline run writes."""
@@ -202,6 +216,7 @@ def from_environment(env=os.environ) -> Deployment:
         home=home,
         executor=env.get("DREAMLINE_EXECUTOR", "local"),
         storage=env.get("DREAMLINE_STORAGE", str(home / "runs")),
+        incoming=env.get("DREAMLINE_INCOMING", str(home / "incoming")),
         cache=env.get("DREAMLINE_CACHE", str(home / "cache")),
         dataset_repo=env.get("DREAMLINE_DATASET_REPO", str(home / "data-registry")),
         base_model=env.get("DREAMLINE_BASE_MODEL") or HUB_MODELS["DREAMLINE_BASE_MODEL"],
