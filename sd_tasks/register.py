@@ -31,12 +31,12 @@ from unittest import mock
 
 from sd_tasks import lora_files, model_refs, tracking
 from sd_tasks.cli import option
-from sd_tasks.compare import Yardstick, describe, paired_difference
+from sd_tasks.compare import MIN_PROMPTS, Yardstick, describe, paired_difference
 from sd_tasks.cost import ledger, summarise
 from sd_tasks.promotion import CHAMPION, move_champion
 from sd_tasks.redact import redact
 from sd_tasks.report import report, review
-from sd_tasks.storage import read_dir, read_json, whole_folders, write_dir, write_json
+from sd_tasks.storage import read_dir, read_json, whole_jsons, write_dir, write_json
 from sd_tasks.checkpoint_files import CHECKPOINT_INFO, LORA_WEIGHTS
 
 CHALLENGER = "challenger"  # and CHAMPION, from sd_tasks.promotion: every move of that alias goes through it
@@ -139,12 +139,8 @@ def run(config: RegisterConfig) -> dict:
 
 
 def confirmation_evaluations(uri: str | None) -> list[dict]:
-    """The whole evaluations under the confirmation folder (none without one)."""
-    if not uri:
-        return []
-    folder = read_dir(uri)
-    return [read_json(f"{uri}/{f.relative_to(folder).as_posix()}/metrics.json") for f in whole_folders(folder)
-            if (f / "metrics.json").exists()]
+    """The whole evaluations under the confirmation folder (none without one): their metrics.json, not images."""
+    return list(whole_jsons(uri, "metrics.json").values()) if uri else []
 
 
 class Decision(NamedTuple):
@@ -170,6 +166,9 @@ def decide(current: str | None, version: str, best: dict, confirmation: list[dic
     if challenger.get("broken"):
         return Decision(False, "its images on the confirmation seeds were not finite (a diverged LoRA)", None)
     yardstick = Yardstick.from_base(base)
+    if len(challenger.get("per_image", {}).get("dino") or []) < MIN_PROMPTS:
+        return Decision(False, f"the confirmation suite has fewer than {MIN_PROMPTS} prompts: no interval can be "
+                               f"drawn; not promoted", None)
     if current is None:
         comparison = paired_difference(challenger, base, yardstick, {"accuracy": 1.0}, confidence)
         verdict = f"subject fidelity against the base model {describe(comparison)}"

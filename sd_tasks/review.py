@@ -11,6 +11,7 @@ gap that could pass for a black image.
 """
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Mapping, Union
 from PIL import Image, ImageDraw, ImageFont
 
 from sd_tasks.compare import METRICS
+from sd_tasks.errors import StepError
+from sd_tasks.storage import is_remote, join, read_bytes
 
 # Past either cap a grid's tiles are downscaled (aspect kept, LANCZOS). 8192 px is about the widest image a
 # browser or the MLflow UI shows without trouble and holds 7 checkpoint steps of 1024 px tiles beside the labels.
@@ -109,11 +112,13 @@ def _load(tile: Tile) -> Image.Image | None:
     """The tile's image (opened lazily: only its header is read), or None when there is none to show."""
     if isinstance(tile, Image.Image):
         return tile
-    if tile is None or not Path(tile).is_file():
+    if tile is None:
         return None
     try:
-        return Image.open(tile)
-    except OSError:  # an unreadable PNG is shown as missing rather than costing the reviewer every grid
+        if is_remote(str(tile)):  # one image fetched alone, not its evaluation's folder
+            return Image.open(io.BytesIO(read_bytes(str(tile))))
+        return Image.open(tile) if Path(tile).is_file() else None
+    except (OSError, StepError):  # an unreadable or absent PNG is shown as missing rather than failing every grid
         return None
 
 
@@ -176,7 +181,7 @@ def is_candidate(metrics: dict) -> bool:
     return not metrics.get("champion_version") and not metrics.get("base")
 
 
-def grid_layout(evaluations: dict[Path, dict]) -> tuple[list[str], list[str], dict[tuple[str, str], Path]]:
+def grid_layout(evaluations: dict[str, dict]) -> tuple[list[str], list[str], dict[tuple[str, str], str]]:
     """(row labels, column labels, {(row, column): evaluation folder}) of the review grids: the learning rates in
     increasing order, then the champion, then the base model; the checkpoint steps in increasing order. The champion
     and the base model fill every column of their rows."""
@@ -195,7 +200,7 @@ def grid_layout(evaluations: dict[Path, dict]) -> tuple[list[str], list[str], di
     return rows, columns, folders
 
 
-def log_review(run_id: str, evaluations: dict[Path, dict], rows: list[dict]) -> None:
+def log_review(run_id: str, evaluations: dict[str, dict], rows: list[dict]) -> None:
     """On the parent run: per evaluation prompt a labelled grid of each evaluation's first image for it
     (`review/grid-prompt-NN.png`, see `grid_layout`), what the grids show (`review/grids.txt`), and per metric a plot
     against step with one line per learning rate (`review/<metric>-vs-step.png`, candidates only)."""
@@ -213,7 +218,7 @@ def log_review(run_id: str, evaluations: dict[Path, dict], rows: list[dict]) -> 
     prompts = next((m["prompts"] for m in evaluations.values() if is_candidate(m)),
                    next(iter(evaluations.values()))["prompts"])
     for j, prompt in enumerate(prompts):
-        tiles = {cell: folder / "images" / f"p{j:02d}-0.png" for cell, folder in folders.items()}
+        tiles = {cell: join(folder, "images", f"p{j:02d}-0.png") for cell, folder in folders.items()}
         client.log_image(run_id, grid(tiles, prompt, row_labels, columns), f"review/grid-prompt-{j:02d}.png")
     client.log_text(run_id, "\n".join(f"prompt-{j:02d}: {p}" for j, p in enumerate(prompts)) +
                     f"\nrows: {', '.join(row_labels)}; columns: {', '.join(columns)}\n"

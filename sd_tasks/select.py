@@ -20,7 +20,7 @@ from sd_tasks import tracking
 from sd_tasks.cli import option
 from sd_tasks.compare import METRICS, Yardstick, weighted_score
 from sd_tasks.errors import StepError
-from sd_tasks.storage import is_whole, join, list_dir, read_dir, whole_folders, write_dir, write_json
+from sd_tasks.storage import is_whole, join, list_dir, whole_jsons, write_dir, write_json
 
 ROW_FIELDS = ("learning_rate", "step", "checkpoint", "run_id", "suite", "broken", "champion_version", "base", *METRICS)
 
@@ -89,17 +89,16 @@ def score_weights(config) -> dict[str, float]:
     return weights
 
 
-def read_evaluations(uri: str) -> tuple[Path, dict[Path, dict], Yardstick]:
+def read_evaluations(uri: str) -> tuple[str, dict[str, dict], Yardstick]:
     """The folder, its whole evaluations (an evaluate task killed while writing leaves a folder that is not) by
-    folder, and the yardstick of the base model's evaluation among them."""
-    folder = read_dir(uri)
-    evaluations = {f: json.loads((f / "metrics.json").read_text()) for f in whole_folders(folder)
-                   if (f / "metrics.json").exists()}
+    folder URI, and the yardstick of the base model's evaluation among them. Only the metrics.json files are read,
+    not the images beside them."""
+    evaluations = whole_jsons(uri, "metrics.json")
     base = next((m for m in evaluations.values() if m.get("base")), None)
     if base is None:
         raise StepError(f"{uri}: no evaluation of the base model (evaluate without --checkpoint): scores are "
                         f"normalised against it")
-    return folder, evaluations, Yardstick.from_base(base, f"{uri}: the base model's evaluation")
+    return uri.rstrip("/"), evaluations, Yardstick.from_base(base, f"{uri}: the base model's evaluation")
 
 
 def halving_history(sweep: str | None) -> list[dict]:
@@ -111,7 +110,7 @@ def halving_history(sweep: str | None) -> list[dict]:
 def missing_evaluations(config: SelectConfig, folder, evaluations: dict) -> list[str]:
     """The planned evaluations that are not whole: a planned folder with no evaluation at or under it, and each
     checkpoint of an evaluated training run (`evaluate --training-run` writes one folder per step) that has none."""
-    found = {f.relative_to(folder).as_posix(): m for f, m in evaluations.items()}
+    found = {f.removeprefix(folder + "/"): m for f, m in evaluations.items()}
     root = config.evaluations.rstrip("/") + "/"
     missing = []
     for planned in (uri.removeprefix(root) for uri in config.expected):

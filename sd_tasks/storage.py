@@ -262,6 +262,30 @@ def _remove_remote(fs, path: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def whole_jsons(uri: str, name: str) -> dict[str, dict]:
+    """{folder URI: its parsed `name`} for every whole folder at or under `uri` that holds `name`, reading only the
+    listing, the markers and those files: a step that needs an evaluation's metrics.json does not fetch its images."""
+    files = _listing(uri)
+    found = {}
+    for marker in (n for n in files if n == MARKER or n.endswith("/" + MARKER)):
+        folder = marker[: -len(MARKER)].rstrip("/")
+        prefix = f"{folder}/" if folder else ""
+        inside = {n[len(prefix):]: info for n, info in files.items() if n.startswith(prefix)}
+        where = join(uri, folder) if folder else uri.rstrip("/")
+        if name in inside and not _in_staging(marker) and _why_not_whole(where, inside) is None:
+            found[where] = read_json(join(where, name))
+    return found
+
+
+def read_bytes(uri: str) -> bytes:
+    """One file's bytes (a remote one fetched alone, not its folder)."""
+    try:
+        with object_store(uri), _open(uri, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StepError(f"{uri}: no such file") from None
+
+
 def read_json(uri: str) -> dict:
     try:
         with object_store(uri), _open(uri, "r") as f:

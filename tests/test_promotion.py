@@ -256,3 +256,13 @@ def test_a_champion_served_on_another_base_model_is_not_replaced_automatically()
     confirmation[1]["trained_on"] = "sdxl-turbo@bbb"
     same_base = register.decide("1", "2", {"checkpoint": "ckpt"}, confirmation, weights, 0.95, 0.1)
     assert same_base.eligible and not same_base.needs_review
+
+
+def test_a_confirmation_on_one_prompt_is_no_evidence():
+    """One prompt's images share its luck: no interval can be drawn from them, however many seeds. Register still
+    registers the version, unpromoted, and says why."""
+    difficulty = [np.full(4, 0.5) for _ in range(3)]
+    confirmation = [fake_evaluation("c", *difficulty, base=True),
+                    fake_evaluation("c", *(d + 0.5 for d in difficulty), checkpoint="ckpt")]
+    decision = register.decide(None, "1", {"checkpoint": "ckpt"}, confirmation, {"accuracy": 1.0}, 0.95, 0.1)
+    assert not decision.eligible and "fewer than 2 prompts: no interval can be drawn" in decision.reason

@@ -342,3 +342,34 @@ def test_steps_reading_the_same_uri_at_once_share_one_copy(s3, tmp_path, monkeyp
     local = storage.read_dir(uri)
     assert tree_snapshot(local) == {storage.MARKER: (local / storage.MARKER).read_bytes(), **tree_snapshot(SAMPLE)}
     assert [p.name for p in (tmp_path / "sd_tasks-cache").iterdir()] == [local.name]  # no staging folder left
+
+
+def test_select_and_register_read_the_metrics_not_the_images(s3, tmp_path):
+    """`select` (without a review), `halve` and `register` need each evaluation's metrics.json: on S3 they read those
+    and the markers, and fetch no image (a night's evaluation tree is thousands of 1024 px images)."""
+    import numpy as np
+
+    from sd_tasks import register, select
+
+    rng = np.random.default_rng(0)
+    root = f"s3://{BUCKET}/metrics-only/eval"
+
+    def evaluation(name: str, **fields) -> None:
+        per_image = {m: rng.normal(0.5, 0.1, (2, 2)).tolist() for m in ("dino", "clip_i", "clip_t")}
+        metrics = {"suite": "s", "per_image": per_image, "prompts": ["a", "b"], "champion_version": None,
+                   "base": False, **{m: float(np.mean(v)) for m, v in per_image.items()}, **fields}
+        with storage.write_dir(f"{root}/{name}") as out:
+            (out / "images").mkdir()
+            for j in range(2):
+                (out / "images" / f"p{j:02d}-0.png").write_bytes(b"\x89PNG" + os.urandom(4096))
+            (out / "metrics.json").write_text(json.dumps(metrics))
+
+    evaluation("base", base=True, checkpoint=None, learning_rate=None, step=None)
+    for step in (2, 4):
+        evaluation(f"lr-1e-3/step-{step}", checkpoint=f"c{step}", learning_rate=1e-3, step=step, run_id=None)
+    chosen = select.run(select.SelectConfig(evaluations=root, output=str(tmp_path / "select"),
+                                            expected=[f"{root}/lr-1e-3"]))
+    assert chosen["candidates"] == 2 and chosen["missing"] == []
+    assert len(register.confirmation_evaluations(root)) == 3
+    cache = tmp_path / "sd_tasks-cache"
+    assert not cache.exists() or not [p for p in cache.rglob("*.png")]  # no image was fetched

@@ -305,7 +305,7 @@ def test_an_evaluation_is_kept_by_lora_weights_and_suite(trained, prepared, mode
 
 
 def test_a_diverged_model_is_registered_as_challenger_and_not_promoted(trained, prepared, cache, models, tmp_path):
-    suite = dict(instance_images=str(prepared / "resized"), prompts=["a sks dog in the snow"],
+    suite = dict(instance_images=str(prepared / "resized"), prompts=["a sks dog in the snow", "a red sks dog"],
                  class_prompts=["a photo of dog"], clip_model=models["clip"], dino_model=models["dino"],
                  images_per_prompt=1, num_inference_steps=2)
 
