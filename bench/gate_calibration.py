@@ -8,10 +8,12 @@ bootstrap) with synthetic per-image scores, night after night, in the base model
 
 `shared` is what the prompt and the seed draw for every model alike (the pairing removes it); a candidate's luck on
 a prompt (`candidate_by_prompt`, standard deviation `prompt_effect`) persists over that prompt's seeds; `seed_noise`
-(`seed_effect`) is each image's own. Fifteen candidates (3 learning rates x 5 checkpoints) are scored on the
-selection prompts (13 of DreamBench's 25, 4 seeds, one class prompt), the best is selected as `select` ranks them,
-then it, the champion and the base model are scored on the 12 held-out prompts with new seeds (4 each, the class
-prompts the same 12 with the class noun) and `decide` judges. `--old` reproduces the gate before this one: the
+(`seed_effect`) is each image's own. Fifteen candidates (3 learning rates x 5 checkpoints) are screened as the DAG
+screens them by default (6 of the 13 selection prompts, 2 seeds, one class prompt; `--full-selection`: all 13 x 4),
+the best is selected as `select` ranks them, then it, the champion and the base model are scored on the 12
+held-out prompts with new seeds (4 each, the class prompts the same 12 with the class noun) and `decide` judges.
+With `candidate_spread`, the candidates' true effects differ (drawn around the champion's): the regret is how much
+better the truly best candidate was than the one selected. `--old` reproduces the gate before this one: the
 confirmation on the selection prompts (a candidate's prompt luck carries over) with each image resampled alone.
 
     python bench/gate_calibration.py            # the table in docs/promotion.md
@@ -40,10 +42,11 @@ class Night:
     prompt_effect: float = 0.0  # candidate-by-prompt effects, in per-image spreads
     seed_effect: float = 0.5  # each image's own noise, in per-image spreads
     better: float = 0.0  # how much better than the champion one candidate truly is (0: all equal)
+    candidate_spread: float = 0.0  # standard deviation of the candidates' true effects
     candidates: int = 15
-    selection_prompts: int = 13
+    selection_prompts: int = 6  # screened on (the DAG's default screening_prompts; 13 with all selection prompts)
     confirmation_prompts: int = 12
-    seeds: int = 4
+    seeds: int = 2  # the DAG's default screening images per prompt
     confirmation_seeds: int = 4
     margin: float = 0.0
     confidence: float = 0.95
@@ -88,11 +91,12 @@ class Suite:
             {"preservation": float(np.mean(preservation))}
 
 
-def one_night(rng, night: Night) -> tuple[bool, bool]:
-    """(promoted, the truly better candidate was selected) for one simulated night."""
+def one_night(rng, night: Night) -> tuple[bool, bool, float]:
+    """(promoted, the truly better candidate was selected, regret) for one simulated night."""
     selection = Suite(rng, night, night.selection_prompts, night.seeds, 1, "selection")
     lucks = [selection.luck() for _ in range(night.candidates)]
-    effects = [night.better if i == 0 else 0.0 for i in range(night.candidates)]
+    effects = [(night.better if i == 0 else 0.0) + rng.normal(0, night.candidate_spread)
+               for i in range(night.candidates)]
     yardstick = Yardstick.from_base(selection.base())
     rows = [scored_row(selection.evaluation(effects[i], lucks[i], checkpoint=f"c{i}", learning_rate=1e-4 * (1 + i % 3),
                                             step=100 * (1 + i // 3)), yardstick, WEIGHTS)
@@ -114,33 +118,51 @@ def one_night(rng, night: Night) -> tuple[bool, bool]:
             for group in ("per_image", "per_class_image"):
                 e[group] = {m: np.reshape(v, (-1, 1)).tolist() for m, v in e[group].items()}
     decision = decide("1", "2", best, evaluations, WEIGHTS, night.confidence, night.margin)
-    return decision.eligible, chosen == 0
+    return decision.eligible, chosen == 0, max(effects) - effects[chosen]
 
 
 def rates(night: Night, nights: int, seed: int = 0) -> dict:
-    """The promotion rate (and how often the better candidate was selected) over `nights` simulated nights."""
+    """The promotion rate, how often the better candidate was selected and the mean regret over `nights` nights."""
     rng = np.random.default_rng(seed)
     outcomes = np.array([one_night(rng, night) for _ in range(nights)])
     return {"promoted": float(outcomes[:, 0].mean()), "selected_better": float(outcomes[:, 1].mean()),
-            "nights": nights}
+            "regret": float(outcomes[:, 2].mean()), "nights": nights}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nights", type=int, default=2000)
     parser.add_argument("--old", action="store_true", help="the earlier gate, for comparison")
+    parser.add_argument("--full-selection", action="store_true", help="select on all 13 prompts x 4 seeds")
+    parser.add_argument("--regret", action="store_true", help="screening against full selection: regret, power")
     args = parser.parse_args()
+    if args.regret:
+        return regret_table(args.nights)
+    size = {"selection_prompts": 13, "seeds": 4} if args.full_selection or args.old else {}
     print("| prompt effect | seed noise | truly better by | margin | promoted | better one selected |")
     print("|---|---|---|---|---|---|")
     for better in (0.0, 0.25, 0.5):
         for prompt_effect in (0.0, 0.2, 0.4, 0.5):
             for margin in (0.0, 0.1):
                 night = Night(prompt_effect=prompt_effect, seed_effect=0.5, better=better, margin=margin,
-                              old=args.old)
+                              old=args.old, **size)
                 r = rates(night, args.nights)
                 print(f"| {prompt_effect:g} | 0.5 | {better:g} | {margin:g} | {r['promoted']:.1%} | "
                       f"{r['selected_better']:.0%} |" if better else
                       f"| {prompt_effect:g} | 0.5 | - | {margin:g} | {r['promoted']:.1%} | - |", flush=True)
+
+
+def regret_table(nights: int) -> None:
+    """Screening (6 prompts x 2 seeds) against selecting on every selection prompt (13 x 4): regret when the
+    candidates' true effects differ, and power when one is better (prompt effect 0.2, seed noise 0.5)."""
+    print("| selection | candidates' spread | one better by | margin | regret | better one selected | promoted |")
+    print("|---|---|---|---|---|---|---|")
+    for name, size in (("screening 6 x 2", {}), ("all 13 x 4", {"selection_prompts": 13, "seeds": 4})):
+        for spread, better, margin in ((0.25, 0.0, 0.1), (0.5, 0.0, 0.1), (0.0, 0.25, 0.1), (0.0, 0.5, 0.1),
+                                       (0.0, 0.25, 0.0)):
+            r = rates(Night(prompt_effect=0.2, candidate_spread=spread, better=better, margin=margin, **size), nights)
+            print(f"| {name} | {spread:g} | {better:g} | {margin:g} | {r['regret']:.3f} | "
+                  f"{r['selected_better']:.0%} | {r['promoted']:.1%} |", flush=True)
 
 
 if __name__ == "__main__":

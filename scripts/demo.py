@@ -40,7 +40,8 @@ DEMO_PROMPTS = ["a {instance} in the jungle", "a {instance} in the snow", "a {in
 DEMO_CONF = {
     "subject": "dog", "dataset_version": DATASET_TAG, "learning_rates": [1e-4, 5e-4, 1e-5], "max_steps": 20,
     "checkpointing_steps": 10, "resolution": 64, "images_per_prompt": 2, "inference_steps": 4,
-    "confirmation_images_per_prompt": 2, "evaluation_prompts": DEMO_PROMPTS, **FORCE,
+    "confirmation_inference_steps": 4, "confirmation_images_per_prompt": 2, "evaluation_prompts": DEMO_PROMPTS,
+    **FORCE,
 }
 GPU_DEMO_CONF = {
     "subject": "dog", "dataset_version": DATASET_TAG, "learning_rates": [1e-4, 5e-4], "max_steps": 200,

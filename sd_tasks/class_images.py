@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 from sd_tasks.cli import option
+from sd_tasks.cost import count_images
 from sd_tasks.encode import model_fingerprint
 from sd_tasks.models import inference_dtype, load_pipeline
 from sd_tasks.storage import is_whole, join, write_dir, write_json
@@ -60,6 +61,7 @@ def generate(config: ClassImagesConfig, out) -> None:
         images = pipe([config.class_prompt] * len(seeds), height=size, width=size,
                       generator=[torch.Generator().manual_seed(s) for s in seeds],
                       num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale).images
+        count_images(len(seeds), config.num_inference_steps)
         for seed, image in zip(seeds, images):
             name = f"images/{seed - config.seed:05d}.png"
             image.save(out / name)

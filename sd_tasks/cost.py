@@ -18,6 +18,7 @@ import sys
 from sd_tasks.storage import join, list_dir, read_json, write_file
 
 RECORD_ENV = "DREAMLINE_COST_RECORD"
+_generated = {"images": 0, "denoising_steps": 0}  # this process's, for its record (count_images)
 RECORD = re.compile(r"(?P<task>.+?)(?:\.(?P<map>\d+))?\.try-(?P<try>\d+)\.json")
 
 
@@ -28,6 +29,13 @@ def gpus_in_use() -> int:
     if torch is None or not torch.cuda.is_available():
         return 0
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def count_images(images: int, steps: int) -> None:
+    """Count images this process generated (evaluation, class images) and their denoising steps (images x steps:
+    what a GPU's time goes with), for its cost record: a night's report says how many it made."""
+    _generated["images"] += images
+    _generated["denoising_steps"] += images * steps
 
 
 def peak_memory() -> dict:
@@ -53,7 +61,7 @@ def record_step(step: str, seconds: float, exit_code: int) -> None:
     if not uri or int(os.environ.get("RANK", "0")) != 0:
         return
     record = {"step": step, "seconds": round(seconds, 3), "gpus": gpus, "gpu_seconds": round(seconds * gpus, 3),
-              "exit_code": exit_code, "devices": os.environ.get("CUDA_VISIBLE_DEVICES"), **memory}
+              "exit_code": exit_code, "devices": os.environ.get("CUDA_VISIBLE_DEVICES"), **memory, **_generated}
     try:
         write_file(uri, json.dumps(record).encode())
     except Exception as exc:  # the step's own outcome matters more than its bill
@@ -71,26 +79,44 @@ def ledger(folder: str) -> list[dict]:
 
 
 def summarise(records: list[dict], gpu_hour_price: float) -> dict:
-    """Per DAG task (its step, mapped tasks, tries, seconds, GPU-seconds, price) and the night's totals."""
+    """Per DAG task (its step, mapped tasks, tries, seconds, GPU-seconds, images generated, price), the night's
+    totals, and evaluation against training (`evaluate` and `train` steps: seconds, GPU-seconds, images)."""
     steps: dict[str, dict] = {}
     for r in records:
         row = steps.setdefault(r["task"], {"task": r["task"], "step": r["step"], "tasks": set(), "tries": 0,
-                                           "seconds": 0.0, "gpu_seconds": 0.0})
+                                           "seconds": 0.0, "gpu_seconds": 0.0, "images": 0})
         row["tasks"].add(r["map_index"])
         row["tries"] += 1
         row["seconds"] += r["seconds"]
         row["gpu_seconds"] += r["gpu_seconds"]
+        row["images"] += r.get("images", 0)
     rows = [{**row, "tasks": len(row["tasks"]), "price": row["gpu_seconds"] / 3600 * gpu_hour_price}
             for row in steps.values()]
-    total = {k: sum(row[k] for row in rows) for k in ("tries", "seconds", "gpu_seconds", "price")}
-    return {"steps": sorted(rows, key=lambda r: -r["seconds"]), "total": total, "gpu_hour_price": gpu_hour_price}
+    total = {k: sum(row[k] for row in rows) for k in ("tries", "seconds", "gpu_seconds", "price", "images")}
+    by_step = {step: {k: sum(row[k] for row in rows if row["step"] == step) for k in ("seconds", "gpu_seconds",
+                                                                                      "images")}
+               for step in ("train", "evaluate")}
+    return {"steps": sorted(rows, key=lambda r: -r["seconds"]), "total": total, "gpu_hour_price": gpu_hour_price,
+            "evaluation": by_step["evaluate"], "training": by_step["train"]}
+
+
+def evaluation_against_training(summary: dict) -> str:
+    """'Evaluation: 412 images, 812 GPU-seconds (0.9x training's 903).' (seconds where no GPU was used)."""
+    evaluation, training = summary.get("evaluation"), summary.get("training")
+    if not evaluation or not training:
+        return ""
+    unit = "gpu_seconds" if training["gpu_seconds"] or evaluation["gpu_seconds"] else "seconds"
+    name = "GPU-seconds" if unit == "gpu_seconds" else "seconds (no GPU)"
+    ratio = f"{evaluation[unit] / training[unit]:.2f}x" if training[unit] else "-"
+    return (f"Evaluation: {evaluation['images']} images, {evaluation[unit]:.0f} {name} ({ratio} training's "
+            f"{training[unit]:.0f}).")
 
 
 def table(summary: dict) -> str:
     """The per-task cost table of the report (markdown), the most expensive first."""
-    lines = ["| task | step | tasks | tries | seconds | GPU-seconds | estimated price |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| task | step | tasks | tries | seconds | GPU-seconds | images | estimated price |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in summary["steps"] + [{"task": "**night**", "step": "", "tasks": "", **summary["total"]}]:
         lines.append(f"| {r['task']} | {r['step']} | {r['tasks']} | {r['tries']} | {r['seconds']:.1f} | "
-                     f"{r['gpu_seconds']:.1f} | {r['price']:.2f} |")
+                     f"{r['gpu_seconds']:.1f} | {r.get('images', 0)} | {r['price']:.2f} |")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from sd_tasks import lora_files
 from sd_tasks.checkpoint_files import LORA_WEIGHTS
+from sd_tasks.cost import count_images
 from sd_tasks.errors import StepError
 from sd_tasks.model_refs import local_folder
 from sd_tasks.models import device, load_pipeline
@@ -60,6 +61,7 @@ class Generator:
                 arrays = self.refiner([prompt] * len(seeds), image=arrays, output_type="np",
                                       generator=[torch.Generator().manual_seed(s) for s in seeds], **common).images
             rows.append([to_image(a) for a in arrays])
+            count_images(len(seeds), self.config.num_inference_steps * (2 if self.refiner is not None else 1))
         return rows
 
     def load(self, lora: Path) -> None:

@@ -52,10 +52,11 @@ def report(name: str, selection: dict, result: dict) -> str:
         lines += ["", "Successive halving (learning rates ranked by their normalised score at each rung):", "",
                   describe_halving(selection["halving"])]
     if result.get("cost"):
-        from sd_tasks.cost import table
+        from sd_tasks.cost import evaluation_against_training, table
 
         lines += ["", f"Cost of the night up to this registration (every try of every step once; GPU-hour at "
-                      f"{result['cost']['gpu_hour_price']:g}):", "", table(result["cost"])]
+                      f"{result['cost']['gpu_hour_price']:g}):", "", table(result["cost"]), "",
+                  evaluation_against_training(result["cost"])]
     if selection.get("missing"):
         lines += ["", f"Not evaluated (their evaluate task failed): {', '.join(selection['missing'])}."]
     return "\n".join(lines) + "\n"

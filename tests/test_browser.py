@@ -37,9 +37,11 @@ RECIPE = [
     ("Training", "Checkpoint interval", "checkpointing_steps", "2", 2),
     ("Training", "Resolution", "resolution", "64", 64),
     ("Evaluation and selection", "Evaluation prompts", "evaluation_prompts",
-     "a {instance} in the snow\na red {instance}", ["a {instance} in the snow", "a red {instance}"]),
-    ("Evaluation and selection", "Images per prompt", "images_per_prompt", "1", 1),
-    ("Evaluation and selection", "Inference steps", "inference_steps", "2", 2),
+     "a {instance} in the snow\na red {instance}\na {instance} on the beach\na {instance} with a hat",
+     ["a {instance} in the snow", "a red {instance}", "a {instance} on the beach", "a {instance} with a hat"]),
+    ("Evaluation and selection", "Screening images per prompt", "images_per_prompt", "1", 1),
+    ("Evaluation and selection", "Screening steps", "inference_steps", "2", 2),
+    ("Promotion", "Confirmation steps", "confirmation_inference_steps", "2", 2),
 ]
 # Refused by the form itself: a required field (a type without "null") left empty.
 REQUIRED = ("Subject and data", "Dataset version")

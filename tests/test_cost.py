@@ -61,7 +61,30 @@ def test_the_price_follows_gpu_seconds():
                {"step": "select", "task": "select", "map_index": -1, "try": 1, "seconds": 10.0, "gpus": 0,
                 "gpu_seconds": 0.0}]
     summary = cost.summarise(records, gpu_hour_price=2.0)
-    assert summary["total"] == {"tries": 3, "seconds": 5410.0, "gpu_seconds": 9000.0, "price": 5.0}
+    assert summary["total"] == {"tries": 3, "seconds": 5410.0, "gpu_seconds": 9000.0, "price": 5.0, "images": 0}
     assert [(r["task"], r["tasks"], r["price"]) for r in summary["steps"]] == [
         ("train", 1, 4.0), ("rung_1.train", 1, 1.0), ("select", 1, 0.0)]
-    assert "| **night** |  |  | 3 | 5410.0 | 9000.0 | 5.00 |" in cost.table(summary)
+    assert "| **night** |  |  | 3 | 5410.0 | 9000.0 | 0 | 5.00 |" in cost.table(summary)
+
+
+def test_a_night_counts_the_images_it_generated_and_weighs_evaluation_against_training(
+        prepared, models, tmp_path, monkeypatch, capsys):
+    """Every evaluate process records the images it generated (a kept evaluation, copied, none); the night's summary
+    puts evaluation's seconds and images beside training's."""
+    monkeypatch.setattr(cost, "_generated", {"images": 0, "denoising_steps": 0})
+    record = tmp_path / "cost" / "evaluate.0.try-1.json"
+    monkeypatch.setenv(cost.RECORD_ENV, str(record))
+    argv = ["evaluate", f"--output={tmp_path / 'eval'}", f"--instance-images={prepared / 'resized'}",
+            "--prompts=a sks dog", "--prompts=a red sks dog", "--class-prompts=a photo of dog",
+            f"--base-model={models['sdxl']}", f"--clip-model={models['clip']}", f"--dino-model={models['dino']}",
+            "--images-per-prompt=2", "--num-inference-steps=3"]
+    assert cli.main(argv) == 0
+    written = json.loads(record.read_text())
+    assert (written["images"], written["denoising_steps"]) == (6, 18)  # 2 prompts and 1 class prompt, x2, x3 steps
+    records = [*cost.ledger(str(tmp_path / "cost")), {"step": "train", "task": "train", "map_index": 0, "try": 1,
+                                                       "seconds": 2 * written["seconds"], "gpu_seconds": 0.0}]
+    summary = cost.summarise(records, 2.0)
+    assert summary["total"]["images"] == 6 and summary["evaluation"]["images"] == 6
+    assert cost.evaluation_against_training(summary) == (
+        f"Evaluation: 6 images, {written['seconds']:.0f} seconds (no GPU) (0.50x training's "
+        f"{2 * written['seconds']:.0f}).")

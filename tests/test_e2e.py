@@ -16,7 +16,7 @@ from conftest import FOUR_PROMPTS, REPO
 # lr 1e6 diverges: its train task fails and the sweep goes on with the other two.
 CONF = {"subject": "dog", "dataset_version": "dog-v1", "learning_rates": [1e-3, 1e-4, 1e6], "max_steps": 4,
         "checkpointing_steps": 2, "resolution": 64, "images_per_prompt": 1, "inference_steps": 2,
-        "evaluation_prompts": FOUR_PROMPTS,
+        "confirmation_inference_steps": 2, "evaluation_prompts": FOUR_PROMPTS,
         "encode_shard_size": 2,  # 5 images: the encode is split over 3 mapped tasks and merged
         "prior_preservation": True, "num_class_images": 2,
         # The tiny random evaluators cannot see a subject, so no LoRA of theirs beats the base model: the dog's floor

@@ -10,6 +10,7 @@ from airflow.sdk.definitions.param import ParamValidationError
 
 from conftest import REPO
 from dreamline import plan
+from dreamline.params import DREAMBENCH_PROMPTS
 from dreamline.operators import STEP_RETRY_POLICY, StepCrashed, StepRefused, step_argv
 from sd_tasks import caption, cli, evaluate
 
@@ -127,8 +128,14 @@ def test_confirmation_judges_on_prompts_and_seeds_selection_never_saw(dag, tmp_p
     [chosen] = plan.evaluation_options({**params, "learning_rates": [1e-4]}, str(tmp_path), [
         {"learning_rate": 1e-4, "checkpoints": [{"step": 100, "uri": "c"}]}], {"checkpoint": None})[:1]
     confirm = plan.confirmation_options(params, str(tmp_path), {"checkpoint": "c"}, {"checkpoint": None}, "md5:aa")
-    assert len(chosen["prompts"]) == 13 and len(confirm["prompts"]) == 12  # DreamBench's 25
-    assert not set(chosen["prompts"]) & set(confirm["prompts"])
+    # DreamBench's 25: 13 select (6 of them spread over the list screen every checkpoint), 12 confirm
+    selection = [p.format(instance="sks dog", class_noun="dog") for p in DREAMBENCH_PROMPTS["live"][0::2]]
+    assert chosen["prompts"] == [selection[i] for i in (0, 2, 4, 6, 8, 10)] and len(confirm["prompts"]) == 12
+    assert not set(selection) & set(confirm["prompts"])
+    # screening is cheap (few steps with a fast solver); the confirmation spends the full protocol
+    assert (chosen["num_inference_steps"], chosen["scheduler"], chosen["images_per_prompt"]) == \
+        (12, "DPMSolverMultistepScheduler", 2)
+    assert (confirm["num_inference_steps"], confirm["scheduler"], confirm["images_per_prompt"]) == (25, None, 4)
     assert all("sks dog" in p for p in confirm["prompts"]) and chosen["identifier"] == confirm["identifier"] == "sks"
     assert confirm["class_prompts"] == [p.replace("sks dog", "dog") for p in confirm["prompts"]]
     assert chosen["class_prompts"] == [params["class_prompt"]]

@@ -40,9 +40,19 @@ def test_the_earlier_gate_fails_this_measure():
 
 
 def test_a_truly_better_candidate_is_found_and_promoted():
-    """Power at the defaults (margin 0.1): one candidate of 15 better by half a per-image spread in every part is
-    selected and promoted nearly every night; by a quarter, selected nearly always and promoted often at margin 0."""
+    """Power at the defaults (screening on 6 prompts x 2 images, margin 0.1): one candidate of 15 better by half a
+    per-image spread in every part is selected and promoted nearly every night; by a quarter, selected and promoted
+    more often than not at margin 0 (docs/promotion.md has the full table)."""
     clear = rates(Night(prompt_effect=0.2, seed_effect=0.5, better=0.5, margin=0.1), 200)
     assert clear["selected_better"] >= 0.95 and clear["promoted"] >= 0.95
     small = rates(Night(prompt_effect=0.2, seed_effect=0.5, better=0.25, margin=0.0), 200)
-    assert small["selected_better"] >= 0.8 and small["promoted"] >= 0.6
+    assert small["selected_better"] >= 0.55 and small["promoted"] >= 0.5
+
+
+def test_screening_selects_nearly_the_best_checkpoint():
+    """The cheap screening still finds the better checkpoints: with the 15 candidates' true effects spread (standard
+    deviation a quarter of a per-image spread; the best is about 0.4 above the average), the one selected is on
+    average within a tenth of a spread of the truly best, as when every selection prompt is scored x 4."""
+    screened = rates(Night(prompt_effect=0.2, candidate_spread=0.25, margin=0.1), 200)
+    full = rates(Night(prompt_effect=0.2, candidate_spread=0.25, margin=0.1, selection_prompts=13, seeds=4), 200)
+    assert screened["regret"] <= 0.1 and full["regret"] <= 0.1

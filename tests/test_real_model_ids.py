@@ -22,7 +22,7 @@ from fake_hub import REAL_IDS, UNUSED, FakeHub, folder_files
 SDXL = REAL_IDS["sdxl"]
 CONF = {"subject": "dog", "dataset_version": "dog-v1", "learning_rates": [1e-4], "max_steps": 2,
         "checkpointing_steps": 2, "resolution": 64, "images_per_prompt": 1, "inference_steps": 2,
-        "evaluation_prompts": FOUR_PROMPTS, "confirmation_images_per_prompt": 1}
+        "confirmation_inference_steps": 2, "evaluation_prompts": FOUR_PROMPTS, "confirmation_images_per_prompt": 1}
 
 
 @pytest.fixture(scope="module")

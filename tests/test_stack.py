@@ -52,7 +52,7 @@ DAG_ID, RUN_ID = "lora_dog", "stack-test"  # RUN_ID: the run triggered through t
 GPU_SLOTS = 2
 LEARNING_RATES = [1e-3, 1e-4, 5e-4]  # three runs on two slots: two at once, then the third
 RECIPE = {"learning_rates": LEARNING_RATES, "max_steps": 4, "checkpointing_steps": 2, "resolution": 64,
-          "images_per_prompt": 1, "inference_steps": 2,
+          "images_per_prompt": 1, "inference_steps": 2, "confirmation_inference_steps": 2,
           "evaluation_prompts": FOUR_PROMPTS,
           # The tiny random-weight evaluators cannot see a subject, so no version beats the base model or the
           # champion by the default margin: -10 lets every eligible version through (the gate itself is tested in

@@ -135,8 +135,8 @@ def test_your_own_subject_as_the_readme_says(ui):
             time.sleep(3)
     patch(dag, token, {"is_paused": False})
     conf = {"learning_rates": [1e-4], "max_steps": 2, "checkpointing_steps": 2, "resolution": 64,
-            "images_per_prompt": 1, "inference_steps": 2, "evaluation_prompts": FOUR_PROMPTS,
-            "confirmation_images_per_prompt": 1, "promotion_margin": -10}
+            "images_per_prompt": 1, "inference_steps": 2, "confirmation_inference_steps": 2,
+            "evaluation_prompts": FOUR_PROMPTS, "confirmation_images_per_prompt": 1, "promotion_margin": -10}
     run = get(f"{dag}/dagRuns", token=token, data={"logical_date": None, "conf": conf})
     deadline = time.monotonic() + 900
     while (state := get(f"{dag}/dagRuns/{run['dag_run_id']}", token=token)["state"]) not in ("success", "failed"):

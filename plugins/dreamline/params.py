@@ -229,10 +229,21 @@ def evaluation_params(kind: str = "live") -> dict[str, Param]:
                                     "others confirm it (prompts selection never saw decide the promotion). Each prompt "
                                     "contains `{instance}`, which becomes '<token> <class>'; `{class_noun}` becomes "
                                     "the class; no other braces.", section=EVALUATION),
-        "images_per_prompt": Param(4, type="integer", minimum=1, maximum=64, title="Images per prompt",
-                                   description="Fixed-seed images per prompt and checkpoint.", section=EVALUATION),
-        "inference_steps": Param(25, type="integer", minimum=1, maximum=200, title="Inference steps",
-                                 description="Denoising steps of each evaluation image.", section=EVALUATION),
+        # Screening: every checkpoint on a small, cheap suite; the full protocol is spent on the confirmation.
+        "screening_prompts": Param(6, type="integer", minimum=1, maximum=50, title="Screening prompts",
+                                   description="Every checkpoint, the champion and the base model are screened on "
+                                   "this many of the selection prompts (spread over them); the winner is then confirmed "
+                                   "on the held-out prompts with the full protocol (Promotion).", section=EVALUATION),
+        "images_per_prompt": Param(2, type="integer", minimum=1, maximum=64, title="Screening images per prompt",
+                                   description="Fixed-seed images per screening prompt and checkpoint.",
+                                   section=EVALUATION),
+        "inference_steps": Param(12, type="integer", minimum=1, maximum=200, title="Screening steps",
+                                 description="Denoising steps of each screening image (with the screening "
+                                 "scheduler).", section=EVALUATION),
+        "screening_scheduler": Param("DPMSolverMultistepScheduler", type="string",
+                                     pattern=r"^([A-Za-z0-9]+Scheduler)?$", title="Screening scheduler",
+                                     description="A diffusers scheduler that needs few steps (DPM-Solver++); empty: "
+                                     "the base model's own.", section=EVALUATION),
         "inference_dtype": Param("auto", type="string", enum=["auto", "float16", "bfloat16", "float32"],
                                  values_display={"auto": "auto: float16 on a CUDA GPU, float32 on the CPU",
                                                  "float16": "float16", "bfloat16": "bfloat16", "float32": "float32"},
@@ -266,9 +277,13 @@ def promotion_params(subject: Subject) -> dict[str, Param]:
         "confirmation_images_per_prompt": Param(4, type="integer", minimum=1, maximum=64,
                                                 title="Confirmation images per prompt",
                                                 description="The selected checkpoint, the champion and the base "
-                                                "model are scored again on this many images per prompt, on seeds "
-                                                "not used for selection: the promotion is decided on these.",
+                                                "model are scored again on this many images per held-out prompt, on "
+                                                "seeds not used for selection: the promotion is decided on these.",
                                                 section=PROMOTION),
+        "confirmation_inference_steps": Param(25, type="integer", minimum=1, maximum=200,
+                                              title="Confirmation steps", description="Denoising steps of each "
+                                              "confirmation image, with the base model's own scheduler.",
+                                              section=PROMOTION),
         "promotion_confidence": Param(0.95, type="number", minimum=0.5, maximum=0.999, title="Confidence level",
                                       description="Of the bootstrap interval of the score difference, challenger "
                                       "minus champion, paired image by image.", section=PROMOTION),

@@ -186,15 +186,26 @@ def continued_training(params: dict, rung: int, first_stage: list[dict], kept: l
 
 
 def evaluation_suite(params: dict, run: str) -> dict:
-    """The `evaluate` options every checkpoint, the champion and the base model are judged with: the selection
-    prompts (dreamline.params.evaluation_prompts)."""
-    return {"instance_images": f"{run}/resized", "prompts": evaluation_prompts(params, "selection"),
+    """The `evaluate` options every checkpoint, the champion and the base model are screened with:
+    `screening_prompts` of the selection prompts spread over the list (dreamline.params.evaluation_prompts: scenes,
+    then clothes and styles), few images and steps with a fast solver. The confirmation (`confirmation_options`)
+    spends the full protocol on three models only."""
+    return {"instance_images": f"{run}/resized",
+            "prompts": spread(evaluation_prompts(params, "selection"), params["screening_prompts"]),
+            "scheduler": params["screening_scheduler"] or None,
             "identifier": params["instance_token"],
             "class_prompts": [params["class_prompt"]], "clip_model": params["clip_model"],
             "dino_model": params["dino_model"], "base_model": params["base_model"],
             "images_per_prompt": params["images_per_prompt"], "num_inference_steps": params["inference_steps"],
             "resolution": params["resolution"], "dtype": params["inference_dtype"], "vae": params["vae"] or None,
             "seed": params["seed"], "cache": DEPLOYMENT.cache_dir("evaluations")}
+
+
+def spread(items: list, count: int) -> list:
+    """`count` of `items` (all when fewer) evenly spaced over the list, in order."""
+    if count >= len(items):
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
 
 
 def evaluation_options(params: dict, run: str, training_results: list[dict], champion: dict | None,
@@ -227,13 +238,15 @@ def evaluation_folders(options: list[dict]) -> list[str]:
 
 def confirmation_options(params: dict, run: str, selected: dict, champion: dict, dataset_hash: str) -> dict:
     """`evaluate` options for the confirmation suite, in one process: the selected checkpoint, the champion and the
-    base model on the prompts selection never saw, seeds it did not use (rotating with the dataset's content) and
-    more images per prompt; preservation on those prompts with the class noun in place of the subject (a dozen class
-    prompts, not one). `register` decides the promotion on these."""
+    base model on the prompts selection never saw, seeds it did not use (rotating with the dataset's content), more
+    images per prompt and the full number of steps with the base model's own scheduler; preservation on those
+    prompts with the class noun in place of the subject (a dozen class prompts, not one). `register` decides the
+    promotion on these."""
     suite = {**evaluation_suite(params, run), "seed": confirmation_seed(params["seed"], dataset_hash),
              "prompts": evaluation_prompts(params, "confirmation"),
              "class_prompts": evaluation_prompts(params, "confirmation", subject=False),
-             "images_per_prompt": params["confirmation_images_per_prompt"]}
+             "images_per_prompt": params["confirmation_images_per_prompt"],
+             "num_inference_steps": params["confirmation_inference_steps"], "scheduler": None}
     targets = [f"challenger={selected['checkpoint']}", "base="]
     if champion["checkpoint"]:
         targets.insert(1, f"champion-v{champion['version']}={champion['checkpoint']}")

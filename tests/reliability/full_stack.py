@@ -38,7 +38,7 @@ SUBJECT_DATA = {f"s{n}": (noun, subset) for n, (noun, subset) in enumerate(itert
 GPU_SLOTS = 2
 RECIPE = {"learning_rates": [1e-4], "max_steps": 2, "checkpointing_steps": 2, "resolution": 64,
           "evaluation_prompts": FOUR_PROMPTS, "images_per_prompt": 1, "inference_steps": 2,
-          "confirmation_images_per_prompt": 1, "promotion_margin": -10}
+          "confirmation_inference_steps": 2, "confirmation_images_per_prompt": 1, "promotion_margin": -10}
 RUN_ID = "load-test"  # the one run of each subject's DAG
 RUNS_TIMEOUT = 3000  # seconds for all ten runs (25 min on 2 cores shared with other work was too few)
 # Fake credentials the suite plants; the stack's own secrets are added from its stack.json.
