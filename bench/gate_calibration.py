@@ -74,8 +74,11 @@ class Suite:
         return self.metrics(per_image, preservation, fields)
 
     def base(self) -> dict:
-        """The base model: its own images are the class images preservation compares with (1 exactly)."""
-        per_image = {m: self.shared[m] + self.rng.normal(0, self.night.seed_effect, self.shape) for m in IMAGE_METRICS}
+        """The base model, a model like the others (its per-image spread is 1); its own images are the class images
+        preservation compares with (1 exactly)."""
+        luck = self.luck()
+        per_image = {m: self.shared[m] + luck[m][:, None] + self.rng.normal(0, self.night.seed_effect, self.shape)
+                     for m in IMAGE_METRICS}
         return self.metrics(per_image, np.ones(self.class_shape), {"base": True, "checkpoint": None,
                                                                    "class_similarity": 0.0})
 

@@ -141,3 +141,38 @@ def describe(comparison: dict) -> str:
         if comparison.get("left_out") else ""
     return (f"{comparison['difference']:+.3f} ({comparison['confidence']:.0%} interval {comparison['low']:+.3f} to "
             f"{comparison['high']:+.3f}, on {on}{left_out})")
+
+
+def prompt_effects(candidates: list[dict], yardstick: Yardstick) -> dict | None:
+    """How large the candidates' luck with particular prompts is in this sweep, beside each image's own noise: per
+    metric of the generated images (DINO, CLIP-I, CLIP-T, normalised), the standard deviations of the
+    candidate-by-prompt effect and of the per-seed noise, from a two-way layout with seeds as replicates; their mean
+    over the metrics. The gate's calibration (docs/promotion.md) is measured for prompt effects up to 0.5 per metric;
+    this says where a real sweep lies. None with fewer than 2 candidates, prompts or seeds."""
+    estimates = []
+    for metric in ("dino", "clip_i", "clip_t"):
+        rows = [c.get("per_image", {}).get(metric) for c in candidates]
+        if metric not in yardstick.centre or not rows or any(r is None for r in rows):
+            continue
+        y = (np.asarray(rows, dtype=float) - yardstick.centre[metric]) / yardstick.scale[metric]
+        if y.ndim != 3 or min(y.shape) < 2:  # candidates x prompts x seeds
+            return None
+        estimates.append(components(y))
+    if not estimates:
+        return None
+    count, prompts, seeds = y.shape
+    return {"prompt_effect": float(np.mean([e[0] for e in estimates])),
+            "seed_noise": float(np.mean([e[1] for e in estimates])),
+            "candidates": count, "prompts": prompts, "seeds": seeds}
+
+
+def components(y: np.ndarray) -> tuple[float, float]:
+    """(candidate-by-prompt, per-seed) standard deviations of scores y[candidate, prompt, seed]: what every
+    candidate drew alike for a prompt and seed, and each candidate's own level, removed first."""
+    count, prompts, seeds = y.shape
+    r = y - y.mean(axis=0)
+    r = r - r.mean(axis=(1, 2), keepdims=True)
+    cells = r.mean(axis=2)
+    seed_noise = (r - cells[:, :, None]).var(axis=2, ddof=1).mean() * count / (count - 1)
+    interaction = (cells ** 2).mean() * count * prompts / ((count - 1) * (prompts - 1)) - seed_noise / seeds
+    return float(np.sqrt(max(interaction, 0.0))), float(np.sqrt(seed_noise))

@@ -46,6 +46,12 @@ def report(name: str, selection: dict, result: dict) -> str:
         "Image grids (rows: learning rate, the champion and the base model; columns: step) and metric plots are under "
         "`review/`.",
     ]
+    if effects := selection.get("prompt_effects"):
+        lines += ["", f"Prompt effects in this sweep (a checkpoint's luck with particular prompts, which the held-out "
+                      f"prompts of the confirmation guard against): {effects['prompt_effect']:.2f} of a per-image "
+                      f"spread per metric, beside per-seed noise of {effects['seed_noise']:.2f} ({effects['candidates']} "
+                      f"checkpoints x {effects['prompts']} prompts x {effects['seeds']} seeds). The gate's error rate "
+                      f"is measured for prompt effects up to 0.5 (docs/promotion.md)."]
     if selection.get("halving"):
         from sd_tasks.halving import describe as describe_halving
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sd_tasks import tracking
 from sd_tasks.cli import option
-from sd_tasks.compare import METRICS, Yardstick, weighted_score
+from sd_tasks.compare import METRICS, Yardstick, prompt_effects, weighted_score
 from sd_tasks.errors import StepError
 from sd_tasks.storage import is_whole, join, list_dir, whole_jsons, write_dir, write_json
 
@@ -59,6 +59,8 @@ def run(config: SelectConfig) -> dict:
     selection = {"selected": ranking[0], "runners_up": ranking[1:3], "table": candidates, "champion": champion,
                  "base": next(r for r in rows if r["base"]), "weights": weights, "missing": missing,
                  "normalisation": {"centre": yardstick.centre, "scale": yardstick.scale}, "prompts": base["prompts"],
+                 "prompt_effects": prompt_effects([evaluations[f] for f in candidate_folders(evaluations, candidates)],
+                                                  yardstick),
                  "halving": halving_history(config.sweep)}
     with write_dir(config.output) as out:
         write_json(out / "selection.json", selection)
@@ -73,6 +75,12 @@ def run(config: SelectConfig) -> dict:
         log_review(config.parent_run_id, evaluations, candidates)
     return {"selection": f"{config.output}/selection.json", "selected": ranking[0], "candidates": len(candidates),
             "missing": missing}
+
+
+def candidate_folders(evaluations: dict[str, dict], candidates: list[dict]) -> list[str]:
+    """The folders of the candidates' evaluations (those scored on the base model's suite)."""
+    chosen = {r["checkpoint"] for r in candidates}
+    return [f for f, m in evaluations.items() if m.get("checkpoint") in chosen and not m.get("champion_version")]
 
 
 def rank(candidates: list[dict]) -> list[dict]:

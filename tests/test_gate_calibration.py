@@ -56,3 +56,22 @@ def test_screening_selects_nearly_the_best_checkpoint():
     screened = rates(Night(prompt_effect=0.2, candidate_spread=0.25, margin=0.1), 200)
     full = rates(Night(prompt_effect=0.2, candidate_spread=0.25, margin=0.1, selection_prompts=13, seeds=4), 200)
     assert screened["regret"] <= 0.1 and full["regret"] <= 0.1
+
+
+@pytest.mark.parametrize("prompt_effect, seed_effect", [(0.0, 0.5), (0.2, 0.5), (0.4, 0.3)])
+def test_a_sweeps_prompt_effects_are_measured(prompt_effect, seed_effect):
+    """`select` reports how large prompt effects are in a sweep (sd_tasks.compare.prompt_effects): on screened
+    sweeps with known effects, the estimates average within 0.1 of the truth."""
+    import numpy as np
+
+    from gate_calibration import Suite
+    from sd_tasks.compare import Yardstick, prompt_effects
+
+    rng, night = np.random.default_rng(7), Night(prompt_effect=prompt_effect, seed_effect=seed_effect)
+    estimates = []
+    for _ in range(30):
+        suite = Suite(rng, night, night.selection_prompts, night.seeds, 1, "s")
+        yardstick = Yardstick.from_base(suite.base())
+        found = prompt_effects([suite.evaluation(0.0) for _ in range(night.candidates)], yardstick)
+        estimates.append((found["prompt_effect"], found["seed_noise"]))
+    assert np.mean(estimates, axis=0) == pytest.approx((prompt_effect, seed_effect), abs=0.1)

@@ -370,6 +370,8 @@ def test_select_and_register_read_the_metrics_not_the_images(s3, tmp_path):
     chosen = select.run(select.SelectConfig(evaluations=root, output=str(tmp_path / "select"),
                                             expected=[f"{root}/lr-1e-3"]))
     assert chosen["candidates"] == 2 and chosen["missing"] == []
+    effects = json.loads((tmp_path / "select" / "selection.json").read_text())["prompt_effects"]
+    assert (effects["candidates"], effects["prompts"], effects["seeds"]) == (2, 2, 2)  # measured on the sweep
     assert len(register.confirmation_evaluations(root)) == 3
     cache = tmp_path / "sd_tasks-cache"
     assert not cache.exists() or not [p for p in cache.rglob("*.png")]  # no image was fetched
