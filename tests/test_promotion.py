@@ -266,3 +266,24 @@ def test_a_confirmation_on_one_prompt_is_no_evidence():
                     fake_evaluation("c", *(d + 0.5 for d in difficulty), checkpoint="ckpt")]
     decision = register.decide(None, "1", {"checkpoint": "ckpt"}, confirmation, {"accuracy": 1.0}, 0.95, 0.1)
     assert not decision.eligible and "fewer than 2 prompts: no interval can be drawn" in decision.reason
+
+
+def test_the_interval_resamples_prompts_with_their_seeds():
+    """When a checkpoint's differences from the champion move together over a prompt's seeds (its luck with that
+    prompt), the evidence is 12 prompts, not 48 independent images: the interval is about twice as wide as if each
+    image were its own prompt, and says what it rests on."""
+    rng = np.random.default_rng(5)
+    base = fake_evaluation("c", *(rng.normal(0.5, 0.1, 48) for _ in range(3)), base=True)
+    luck = [np.repeat(rng.normal(0, 0.05, 12), 4) for _ in range(3)]  # one value per prompt, shared by its 4 seeds
+    champion = fake_evaluation("c", *(np.asarray(base["per_image"][m]).ravel() for m in ("dino", "clip_i", "clip_t")))
+    challenger = fake_evaluation("c", *(np.asarray(champion["per_image"][m]).ravel() + d
+                                        for m, d in zip(("dino", "clip_i", "clip_t"), luck)))
+    yardstick, weights = compare.Yardstick.from_base(base), {"accuracy": 1.0, "flexibility": 1.0}
+    clustered = compare.paired_difference(challenger, champion, yardstick, weights, 0.95)
+    as_images = {name: {**e, "per_image": {m: np.reshape(v, (-1, 1)).tolist() for m, v in e["per_image"].items()}}
+                 for name, e in (("challenger", challenger), ("champion", champion))}
+    one_by_one = compare.paired_difference(as_images["challenger"], as_images["champion"], yardstick, weights, 0.95)
+    assert clustered["difference"] == pytest.approx(one_by_one["difference"])
+    assert clustered["high"] - clustered["low"] > 1.7 * (one_by_one["high"] - one_by_one["low"])
+    assert clustered["rests_on"] == {"images": {"prompts": 12, "images": 48}}
+    assert "on 12 prompts (48 images)" in compare.describe(clustered)
