@@ -34,6 +34,7 @@ from pathlib import Path
 from sd_tasks.cost import record_step
 from sd_tasks.errors import IncompleteFolder, StepError, Unavailable
 from sd_tasks.redact import redact
+from sd_tasks.storage import check_output, is_remote
 
 # step name -> ("module[:function]", one-line description); the function defaults to `run`. Modules import lazily so `validate` never pays for torch.
 STEPS: dict[str, tuple[str, str]] = {
@@ -91,6 +92,7 @@ def _main(step: str, argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         config = make_config(config_type, args, parser)
+        check_outputs(config)
         result = func(config)
     except StepError as exc:
         print(redact(f"error: {step}: {exc}"), file=sys.stderr)
@@ -114,6 +116,33 @@ def _main(step: str, argv: list[str]) -> int:
     sys.stdout.flush()
     print(line, flush=True)
     return 0
+
+
+OUTPUTS = ("output", "evaluators")  # the options a step writes a folder to
+
+
+def check_outputs(config) -> None:
+    """Before any work: an output folder that is, contains or lies inside one of the step's inputs (any other option
+    naming an existing path or a storage URI) is refused (sd_tasks.storage.check_output): `validate --output` naming
+    the photos' folder would otherwise replace the photos."""
+    inputs = [value for f in dataclasses.fields(config) if f.name not in OUTPUTS
+              for value in _paths(getattr(config, f.name))]
+    for name in OUTPUTS:
+        if isinstance(output := getattr(config, name, None), str) and output:
+            check_output(output, inputs, f"--{name.replace('_', '-')}")
+
+
+def _paths(value) -> list[str]:
+    """The local paths that exist and the storage URIs among an option's values (NAME=SOURCE: its SOURCE)."""
+    found = []
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if not isinstance(item, str) or not item:
+            continue
+        for candidate in {item, item.partition("=")[2]} - {""}:
+            if (is_remote(candidate) and not candidate.startswith(("http://", "https://", "git@", "ssh://"))) or \
+                    (not is_remote(candidate) and os.path.lexists(os.path.expanduser(candidate))):
+                found.append(candidate)
+    return found
 
 
 def _raise_interrupt(signum, frame):

@@ -102,6 +102,8 @@ def check_version(client, model_name: str, version: int) -> None:
     try:
         client.get_registered_model(model_name)
     except MlflowException as exc:
+        if exc.error_code == "INVALID_PARAMETER_VALUE":  # a name MLflow cannot hold ('/', ':'): one line
+            raise StepError(f"model {model_name!r}: {str(exc).splitlines()[0]}") from None
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         raise StepError(f"model {model_name!r} is not registered") from None

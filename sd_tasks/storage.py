@@ -48,6 +48,7 @@ import fsspec
 from sd_tasks.errors import IncompleteFolder, StepError, Unavailable
 
 MARKER = ".dreamline-complete.json"
+WRITING = ".dreamline-writing"  # on an object store, while a writer replaces the folder (it has no rename)
 STAGING = ".staging-"  # in a local writer's (or fetcher's) hidden staging folder: `.<name>.staging-<host>-<pid>-<id>`
 
 
@@ -194,7 +195,10 @@ def _require_whole(uri: str, files: dict[str, dict]) -> None:
 @contextlib.contextmanager
 def write_dir(uri: str) -> Iterator[Path]:
     """Stage an output directory locally; publish it to `uri` (replacing what was there) only on success, with its
-    completion marker written last."""
+    completion marker written last. Only a folder a writer made can be replaced (one with a completion marker, or an
+    object-store folder a writer was stopped while replacing) or an empty one: anything else (the user's photos, a
+    folder that holds other things) is refused before the step works, in one line."""
+    check_replaceable(uri)
     if not is_remote(uri):
         final = _local(uri)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -243,13 +247,47 @@ def _disk_full_is_one_line(uri: str, staging: Path) -> Iterator[None]:
                           f"free in {staging.parent}); the last whole version stays") from None
 
 
+def check_replaceable(uri: str) -> None:
+    """Refuse to write a folder over one that no writer made (see `write_dir`)."""
+    files = _listing(uri)
+    if not is_remote(uri) and _local(uri).exists() and not _local(uri).is_dir():
+        raise StepError(f"{uri}: is a file, not a folder; name a folder for the output")
+    names = {n for n in files if "/" not in n}
+    if files and not names & {MARKER, WRITING}:
+        raise StepError(f"{uri}: holds {len(files)} files that no Dreamline step wrote (no {MARKER}); refusing to "
+                        f"replace them: name a new or empty folder for the output")
+
+
+def check_output(output: str, inputs: list[str], option: str = "--output") -> None:
+    """Refuse, before any work, an output folder that is, contains or lies inside one of `inputs` (links
+    resolved): writing it would replace the input, or put the output among the files it is read from."""
+    for given in inputs:
+        if _overlaps(output, given):
+            raise StepError(f"{option} {output}: is, contains or lies inside the input {given}; write the output "
+                            f"to a folder of its own")
+
+
+def _overlaps(a: str, b: str) -> bool:
+    if is_remote(a) or is_remote(b):
+        scheme_a, scheme_b = str(a).split("://")[0], str(b).split("://")[0]
+        if not (is_remote(a) and is_remote(b)) or scheme_a != scheme_b:
+            return False
+        a, b = str(a).rstrip("/") + "/", str(b).rstrip("/") + "/"
+        return a.startswith(b) or b.startswith(a)
+    a, b = os.path.realpath(_local(a)), os.path.realpath(_local(b))
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
+
+
 def _publish_remote(staging: Path, names: list[str], uri: str, marker: str) -> None:
     fs, path = fsspec.core.url_to_fs(uri)
     path = path.rstrip("/")
+    fs.pipe_file(f"{path}/{WRITING}", b"")  # first: a writer stopped from here on left a folder it may replace
     _remove_remote(fs, path)
+    fs.pipe_file(f"{path}/{WRITING}", b"")  # (the removal took it too)
     if names:
         fs.put([str(staging / n) for n in names], [f"{path}/{n}" for n in names])
     fs.pipe_file(f"{path}/{MARKER}", marker.encode())  # last: from here on the folder is whole
+    fs.rm_file(f"{path}/{WRITING}")
     fs.invalidate_cache(path)
 
 

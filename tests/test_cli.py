@@ -45,7 +45,9 @@ def test_a_crash_keeps_its_traceback_and_exits_retryable(tmp_path, monkeypatch, 
         raise RuntimeError("disk on fire\nsecond line")
 
     monkeypatch.setattr(validate, "run", crash)
-    assert cli.main(["validate", "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == cli.EXIT_CRASHED
+    (tmp_path / "in").mkdir()
+    assert cli.main(["validate", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == \
+        cli.EXIT_CRASHED
     err = capsys.readouterr().err
     assert "Traceback" in err and err.splitlines()[-1] == "error: validate: RuntimeError: disk on fire"
     assert cli.EXIT_CRASHED not in cli.FINAL_EXIT_CODES and cli.EXIT_REFUSED in cli.FINAL_EXIT_CODES
@@ -74,3 +76,73 @@ def test_missing_required_flag_is_a_usage_error(capsys):
         cli.main(["validate"])
     assert exit.value.code == 2
     assert "missing --input, --output" in capsys.readouterr().err
+
+
+def _steps_with_an_output() -> list[str]:
+    import dataclasses
+    import importlib
+
+    found = []
+    for step, (target, _) in cli.STEPS.items():
+        module, _, func = target.partition(":")
+        config = cli._config_type(getattr(importlib.import_module(module), func or "run"))
+        if any(f.name == "output" for f in dataclasses.fields(config)):
+            found.append(step)
+    return found
+
+
+@pytest.mark.parametrize("step", _steps_with_an_output())
+def test_no_step_writes_over_its_input(step, tmp_path, capsys, home):
+    """Every step with an output folder, given the user's photos folder as its output and as each of its path
+    inputs (`validate --input photos --output photos`, the README's steps without Airflow): refused in one line
+    before any work, or (a step with no input, like `tiny-model`) refused where it would replace the folder; the
+    photos are untouched either way."""
+    import dataclasses
+    import importlib
+    import shutil
+
+    from conftest import SAMPLE, tree_snapshot
+
+    photos = tmp_path / "photos"
+    shutil.copytree(SAMPLE, photos)
+    (photos / "notes.txt").write_text("the user's own file")
+    before = tree_snapshot(photos)
+    module, _, func = cli.STEPS[step][0].partition(":")
+    config = cli._config_type(getattr(importlib.import_module(module), func or "run"))
+    argv = [step, *(["--output"] if step != "tiny-model" else []), str(photos)]  # tiny-model's is positional
+    for field in dataclasses.fields(config):
+        if field.name != "output" and field.default is dataclasses.MISSING and \
+                field.default_factory is dataclasses.MISSING:
+            kind = str(field.type)
+            value = "1" if "int" in kind or "float" in kind else str(photos)
+            argv += [f"--{field.name.replace('_', '-')}", value]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert tree_snapshot(photos) == before, err
+    if step != "champion":  # with no champion registered it writes nothing, and says so
+        assert code == cli.EXIT_REFUSED, err
+        assert len(err.strip().splitlines()) == 1 and str(photos) in err, err
+
+
+def test_an_output_inside_an_input_or_containing_it_is_refused(tmp_path, capsys):
+    import shutil
+
+    from conftest import SAMPLE, tree_snapshot
+
+    photos = tmp_path / "shoot" / "photos"
+    shutil.copytree(SAMPLE, photos)
+    before = tree_snapshot(tmp_path)
+    (tmp_path / "link").symlink_to(photos)
+    for output in (photos / "validated", tmp_path / "shoot", tmp_path / "link"):
+        assert cli.main(["validate", f"--input={photos}", f"--output={output}"]) == cli.EXIT_REFUSED
+        assert "is, contains or lies inside the input" in capsys.readouterr().err
+    assert tree_snapshot(tmp_path / "shoot") == {k.removeprefix("shoot/"): v for k, v in before.items()}
+    # a folder of its own, beside the input: written
+    assert cli.main(["validate", f"--input={photos}", f"--output={tmp_path / 'validated'}"]) == 0
+    # and written again (a retry, a rerun): a folder a step made may be replaced, a user's may not
+    assert cli.main(["validate", f"--input={photos}", f"--output={tmp_path / 'validated'}"]) == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("mine")
+    assert cli.main(["validate", f"--input={photos}", f"--output={tmp_path / 'mine'}"]) == cli.EXIT_REFUSED
+    assert "that no Dreamline step wrote" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "mine"

@@ -194,6 +194,8 @@ s3 = fsspec.get_filesystem_class("s3")
 original, calls = getattr(s3, method), []
 
 async def kill_after(self, *args, **kwargs):
+    if phase == "marker" and not str(args[0]).endswith(storage.MARKER):  # the writer's own mark goes first
+        return await original(self, *args, **kwargs)
     if after == 0:
         os.kill(os.getpid(), signal.SIGKILL)
     result = await original(self, *args, **kwargs)
@@ -224,7 +226,9 @@ def test_a_writer_killed_while_publishing_to_s3_leaves_no_folder_a_reader_takes_
 
     _clear_fsspec_instances()
     left = [k.rsplit("/", 1)[1] for k in keys(s3, f"runs/killed-{phase}/train/checkpoint-4/")]
-    assert left == {"delete-old": ["old.bin"], "marker": [f"part-{i:02d}.bin" for i in range(30)]}.get(phase, left)
+    assert left == {"delete-old": [storage.WRITING, "old.bin"],
+                    "marker": [storage.WRITING, *[f"part-{i:02d}.bin" for i in range(30)]]}.get(phase, left)
+    assert storage.WRITING in left  # the writer's own mark: its retry may replace the folder, nobody else's
     assert phase != "upload" or 5 <= len(left) < 30, left  # cut short part-way through the upload
     assert not storage.is_whole(uri)  # neither the old folder nor the new one, and no reader takes it for either
     with pytest.raises(IncompleteFolder, match="incomplete folder: no completion marker"):
@@ -236,6 +240,16 @@ def test_a_writer_killed_while_publishing_to_s3_leaves_no_folder_a_reader_takes_
     assert storage.is_whole(uri) and [c["step"] for c in train.list_checkpoints(output)] == [2, 4]
     assert keys(s3, f"runs/killed-{phase}/train/checkpoint-4/") == [
         f"runs/killed-{phase}/train/checkpoint-4/{storage.MARKER}", f"runs/killed-{phase}/train/checkpoint-4/new.bin"]
+
+
+def test_an_s3_folder_no_step_wrote_is_never_replaced(s3, tmp_path):
+    """A prefix holding the user's files (no completion marker, no writer's mark) is refused as an output in one
+    line, and its files stay."""
+    s3.put_object(Bucket=BUCKET, Key="photos/dog/00.jpg", Body=b"a photo")
+    with pytest.raises(StepError, match=rf"s3://{BUCKET}/photos/dog: holds 1 files that no Dreamline step wrote"):
+        with storage.write_dir(f"s3://{BUCKET}/photos/dog") as out:
+            (out / "report.json").write_text("{}")
+    assert keys(s3, "photos/dog/") == ["photos/dog/00.jpg"]
 
 
 def test_a_folder_that_lost_a_file_is_not_whole_and_a_rewritten_one_is_fetched_again(s3, tmp_path):
