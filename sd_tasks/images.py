@@ -38,6 +38,22 @@ class TooManyPixels(ValueError):
     """The header announces more pixels than allowed (a decompression bomb, or simply too big to handle)."""
 
 
+# The image formats Dreamline decodes (Pillow's names; JPEG's opener also gives phones' MPO). Pillow picks a
+# decoder by content, so without this list a PostScript file named .jpg would reach its EPS plugin, which runs
+# Ghostscript where one is installed, and dozens of rarely used decoders would be one file away.
+FORMATS = ("JPEG", "PNG", "GIF", "TIFF", "BMP", "WEBP", "HEIF", "AVIF")
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Whether a file's first 16 bytes start like one of FORMATS (read before anything else of it)."""
+    return head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*",
+                            b"BM")) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP") or \
+        (head[4:8] == b"ftyp" and head[8:12] in ISOBMFF_BRANDS)
+
+
+ISOBMFF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis")
+
+
 def open_image(source: Path | str | BinaryIO | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Identify an image and check its header size against `max_pixels`; nothing is decoded yet.
 
@@ -50,7 +66,7 @@ def open_image(source: Path | str | BinaryIO | bytes, max_pixels: int = DEFAULT_
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(source)
+            im = Image.open(source, formats=FORMATS)  # never Pillow's other plugins (EPS runs Ghostscript)
     except Image.DecompressionBombError:
         limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
         raise TooManyPixels(f"header claims more than {limit:,} pixels, PIL's own hard limit") from None

@@ -8,7 +8,10 @@ Each file goes through one check after another and stops at the first that fails
     name       control characters in the path (a newline or NUL that every later manifest reader refuses)
     link       symbolic links (to files or folders) and anything whose real path leaves the dataset folder
     file       not a regular file (FIFO, socket, device), or empty
-    identify   not an image, whatever its extension (content decides, so a JPEG named .png is a JPEG)
+    sniff      its first bytes are no accepted format's (JPEG, PNG, GIF, TIFF, BMP, WebP, HEIF, AVIF), or it is larger
+               than `max_file_mb`: rejected before the rest is read, so a phone video costs 16 bytes of memory
+    identify   not an image, whatever its extension (content decides, so a JPEG named .png is a JPEG); only the
+               accepted formats' decoders are ever used (never Pillow's EPS plugin, which runs Ghostscript)
     pixels     the header announces more than `max_pixels`: rejected before any pixel is allocated
     animation  more than one frame: rejected, or frame 0 used and noted (`animated`)
     decode     every byte of the image data decoded (an animation: frame 0): truncated or corrupt data fails here;
@@ -38,17 +41,15 @@ from PIL import Image, UnidentifiedImageError
 
 from sd_tasks.cli import option
 from sd_tasks.errors import StepError
-from sd_tasks.images import (ALPHA_MODES, DEFAULT_MAX_PIXELS, TooManyPixels, colour_profile, draft_for, normalise,
-                             open_image, orientation, parallel_map, perceptual_hash, upright_size)
+from sd_tasks.images import (ALPHA_MODES, DEFAULT_MAX_PIXELS, TooManyPixels, colour_profile, draft_for,
+                             looks_like_image, normalise, open_image, orientation, parallel_map, perceptual_hash,
+                             upright_size)
 from sd_tasks.manifest import CONTROL
 from sd_tasks.storage import read_dir, write_dir, write_json
 
 ANIMATION_POLICIES = ("first-frame", "reject")
 
-# Leading bytes of image formats PIL reads: a file starting like one of these that PIL cannot identify is a
-# damaged image, not "not an image".
-MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"BM")
-ISOBMFF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis")
+MAX_FILE_MB = 200  # a 100 MP 16-bit TIFF is about 600 MB; a phone photo 2 to 20 MB
 
 # A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that leaves both sides at least this long: plenty for
 # the 32x32 perceptual hash (a 12 MP photo: 1/8, 504x378). 0 decodes at full scale.
@@ -65,6 +66,7 @@ class ValidateConfig:
     max_aspect_ratio: float = option("reject images more elongated than this (long side / short side)", 4.0)
     max_pixels: int = option("reject images whose header announces more pixels (decompression bombs), checked "
                              "before decoding", DEFAULT_MAX_PIXELS)
+    max_file_mb: float = option("reject files larger than this many MB before reading them", MAX_FILE_MB)
     animated: str = option(f"animated images (GIF, WebP, APNG, multi-frame): {' or '.join(ANIMATION_POLICIES)}",
                            "first-frame")
     near_duplicate_distance: int = option("reject an image whose 64-bit perceptual hash is within this many bits "
@@ -73,6 +75,8 @@ class ValidateConfig:
     workers: int = option("processes that decode in parallel; 0: one per available CPU", 0)
 
     def __post_init__(self):
+        if not self.max_file_mb > 0:
+            raise StepError(f"--max-file-mb {self.max_file_mb}: a positive number of MB")
         if self.animated not in ANIMATION_POLICIES:
             raise StepError(f"--animated {self.animated!r}: choose one of {', '.join(ANIMATION_POLICIES)}")
 
@@ -136,7 +140,7 @@ def check_file(path: Path, root: Path, config: ValidateConfig, draft_side: int =
     try:
         if CONTROL.search(rel):
             raise Rejected("control characters in name", "file name contains control characters")
-        data = read_regular_file(path, root)
+        data = read_regular_file(path, root, int(config.max_file_mb * 2**20))
         im = identify(data, config.max_pixels)
         with im:  # closes the file pointer only; the decoded image stays usable
             frame_note = select_frame(im, config.animated)
@@ -154,8 +158,9 @@ def check_file(path: Path, root: Path, config: ValidateConfig, draft_side: int =
     return record
 
 
-def read_regular_file(path: Path, root: Path) -> bytes:
-    """The bytes of a regular file inside `root`; links, special files and empty files are rejected."""
+def read_regular_file(path: Path, root: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file inside `root`; links, special files, empty files, files that do not start like
+    an accepted image format and files larger than `max_bytes` are rejected, before the rest is read."""
     info = path.lstat()
     if stat.S_ISLNK(info.st_mode):
         target = path.resolve()
@@ -170,11 +175,20 @@ def read_regular_file(path: Path, root: Path) -> bytes:
     # file swapped for a FIFO block the step.
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
             raise Rejected("not a regular file", "not a regular file (FIFO, socket or device)")
-        data = f.read()
-    if not data:
-        raise Rejected("empty file", "empty file")
+        if not info.st_size:
+            raise Rejected("empty file", "empty file")
+        head = f.read(16)
+        if not looks_like_image(head):
+            raise Rejected("not an image", "not an image")  # no accepted format starts like it
+        if info.st_size > max_bytes:
+            raise Rejected("too large", f"{info.st_size / 2**20:.0f} MB, larger than --max-file-mb "
+                                        f"{max_bytes / 2**20:g}")
+        data = head + f.read(max_bytes + 1 - len(head))  # a file that grew since fstat is cut at the limit
+    if len(data) > max_bytes:
+        raise Rejected("too large", f"larger than --max-file-mb {max_bytes / 2**20:g}")
     return data
 
 
@@ -184,11 +198,8 @@ def identify(data: bytes, max_pixels: int) -> Image.Image:
         return open_image(data, max_pixels)
     except TooManyPixels as exc:
         raise Rejected("too many pixels", f"too many pixels ({exc}): possible decompression bomb") from None
-    except UnidentifiedImageError:
-        if data.startswith(MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP") or \
-                (data[4:8] == b"ftyp" and data[8:12] in ISOBMFF_BRANDS):
-            raise Rejected("corrupt or truncated", "corrupt or truncated image data (unreadable header)") from None
-        raise Rejected("not an image", "not an image") from None
+    except UnidentifiedImageError:  # it starts like an accepted format (read_regular_file): a damaged image
+        raise Rejected("corrupt or truncated", "corrupt or truncated image data (unreadable header)") from None
     except Exception as exc:  # a plugin choking on a damaged header
         raise Rejected("corrupt or truncated", f"corrupt or truncated image data ({_first_line(exc)})") from None
 

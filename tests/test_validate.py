@@ -397,3 +397,48 @@ def test_validate_fails_with_a_summary_when_too_few_images(messy, tmp_path):
     with pytest.raises(StepError, match=r"4 usable images, need 10 \(.*1 empty file.*\)"):
         validate.run(validate.ValidateConfig(input=str(messy), output=str(tmp_path / "out"), min_images=10))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_huge_non_image_costs_its_first_bytes_and_only_accepted_decoders_run(tmp_path, monkeypatch):
+    """A phone video of 4 GiB (sparse here) in the photo folder: rejected as not an image after its first 16 bytes,
+    in constant memory (a subprocess, its peak memory measured); an image larger than --max-file-mb: rejected by its
+    size before it is read. A PostScript file named .jpg never reaches Pillow's EPS plugin (which runs Ghostscript):
+    only the accepted formats' decoders are used, whatever a file's content says."""
+    import subprocess
+    import sys
+
+    from PIL import EpsImagePlugin
+
+    from conftest import REPO
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        pattern(30 + i, (200, 160)).save(folder / f"good{i}.jpg", quality=95)
+    with open(folder / "video.mp4", "wb") as f:
+        f.write(b"\0\0\0\x20ftypisom\0\0\x02\0")
+        f.truncate(4 * 2**30)
+    (folder / "scan.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nshowpage\n")
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1200, 1200, 3), dtype=np.uint8)).save(big, "PNG")
+    (folder / "big.png").write_bytes(big.getvalue())  # about 4 MB of noise
+    measured = ("import resource, sys; from sd_tasks import cli; code = cli.main(sys.argv[1:]); "
+                "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", measured, "validate", f"--input={folder}",
+                           f"--output={tmp_path / 'out'}", "--max-file-mb=2", "--workers=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    peak_mb = int(done.stderr.split("peak ")[-1]) / 1024
+    assert peak_mb < 1024, done.stderr  # far below the 4 GiB a whole read would take
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    rejected = {r["path"]: r["reason"] for r in report["rejected"]}
+    assert rejected["video.mp4"] == "not an image" and rejected["scan.jpg"] == "not an image"
+    assert rejected["big.png"].startswith("4 MB, larger than --max-file-mb 2")
+    # in-process too: the EPS plugin is never asked, even for content that starts like an accepted format
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: pytest.fail("EPS decoder ran"))
+    from sd_tasks.images import open_image
+
+    with pytest.raises(Exception):
+        open_image(b"%!PS-Adobe-3.0 EPSF-3.0\n")
+    assert validate.run(validate.ValidateConfig(input=str(folder), output=str(tmp_path / "again"), workers=1,
+                                                max_file_mb=2))["rejected"] == 3
