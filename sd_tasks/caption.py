@@ -4,10 +4,13 @@ Strategies: `instance` (the DreamBooth instance prompt for every image, the defa
 convention: `photo.txt` or `photo.caption` beside `photo.jpg`) and `model` (a captioning model through
 transformers, BLIP-class, e.g. Salesforce/blip-image-captioning-large), combined with the instance prompt through a
 template such as `{instance_prompt}, {caption}`. Images whose caption is missing or empty fall back to the instance
-prompt and are reported; so are those whose sidecar is refused (a link, or outside the image folder: never read).
+prompt and are reported; so are those whose sidecar is refused (a link, or outside the image folder: never read;
+not text). Sidecars are read in UTF-8 with or without a byte-order mark, UTF-16 and UTF-32 with one, UTF-16 without
+one, or Latin-1 as a last resort; any but UTF-8 is said in `caption_notes`.
 """
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +45,9 @@ def run(config: CaptionConfig) -> dict:
     paths = [inside(images, item.get("path"), f"{uri}: accepted[{i}].path")
              for i, item in enumerate(report["accepted"])]
     refused: list[str] = []
+    notes: list[str] = []  # sidecars read in another encoding than UTF-8
     if config.strategy == "sidecar":
-        found = [sidecar_caption(p, images, refused) for p in paths]
+        found = [sidecar_caption(p, images, refused, notes) for p in paths]
     elif config.strategy == "model":
         found = model_captions(paths, config.caption_model, config.batch_size)
     else:
@@ -58,9 +62,9 @@ def run(config: CaptionConfig) -> dict:
         records.append({**item, "caption": caption_text(caption, item["path"])})
     with write_dir(config.output) as out:
         write_json(out / "manifest.json", {"source": report["source"], "records": records, "missing": missing,
-                                           "refused_captions": refused})
+                                           "refused_captions": refused, "caption_notes": notes})
     return {"manifest": f"{config.output}/manifest.json", "captioned": len(records), "missing_captions": missing,
-            "refused_captions": refused}
+            "refused_captions": refused, "caption_notes": notes}
 
 
 def model_captions(paths: list[Path], model_id: str, batch_size: int) -> list[str]:
@@ -83,7 +87,7 @@ def model_captions(paths: list[Path], model_id: str, batch_size: int) -> list[st
     return captions
 
 
-def sidecar_caption(image: Path, folder: Path, refused: list[str]) -> str | None:
+def sidecar_caption(image: Path, folder: Path, refused: list[str], notes: list[str]) -> str | None:
     """The caption beside `image`; None (the instance prompt, unreported) for a sidecar that is refused: a link, or
     one that resolves outside the image folder, could make any file on the worker (a secret) a caption."""
     for suffix in (".txt", ".caption"):
@@ -97,6 +101,44 @@ def sidecar_caption(image: Path, folder: Path, refused: list[str]) -> str | None
         if not side.resolve().is_relative_to(folder.resolve()):
             refused.append(f"{name}: resolves outside the image folder; not read")
             return None
-        with open(side, encoding="utf-8", errors="replace") as f:  # only the start: the text encoders read no more
-            return caption_text(f.read(MAX_CAPTION_CHARS * 2), str(side))
+        with open(side, "rb") as f:  # only the start: the text encoders read no more
+            raw = f.read(MAX_CAPTION_CHARS * 8)
+            whole = not f.read(1)
+        text, note = decode_sidecar(raw, whole)
+        if text is None:
+            refused.append(f"{name}: {note}; not read")
+            return None
+        if note:
+            notes.append(f"{name}: {note}")
+        return caption_text(text[:MAX_CAPTION_CHARS * 2], str(side))
     return ""
+
+
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+        (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))  # UTF-32 LE's BOM starts UTF-16 LE's
+
+
+def decode_sidecar(raw: bytes, whole: bool = True) -> tuple[str | None, str | None]:
+    """(text, a note on how it was read, or None) of a caption file's first bytes (`whole`: all of them); (None, why)
+    when it cannot be
+    text. A byte-order mark decides (UTF-8, UTF-16, UTF-32); without one, UTF-8, or UTF-16 when every other byte is
+    NUL, or Latin-1 as a last resort (every byte is some Latin-1 character: said in the note)."""
+    for bom, encoding in BOMS:
+        if raw.startswith(bom):
+            return _decode(raw[len(bom):], encoding, whole), None
+    if b"\0" in raw:  # plain-ASCII UTF-16 without a mark: a NUL beside every character
+        even, odd = raw[0::2], raw[1::2]
+        for encoding, zeros, chars in (("utf-16-le", odd, even), ("utf-16-be", even, odd)):
+            if zeros and not zeros.strip(b"\0") and b"\0" not in chars:
+                return _decode(raw, encoding, whole), f"no byte-order mark; read as {encoding.upper()}"
+        return None, "NUL bytes: not text (UTF-16 needs a byte-order mark)"
+    try:
+        return _decode(raw, "utf-8", whole, errors="strict"), None
+    except UnicodeDecodeError:
+        return _decode(raw, "latin-1", whole), "not UTF-8; read as Latin-1"
+
+
+def _decode(raw: bytes, encoding: str, whole: bool, errors: str = "replace") -> str:
+    """`raw` decoded; when it is not the whole file, a character cut at the end of the read is dropped rather than
+    refused."""
+    return codecs.getincrementaldecoder(encoding)(errors=errors).decode(raw, final=whole)

@@ -1,6 +1,7 @@
 """dataset, caption and resize on real files made in the test (validate has tests/test_validate.py)."""
 from __future__ import annotations
 
+import codecs
 import json
 
 import pytest
@@ -123,3 +124,37 @@ def test_resize_without_upscaling_and_with_random_crops(tmp_path):
     assert records(crop="random", seed=1)["big.jpg"]["crop_top_left"] == crops[1]  # ...and is stable for one seed
     big = records()["big.jpg"]
     assert big["crop_top_left"][1] == (big["scaled_size"][1] - big["target_size"][1]) // 2
+
+
+@pytest.mark.parametrize("raw, expected, note", [
+    ("on a sofa, café".encode("utf-8"), "on a sofa, café", None),
+    (codecs.BOM_UTF8 + "on a sofa, café".encode("utf-8"), "on a sofa, café", None),  # Windows Notepad's UTF-8
+    (codecs.BOM_UTF16_LE + "on a sofa, café".encode("utf-16-le"), "on a sofa, café", None),
+    (codecs.BOM_UTF16_BE + "on a sofa, café".encode("utf-16-be"), "on a sofa, café", None),
+    (codecs.BOM_UTF32_LE + "on a sofa, café".encode("utf-32-le"), "on a sofa, café", None),
+    ("on a sofa".encode("utf-16-le"), "on a sofa", "no byte-order mark; read as UTF-16-LE"),
+    ("on a sofa, café".encode("latin-1"), "on a sofa, café", "not UTF-8; read as Latin-1"),
+    ("sofa, naïve".encode("cp1252"), "sofa, naïve", "not UTF-8; read as Latin-1"),
+])
+def test_sidecars_in_any_common_encoding_read_right_and_say_so(tmp_path, raw, expected, note):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    photo(folder / "a.jpg")
+    (folder / "a.txt").write_bytes(raw)
+    validate.run(validate.ValidateConfig(input=str(folder), output=str(tmp_path / "v")))
+    result = caption.run(caption.CaptionConfig(report=str(tmp_path / "v"), output=str(tmp_path / "c"),
+                                               instance_prompt="a photo of sks dog", strategy="sidecar"))
+    [record] = json.loads((tmp_path / "c" / "manifest.json").read_text())["records"]
+    assert record["caption"] == f"a photo of sks dog, {expected}"
+    assert result["caption_notes"] == ([f"a.txt: {note}"] if note else [])
+
+
+def test_a_sidecar_that_is_not_text_is_refused_with_its_reason(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    photo(folder / "a.jpg")
+    (folder / "a.txt").write_bytes(b"\x00\x01\x02binary\x00\xff")
+    validate.run(validate.ValidateConfig(input=str(folder), output=str(tmp_path / "v")))
+    result = caption.run(caption.CaptionConfig(report=str(tmp_path / "v"), output=str(tmp_path / "c"),
+                                               instance_prompt="a photo of sks dog", strategy="sidecar"))
+    assert result["refused_captions"] == ["a.txt: NUL bytes: not text (UTF-16 needs a byte-order mark); not read"]
