@@ -199,6 +199,18 @@ def test_a_local_path_given_at_trigger_time_fails_the_task_before_any_pod(tmp_pa
         op.execute({})
 
 
+def test_a_prompt_that_starts_like_a_path_is_text(tmp_path):
+    """In kubernetes mode prompts are text: "/imagine a photo of sks dog" and "~dreamy~ photo" are not local paths
+    (they were refused as such); the same start in a path option still is."""
+    from dreamline.operators import local_paths
+
+    options = {"instance_prompt": "/imagine a photo of sks dog", "class_prompt": "~dreamy~ photo of a dog",
+               "prompts": ["/imagine a sks dog in snow", "./ a sks dog"], "class_prompts": ["~ a dog"],
+               "template": "/ {instance_prompt}, {caption}", "reason": "/shrug", "output": "s3://b/run/caption"}
+    assert local_paths(options) == []
+    assert local_paths({**options, "report": "/home/me/validated"}) == [("report", "/home/me/validated")]
+
+
 def container(pod: dict) -> dict:
     return next(c for c in pod["spec"]["containers"] if c["name"] == "base")
 

@@ -349,10 +349,21 @@ def pod_volumes(step: str, profile, k8s) -> tuple[list, list]:
     return volumes, mounts
 
 
+# Options whose values are text, never paths: "/imagine a photo of sks dog" and "~dreamy~ photo" are prompts.
+TEXT_OPTIONS = frozenset({"template", "reason", "by", "identifier", "model_name", "tag", "rev", "path"})
+
+
+def is_text_option(name: str) -> bool:
+    return name in TEXT_OPTIONS or name.endswith(("prompt", "prompts"))
+
+
 def local_paths(options: dict[str, Any]) -> list[tuple[str, str]]:
-    """Options whose value is a path on this machine (models under the model-cache mount are the pod's own)."""
+    """Options whose value is a path on this machine (models under the model-cache mount are the pod's own); text
+    options (prompts, reasons) are text whatever they start with."""
     found = []
     for name, value in options.items():
+        if is_text_option(name):
+            continue
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(item, str) and item.startswith(("/", "./", "~", "file:")) \
                     and not item.startswith(MODEL_CACHE_MOUNT + "/"):
