@@ -100,8 +100,10 @@ def lora_dag(subject: subjects.Subject):
         @task
         def recipe() -> dict:
             """What the form's JSON schema cannot refuse, refused in one line; and the recipe's fingerprint."""
+            context = get_current_context()  # a conf key the DAG does not know (max_step) is refused, not ignored
             try:
-                return plan.check_recipe(get_current_context()["params"])
+                return plan.check_recipe({**context["params"], **(context["dag_run"].conf or {})},
+                                         frozenset(context["dag"].params))
             except plan.RecipeError as exc:
                 raise AirflowFailException(str(exc)) from None
 

@@ -3,6 +3,7 @@ it); the first task refuses what JSON schema cannot say; values reach the steps 
 from __future__ import annotations
 
 import copy
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -64,7 +65,9 @@ def test_a_good_form_passes_and_its_recipe_fingerprint_ignores_what_does_not_cha
     checked = plan.check_recipe(form(dag))
     assert checked["training_runs"] == 3 and checked["evaluations"] == 3 * 5 + 2  # and the champion, the base model
     same = plan.check_recipe(form(dag, force=True, dataset_version="dog-v2", encode_shard_size=10,
-                                  require_approval=True, promotion_margin=0.5, promotion_confidence=0.9))
+                                  require_approval=True, promotion_margin=0.5, promotion_confidence=0.9,
+                                  inference_steps=20, screening_prompts=8, weight_flexibility=2.0,
+                                  evaluation_prompts=["a {instance}"] * 4, confirmation_images_per_prompt=8))
     other = plan.check_recipe(form(dag, max_steps=400))
     halving = plan.check_recipe(form(dag, sweep_strategy="halving"))
     assert same["recipe_hash"] == checked["recipe_hash"] != other["recipe_hash"] != halving["recipe_hash"]
@@ -118,6 +121,17 @@ def test_values_keep_their_types(dag):
     resize = rendered_options(dag, "resize", resolution=128, no_upscale=True)
     assert resize["resolution"] == 128 and resize["no_upscale"] is True
     assert "--no-upscale" in step_argv("resize", resize) and "--resolution=128" in step_argv("resize", resize)
+
+
+@pytest.mark.parametrize("key, hint", [("max_step", "; did you mean max_steps?"),
+                                       ("learning_rate", "; did you mean learning_rates?"), ("zzz", "")])
+def test_a_setting_the_dag_does_not_know_is_refused_with_the_closest_name(dag, key, hint):
+    """A typo in a trigger's conf (REST API, the form's JSON editor) is refused before any work, naming the closest
+    setting, instead of being ignored (and changing the recipe's fingerprint, so the night retrained for nothing)."""
+    params = {**form(dag), key: 300}
+    with pytest.raises(plan.RecipeError, match=rf"^{key}: not a setting of this DAG{re.escape(hint)} \("):
+        plan.check_recipe(params, frozenset(dag.params))
+    assert plan.check_recipe(form(dag), frozenset(dag.params))["training_runs"] == 3
 
 
 def test_confirmation_judges_on_prompts_and_seeds_selection_never_saw(dag, tmp_path):

@@ -57,6 +57,12 @@ def evaluation_prompts(params: dict, suite: str = "selection", subject: bool = T
 MIN_EVALUATION_PROMPTS = 4  # half choose the checkpoint, half confirm it; an interval needs two prompts or more
 
 
+def judging_params() -> frozenset[str]:
+    """The settings of how checkpoints are judged and promoted (the Evaluation and Promotion sections): they change
+    no trained weight."""
+    return frozenset({*evaluation_params(), *promotion_params(Subject("any", "thing"))})
+
+
 def integer_params() -> frozenset[str]:
     """The Params whose JSON type is integer, alone or as array items: JSON schema takes 500.0 for one, where the
     step's argparse refuses `--max-steps=500.0`, after the run has started."""

@@ -5,6 +5,7 @@ would launch without running one.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -12,11 +13,13 @@ import re
 import string
 
 from dreamline.deployment import DEPLOYMENT
-from dreamline.params import MAX_CHECKPOINTS, MAX_RUNGS, MIN_EVALUATION_PROMPTS, evaluation_prompts, integer_params
+from dreamline.params import (MAX_CHECKPOINTS, MAX_RUNGS, MIN_EVALUATION_PROMPTS, evaluation_prompts, integer_params,
+                              judging_params)
 
-# Form settings that do not change what a run trains or how it is judged: left out of the recipe's fingerprint.
+# Form settings that do not change what a run trains: left out of the recipe's fingerprint, so changing one (how
+# checkpoints are judged, promoted or sharded, which version of the data) does not make a night retrain for nothing.
 NOT_RECIPE = frozenset({"force", "subject", "dataset_repo", "dataset_path", "dataset_version", "encode_shard_size",
-                        "promotion_confidence", "promotion_margin", "require_approval"})
+                        *judging_params()})
 # Confirmation images use seeds from another range than selection's (seed + 1000 * prompt + image, both below
 # 1,000,000 with at most 100 prompts and 64 images each), so the winner is judged on images it was not chosen on;
 # the range rotates with the dataset's content (one of SEED_ROTATIONS), so nights of comparisons do not all lean on
@@ -34,8 +37,13 @@ class RecipeError(ValueError):
     """A trigger-form combination the JSON schema cannot refuse; the message is one line."""
 
 
-def check_recipe(params: dict) -> dict:
-    """Refuse, in one line, what the form's JSON schema cannot say; return the numbers a run will launch."""
+def check_recipe(params: dict, known: frozenset[str] | None = None) -> dict:
+    """Refuse, in one line, what the form's JSON schema cannot say (a setting it does not know, among `known`);
+    return the numbers a run will launch."""
+    if known is not None and (unknown := sorted(set(params) - set(known))):
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        raise RecipeError(f"{unknown[0]}: not a setting of this DAG" + (f"; did you mean {close[0]}?" if close else
+                                                                         "") + " (nothing is run with unknown settings)")
     check_values(params)
     every, steps = params["checkpointing_steps"], params["max_steps"]
     if steps % every:
