@@ -11,6 +11,7 @@ import os
 import posixpath
 import re
 import shutil
+import tempfile
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -33,6 +34,22 @@ class DatasetConfig:
 
 
 def run(config: DatasetConfig) -> dict:
+    """The dataset at `rev`. A remote registry is cloned into this step's own scratch folder (DVC's clones and its
+    temporary cache go to the temp folder), removed on success and on failure: the clone's `.git/config` holds the
+    URL, with any token in it."""
+    from dvc.repo.open_repo import clean_repos
+
+    scratch, before = tempfile.mkdtemp(prefix="sd_tasks-dataset-"), tempfile.tempdir
+    tempfile.tempdir = scratch
+    try:
+        return fetch(config)
+    finally:
+        clean_repos()
+        tempfile.tempdir = before
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def fetch(config: DatasetConfig) -> dict:
     from dvc.api import DVCFileSystem
 
     check_subject_path(config.path)

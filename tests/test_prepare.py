@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import codecs
+import os
 import json
 
 import pytest
@@ -158,3 +159,21 @@ def test_a_sidecar_that_is_not_text_is_refused_with_its_reason(tmp_path):
     result = caption.run(caption.CaptionConfig(report=str(tmp_path / "v"), output=str(tmp_path / "c"),
                                                instance_prompt="a photo of sks dog", strategy="sidecar"))
     assert result["refused_captions"] == ["a.txt: NUL bytes: not text (UTF-16 needs a byte-order mark); not read"]
+
+
+@pytest.mark.parametrize("rev", ["dog-v1", "no-such-tag"])
+def test_a_cloned_registry_leaves_nothing_behind(registry, tmp_path, rev):
+    """A registry given by URL is cloned (its .git/config holds the URL, with any token in it): the clone and DVC's
+    temporary files live in the step's scratch folder and are gone after the step, whether it succeeded or not."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    done = subprocess.run([sys.executable, "-m", "sd_tasks", "dataset", f"--repo=file://{registry}", "--path=dog",
+                           f"--rev={rev}", f"--output={tmp_path / 'dataset'}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TMPDIR": str(scratch)})
+    assert done.returncode == (0 if rev == "dog-v1" else 65), done.stderr
+    assert sorted(p.name for p in scratch.iterdir()) == [], list(scratch.rglob("*"))[:5]
