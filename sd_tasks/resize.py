@@ -44,9 +44,11 @@ class ResizeConfig:
     seed: int = option("seed of random crops (each file gets its own, stable across runs)", 0)
 
 
+MAX_RESOLUTION = 2048  # the form's bound (SDXL trains at 1024; beyond this a bucket's image is a memory hazard)
+
+
 def run(config: ResizeConfig) -> dict:
-    if config.crop not in ("center", "random"):
-        raise StepError(f"--crop {config.crop!r}: choose center or random")
+    check(config)
     uri = f"{config.captions}/manifest.json"
     manifest = load(uri, texts=("source",))
     source = read_dir(manifest["source"])
@@ -69,6 +71,20 @@ def run(config: ResizeConfig) -> dict:
         write_json(out / "manifest.json", {"resolution": config.resolution, "records": records})
     return {"manifest": f"{config.output}/manifest.json", "images": len(records),
             "buckets": sorted({f"{r['target_size'][1]}x{r['target_size'][0]}" for r in records})}
+
+
+def check(config: ResizeConfig) -> None:
+    """The bounds the trigger form puts on these settings, for the CLI, which has no form: one line each."""
+    if config.crop not in ("center", "random"):
+        raise StepError(f"--crop {config.crop!r}: choose center or random")
+    if config.bucket_step not in (8, 16, 32, 64):
+        raise StepError(f"--bucket-step {config.bucket_step}: one of 8, 16, 32 or 64 (SDXL's VAE works in 8-pixel "
+                        f"cells; training buckets use 64)")
+    if not config.bucket_step <= config.resolution <= MAX_RESOLUTION or config.resolution % config.bucket_step:
+        raise StepError(f"--resolution {config.resolution}: a multiple of --bucket-step {config.bucket_step} from "
+                        f"{config.bucket_step} to {MAX_RESOLUTION}")
+    if not 1.0 <= config.max_aspect_ratio <= 4.0:
+        raise StepError(f"--max-aspect-ratio {config.max_aspect_ratio}: from 1 to 4")
 
 
 def checked_record(source: Path, item: dict, where: str) -> dict:

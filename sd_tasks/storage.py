@@ -394,13 +394,36 @@ def object_store(uri: str) -> Iterator[None]:
     if is_remote(uri):
         from fsspec.asyn import get_loop
 
+        check_remote_uri(uri)
         get_loop().set_exception_handler(_report_unless_dropped)
     try:
         yield
     except Exception as exc:
+        if refused := _refused(exc):  # credentials missing or refused, no such bucket: a retry cannot help
+            raise StepError(f"{uri}: {refused}") from None
         if not _unreachable(exc):
             raise
         raise Unavailable(f"{uri}: object store unreachable ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+
+
+def check_remote_uri(uri: str) -> None:
+    """An object-store URI names a bucket (s3://bucket/prefix): `s3://` alone would list every bucket."""
+    scheme, _, rest = str(uri).partition("://")
+    if scheme in ("s3", "s3a", "gs", "gcs", "az", "abfs") and not rest.split("/")[0]:
+        raise StepError(f"{uri}: no bucket; write {scheme}://bucket/prefix")
+
+
+def _refused(exc: Exception) -> str | None:
+    """Why the object store refuses us, in words, when no retry can change it; None for anything else."""
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:
+        return None
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return f"no S3 credentials ({exc}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a role)"
+    if isinstance(exc, PermissionError):
+        return f"access denied ({str(exc).splitlines()[0][:200]})"
+    return None
 
 
 def _report_unless_dropped(loop, context: dict) -> None:

@@ -146,3 +146,45 @@ def test_an_output_inside_an_input_or_containing_it_is_refused(tmp_path, capsys)
     assert cli.main(["validate", f"--input={photos}", f"--output={tmp_path / 'mine'}"]) == cli.EXIT_REFUSED
     assert "that no Dreamline step wrote" in capsys.readouterr().err
     assert (tmp_path / "mine" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["validate", "--input=s3://", "--output={tmp}/v"], "s3://: no bucket; write s3://bucket/prefix"),
+    (["resize", "--captions={tmp}/c", "--output={tmp}/r", "--resolution=0"], "--resolution 0: a multiple of"),
+    (["resize", "--captions={tmp}/c", "--output={tmp}/r", "--resolution=100000"], "--resolution 100000: a multiple"),
+    (["resize", "--captions={tmp}/c", "--output={tmp}/r", "--resolution=1000"], "--resolution 1000: a multiple of"),
+    (["resize", "--captions={tmp}/c", "--output={tmp}/r", "--bucket-step=0"], "--bucket-step 0: one of 8, 16, 32"),
+    (["resize", "--captions={tmp}/c", "--output={tmp}/r", "--max-aspect-ratio=0"], "--max-aspect-ratio 0.0: from"),
+    (["validate", "--input={tmp}", "--output={tmp}/../v", "--max-file-mb=0"], "--max-file-mb 0.0: a positive"),
+])
+def test_settings_the_form_would_refuse_are_refused_by_the_cli_in_one_line(argv, says, tmp_path, capsys,
+                                                                          monkeypatch):
+    """The steps' own CLI (the README documents it) bounds what the trigger form bounds, and names a URI without a
+    bucket, in one line with the exit code that stops Airflow retrying (it used to divide by zero, or print
+    `Cannot traverse all of S3` under a traceback)."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "in").mkdir()
+    code = cli.main([a.format(tmp=tmp_path / "in") for a in argv])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_REFUSED and len(err.strip().splitlines()) == 1 and says in err, err
+
+
+def test_missing_s3_credentials_are_one_line_that_is_not_retried(tmp_path, capsys, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import fsspec
+
+    fsspec.config.conf.pop("s3", None)
+    type(fsspec.filesystem("s3")).clear_instance_cache()
+    code = cli.main(["validate", "--input=s3://dreamline-no-such-bucket/photos", f"--output={tmp_path / 'v'}"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_REFUSED and "no S3 credentials" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_s3_uri_with_an_empty_bucket_is_refused(tmp_path, capsys):
+    assert cli.main(["validate", "--input=s3:///photos", f"--output={tmp_path / 'v'}"]) == cli.EXIT_REFUSED
+    assert "s3:///photos: no bucket" in capsys.readouterr().err
