@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd_tasks.cli import option
-from sd_tasks.errors import StepError
+from sd_tasks.errors import StepError, Unavailable
 from sd_tasks.redact import redact
 from sd_tasks.storage import write_dir, write_json
 
@@ -61,7 +61,11 @@ def fetch(config: DatasetConfig) -> dict:
     except FileNotFoundError:
         raise StepError(f"{repo}: no {config.path!r} at rev {config.rev!r}") from None
     except Exception as exc:  # dvc/scmrepo raise many types for a bad repo or rev
-        raise StepError(redact(f"{repo}@{config.rev}: {type(exc).__name__}: {exc}".splitlines()[0])) from None
+        said = redact(f"{repo}@{config.rev}: {reasons(exc)}")
+        if re.search(r"Connection refused|timed out|Temporary failure in name resolution|Network is unreachable|"
+                     r"Connection reset", said):
+            raise Unavailable(said) from None  # the host may come back: a retry can help
+        raise StepError(said) from None
     if info["type"] != "directory":
         raise StepError(f"{repo}: {config.path!r} at rev {config.rev!r} is not a folder")
     with write_dir(config.output) as out:
@@ -136,6 +140,19 @@ def publish(config: PublishConfig) -> dict:
     _git(repo, "tag", config.tag)
     return {"repo": str(repo), "path": config.path, "tag": config.tag, "commit": _git(repo, "rev-parse", "HEAD").strip(),
             "hash": content_hash(target)}
+
+
+def reasons(exc: BaseException) -> str:
+    """An error and the errors that caused it, first lines joined: scmrepo's "CloneError: SCM error" says why only
+    in its cause (the host refused, the repository does not exist, authentication failed)."""
+    said, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        line = (str(exc).strip().splitlines() or [""])[0].strip()
+        if line and not any(line in s for s in said):
+            said.append(f"{type(exc).__name__}: {line}")
+        exc = exc.__cause__ or exc.__context__
+    return "; ".join(said)[:500] or "unknown error"
 
 
 TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")

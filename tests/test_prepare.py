@@ -177,3 +177,24 @@ def test_a_cloned_registry_leaves_nothing_behind(registry, tmp_path, rev):
                           text=True, timeout=300, env={**os.environ, "TMPDIR": str(scratch)})
     assert done.returncode == (0 if rev == "dog-v1" else 65), done.stderr
     assert sorted(p.name for p in scratch.iterdir()) == [], list(scratch.rglob("*"))[:5]
+
+
+def test_a_registry_that_cannot_be_cloned_says_why_in_one_line(tmp_path):
+    """scmrepo says "CloneError: SCM error"; the reason is in its causes: shown, the token masked, and a host that
+    refuses the connection is exit 1 (a retry can help), a repository that is not there 65."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def fetch(repo: str):
+        return subprocess.run([sys.executable, "-m", "sd_tasks", "dataset", f"--repo={repo}", "--path=dog",
+                               "--rev=main", f"--output={tmp_path / 'dataset'}"], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+
+    down = fetch("https://someone:s3cret-token@127.0.0.1:1/registry.git")
+    assert down.returncode == 1 and len(down.stderr.strip().splitlines()) == 1, down.stderr
+    assert "Connection refused" in down.stderr and "s3cret-token" not in down.stderr and "***" in down.stderr
+    missing = fetch(f"file://{tmp_path / 'no-such-registry'}")
+    assert missing.returncode == 65 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    assert "SCM error;" in missing.stderr or "no-such-registry" in missing.stderr
