@@ -101,9 +101,13 @@ def sidecar_caption(image: Path, folder: Path, refused: list[str], notes: list[s
         if not side.resolve().is_relative_to(folder.resolve()):
             refused.append(f"{name}: resolves outside the image folder; not read")
             return None
-        with open(side, "rb") as f:  # only the start: the text encoders read no more
-            raw = f.read(MAX_CAPTION_CHARS * 8)
-            whole = not f.read(1)
+        try:
+            with open(side, "rb") as f:  # only the start: the text encoders read no more
+                raw = f.read(MAX_CAPTION_CHARS * 8)
+                whole = not f.read(1)
+        except OSError as exc:  # no permission, a folder named like a sidecar
+            refused.append(f"{name}: cannot be read ({exc.strerror or exc}); not read")
+            return None
         text, note = decode_sidecar(raw, whole)
         if text is None:
             refused.append(f"{name}: {note}; not read")

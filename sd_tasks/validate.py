@@ -173,7 +173,10 @@ def read_regular_file(path: Path, root: Path, max_bytes: int) -> bytes:
         raise Rejected("not a regular file", "not a regular file (FIFO, socket or device)")
     # O_NOFOLLOW: a file swapped for a link after the checks above is still not followed; O_NONBLOCK: nor does a
     # file swapped for a FIFO block the step.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:  # no permission, gone since the listing: the file's own problem, not the step's
+        raise Rejected("unreadable", f"cannot be read ({exc.strerror or exc})") from None
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):

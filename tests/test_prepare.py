@@ -198,3 +198,37 @@ def test_a_registry_that_cannot_be_cloned_says_why_in_one_line(tmp_path):
     missing = fetch(f"file://{tmp_path / 'no-such-registry'}")
     assert missing.returncode == 65 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
     assert "SCM error;" in missing.stderr or "no-such-registry" in missing.stderr
+
+
+def test_files_that_cannot_be_read_are_named_with_the_reason_not_a_traceback(tmp_path, monkeypatch):
+    """An unreadable photo or sidecar (no permission: root, which CI runs as, reads anything, so the denial is
+    simulated at os.open / open) is rejected or refused with its reason, and the step goes on."""
+    import builtins
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, color in (("a.jpg", (10, 20, 30)), ("b.jpg", (200, 100, 0)), ("locked.jpg", (0, 90, 200))):
+        photo(folder / name, color=color)
+    (folder / "a.txt").write_text("on a sofa")
+    real_open, real_builtin_open = os.open, builtins.open
+
+    def denied(path, *args, **kwargs):
+        if str(path).endswith("locked.jpg"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    def denied_text(path, *args, **kwargs):
+        if str(path).endswith("a.txt"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_builtin_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    report = validate.run(validate.ValidateConfig(input=str(folder), output=str(tmp_path / "v"), workers=1))
+    assert report["accepted"] == 2
+    rejected = json.loads((tmp_path / "v" / "report.json").read_text())["rejected"]
+    assert {"path": "locked.jpg", "reason": "cannot be read (Permission denied)"} in rejected
+    monkeypatch.setattr(os, "open", real_open)
+    monkeypatch.setattr(builtins, "open", denied_text)
+    result = caption.run(caption.CaptionConfig(report=str(tmp_path / "v"), output=str(tmp_path / "c"),
+                                               instance_prompt="a photo of sks dog", strategy="sidecar"))
+    assert result["refused_captions"] == ["a.txt: cannot be read (Permission denied); not read"]
