@@ -11,6 +11,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "plugins")]
 SAMPLE = REPO / "sample_data" / "dog"
+# Runs a step CLI (argv after it) and prints, last on stderr, `peak-kb N`: the high-water mark of the process's own
+# memory (VmHWM; getrusage's ru_maxrss would include what the forking parent held: Linux keeps it across exec).
+MEASURED_STEP = ("import re, sys; from sd_tasks import cli; code = cli.main(sys.argv[1:]); "
+                 "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+                 "print('peak-kb', hwm, file=sys.stderr); sys.exit(code)")
 # The fewest evaluation prompts a run takes: two choose the checkpoint, two confirm it (dreamline.params).
 FOUR_PROMPTS = ["a {instance} in the snow", "a red {instance}", "a {instance} on the beach",
                 "a {instance} with a hat"]
