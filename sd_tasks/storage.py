@@ -46,6 +46,7 @@ from typing import Iterator
 import fsspec
 
 from sd_tasks.errors import IncompleteFolder, StepError, Unavailable
+from sd_tasks.object_store import is_remote, object_store
 
 MARKER = ".dreamline-complete.json"
 WRITING = ".dreamline-writing"  # on an object store, while a writer replaces the folder (it has no rename)
@@ -73,10 +74,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's
         return True
     return True
-
-
-def is_remote(uri: str) -> bool:
-    return "://" in str(uri) and not str(uri).startswith("file://")
 
 
 def _local(uri: str) -> Path:
@@ -385,63 +382,6 @@ def remove_file(uri: str) -> None:
     with object_store(uri):
         if fs.exists(path):
             fs.rm_file(path)
-
-
-@contextlib.contextmanager
-def object_store(uri: str) -> Iterator[None]:
-    """An object store that does not answer (down, unreachable, the connection dropped), after botocore's and
-    s3fs's own retries, is one line naming the URI: the step's retry, once it is back, can succeed."""
-    if is_remote(uri):
-        from fsspec.asyn import get_loop
-
-        check_remote_uri(uri)
-        get_loop().set_exception_handler(_report_unless_dropped)
-    try:
-        yield
-    except Exception as exc:
-        if refused := _refused(exc):  # credentials missing or refused, no such bucket: a retry cannot help
-            raise StepError(f"{uri}: {refused}") from None
-        if not _unreachable(exc):
-            raise
-        raise Unavailable(f"{uri}: object store unreachable ({type(exc).__name__}: {exc})".splitlines()[0]) from None
-
-
-def check_remote_uri(uri: str) -> None:
-    """An object-store URI names a bucket (s3://bucket/prefix): `s3://` alone would list every bucket."""
-    scheme, _, rest = str(uri).partition("://")
-    if scheme in ("s3", "s3a", "gs", "gcs", "az", "abfs") and not rest.split("/")[0]:
-        raise StepError(f"{uri}: no bucket; write {scheme}://bucket/prefix")
-
-
-def _refused(exc: Exception) -> str | None:
-    """Why the object store refuses us, in words, when no retry can change it; None for anything else."""
-    try:
-        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
-    except ImportError:
-        return None
-    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return f"no S3 credentials ({exc}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a role)"
-    if isinstance(exc, PermissionError):
-        return f"access denied ({str(exc).splitlines()[0][:200]})"
-    return None
-
-
-def _report_unless_dropped(loop, context: dict) -> None:
-    """fsspec's event loop's handler of errors nobody awaited. When a connection drops mid-upload, aiohttp leaves
-    behind a task whose write failed, and asyncio printed it when it was collected ("Task exception was never
-    retrieved" and a traceback) beside the step's own line that already says the store is unreachable. Such
-    connection errors are dropped; any other error is reported as asyncio would."""
-    if not _unreachable(context.get("exception")):
-        loop.default_exception_handler(context)
-
-
-def _unreachable(exc: Exception | None) -> bool:
-    try:
-        from aiohttp import ClientConnectionError
-        from botocore.exceptions import ConnectionError as EndpointDown, HTTPClientError
-    except ImportError:  # without s3fs there is no object store
-        return False
-    return isinstance(exc, (EndpointDown, HTTPClientError, ClientConnectionError))
 
 
 def join(uri: str, *parts: str) -> str:
