@@ -124,9 +124,9 @@ BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), 
 
 def decode_sidecar(raw: bytes, whole: bool = True) -> tuple[str | None, str | None]:
     """(text, a note on how it was read, or None) of a caption file's first bytes (`whole`: all of them); (None, why)
-    when it cannot be
-    text. A byte-order mark decides (UTF-8, UTF-16, UTF-32); without one, UTF-8, or UTF-16 when every other byte is
-    NUL, or Latin-1 as a last resort (every byte is some Latin-1 character: said in the note)."""
+    when it cannot be text. A byte-order mark decides (UTF-8, UTF-16, UTF-32); without one, UTF-16 when every other byte is NUL, else
+    UTF-8, or Latin-1 as a last resort (every byte is some Latin-1 character: said in the note) unless there are NUL
+    bytes, which no text in Latin-1 has."""
     for bom, encoding in BOMS:
         if raw.startswith(bom):
             return _decode(raw[len(bom):], encoding, whole), None
@@ -135,7 +135,10 @@ def decode_sidecar(raw: bytes, whole: bool = True) -> tuple[str | None, str | No
         for encoding, zeros, chars in (("utf-16-le", odd, even), ("utf-16-be", even, odd)):
             if zeros and not zeros.strip(b"\0") and b"\0" not in chars:
                 return _decode(raw, encoding, whole), f"no byte-order mark; read as {encoding.upper()}"
-        return None, "NUL bytes: not text (UTF-16 needs a byte-order mark)"
+        try:  # a stray NUL in UTF-8 text: a control character, cleaned like the others (caption_text)
+            return _decode(raw, "utf-8", whole, errors="strict"), None
+        except UnicodeDecodeError:
+            return None, "not text (NUL bytes, and neither UTF-8 nor UTF-16)"
     try:
         return _decode(raw, "utf-8", whole, errors="strict"), None
     except UnicodeDecodeError:

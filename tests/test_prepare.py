@@ -158,7 +158,7 @@ def test_a_sidecar_that_is_not_text_is_refused_with_its_reason(tmp_path):
     validate.run(validate.ValidateConfig(input=str(folder), output=str(tmp_path / "v")))
     result = caption.run(caption.CaptionConfig(report=str(tmp_path / "v"), output=str(tmp_path / "c"),
                                                instance_prompt="a photo of sks dog", strategy="sidecar"))
-    assert result["refused_captions"] == ["a.txt: NUL bytes: not text (UTF-16 needs a byte-order mark); not read"]
+    assert result["refused_captions"] == ["a.txt: not text (NUL bytes, and neither UTF-8 nor UTF-16); not read"]
 
 
 @pytest.mark.parametrize("rev", ["dog-v1", "no-such-tag"])
