@@ -149,7 +149,7 @@ def prompt_effects(candidates: list[dict], yardstick: Yardstick) -> dict | None:
     candidate-by-prompt effect and of the per-seed noise, from a two-way layout with seeds as replicates; their mean
     over the metrics. The gate's calibration (docs/promotion.md) is measured for prompt effects up to 0.5 per metric;
     this says where a real sweep lies. None with fewer than 2 candidates, prompts or seeds."""
-    estimates = []
+    estimates, shape = [], None
     for metric in ("dino", "clip_i", "clip_t"):
         rows = [c.get("per_image", {}).get(metric) for c in candidates]
         if metric not in yardstick.centre or not rows or any(r is None for r in rows):
@@ -158,9 +158,10 @@ def prompt_effects(candidates: list[dict], yardstick: Yardstick) -> dict | None:
         if y.ndim != 3 or min(y.shape) < 2:  # candidates x prompts x seeds
             return None
         estimates.append(components(y))
+        shape = y.shape
     if not estimates:
         return None
-    count, prompts, seeds = y.shape
+    count, prompts, seeds = shape
     return {"prompt_effect": float(np.mean([e[0] for e in estimates])),
             "seed_noise": float(np.mean([e[1] for e in estimates])),
             "candidates": count, "prompts": prompts, "seeds": seeds}

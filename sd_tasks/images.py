@@ -44,14 +44,14 @@ class TooManyPixels(ValueError):
 FORMATS = ("JPEG", "PNG", "GIF", "TIFF", "BMP", "WEBP", "HEIF", "AVIF")
 
 
+ISOBMFF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis")
+
+
 def looks_like_image(head: bytes) -> bool:
     """Whether a file's first 16 bytes start like one of FORMATS (read before anything else of it)."""
     return head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*",
                             b"BM")) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP") or \
         (head[4:8] == b"ftyp" and head[8:12] in ISOBMFF_BRANDS)
-
-
-ISOBMFF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis")
 
 
 def open_image(source: Path | str | BinaryIO | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
