@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# Dreamline images, one build target each (build commands: README, "Production run"):
+# Dreamline images, one build target each (build commands: docs/deployment.md, "Production run on one Docker host"):
 #
 #   airflow  Airflow's components (api-server, scheduler, dag-processor, triggerer) with dags/ and plugins/.
 #            No torch, no sd_tasks: every step runs as a Kubernetes pod of the worker image.

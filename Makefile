@@ -22,7 +22,7 @@ export DVC_NO_ANALYTICS ?= 1
 export DREAMLINE_STACK ?= $(CURDIR)/.stack
 STACK_ARGS ?=
 
-.PHONY: demo test test-reliability test-stack test-browser stack stack-down stack-status ui subject pods install clean
+.PHONY: demo test test-reliability test-stack test-browser stack stack-down stack-status ui serve subject pods install clean
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
@@ -36,12 +36,12 @@ test-reliability: $(STAMP)
 
 # The whole stack from nothing in a temp folder, a DAG run through the REST API, then torn down (-s: its timings).
 test-stack: $(STAMP)
-	$(PY) -m pytest tests/test_stack.py -m stack -s
+	$(PY) -m pytest tests/deployment/test_stack.py -m stack -s
 
 # The trigger form and the run's graph in Debian's chromium against a real Airflow (apt-get install chromium
-# chromium-driver). DREAMLINE_SCREENSHOTS=docs/images make test-browser also refreshes the README's screenshots.
+# chromium-driver). DREAMLINE_SCREENSHOTS=docs/images make test-browser also refreshes docs/operating.md's screenshots.
 test-browser: $(STAMP)
-	$(PY) -m pytest tests/test_browser.py -m browser
+	$(PY) -m pytest tests/orchestration/test_browser.py -m browser
 
 stack: $(STAMP)
 	$(PY) -m deploy.local.stack up $(STACK_ARGS)
@@ -54,6 +54,10 @@ stack-status: $(STAMP)
 
 ui: $(STAMP)
 	$(PY) scripts/ui.py
+
+# The image API over this machine's registry (scripts/serve.py): each subject's champion, or ALIAS=challenger
+serve: $(STAMP)  # ALIAS reaches it as make passes command-line variables
+	@$(PY) scripts/serve.py
 
 # Your own subject: publish a folder of photos as a dataset version and add its DAG, e.g.
 # make subject NAME=rex PHOTOS=~/photos/rex TOKEN=sks CLASS=dog KIND=live (scripts/subject.py)

@@ -169,7 +169,8 @@ def probe(out: Path, argv: list[str]) -> int:
 
     import diffusers
 
-    from sd_tasks import cli, evaluate
+    from sd_tasks import cli
+    from sd_tasks.evaluation import evaluate
     parts["imports"] = [[time.perf_counter() - wall, time.process_time() - cpu]]
     evaluate.Generator.__init__ = timed("pipeline", evaluate.Generator.__init__)
     evaluate.Scorer.__init__ = timed("evaluators", evaluate.Scorer.__init__)

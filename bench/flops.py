@@ -18,7 +18,7 @@ def unet_step_flops(base_model: str, batch_size: int, resolution: int, rank: int
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sd_tasks.train import TrainConfig, add_lora
+    from sd_tasks.training.train import TrainConfig, add_lora
 
     config = UNet2DConditionModel.load_config(base_model, subfolder="unet")
     with torch.device("meta"):

@@ -29,9 +29,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sd_tasks.compare import Yardstick  # noqa: E402
-from sd_tasks.register import decide  # noqa: E402
-from sd_tasks.select import rank, scored_row  # noqa: E402
+from sd_tasks.evaluation.compare import Yardstick  # noqa: E402
+from sd_tasks.evaluation.scores import rank, scored_row  # noqa: E402
+from sd_tasks.registry.register import decide  # noqa: E402
 
 WEIGHTS = {"accuracy": 1.0, "flexibility": 1.0, "preservation": 0.5}  # the form's defaults
 IMAGE_METRICS = ("dino", "clip_i", "clip_t")

@@ -11,7 +11,7 @@ Beyond the number of source photos, mirrored and rotated variants are added, so 
 Baseline: for each file, one process: PIL open, convert to RGB, LANCZOS resize to cover the same SDXL bucket that
 resize picks (the short side for a square bucket), center crop, save PNG with PIL's defaults. No validation.
 Dreamline: validate (every byte decoded, JPEGs at reduced DCT scale; sha256, perceptual hash, duplicates; a process
-pool), caption (instance prompt, instant) and resize (JPEG draft decoding, a process pool, sd_tasks.png) through
+pool), caption (instance prompt, instant) and resize (JPEG draft decoding, a process pool, sd_tasks.data.png) through
 their real `run` functions, once with one worker per usable CPU and once with one worker.
 
 Both produce the same output sizes (checked); images per second counts the input files; the ratio is printed last.
@@ -35,8 +35,8 @@ from PIL import Image, ImageOps
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sd_tasks import caption, resize, validate  # noqa: E402
-from sd_tasks.images import default_workers  # noqa: E402
+from sd_tasks.data import caption, resize, validate  # noqa: E402
+from sd_tasks.data.images import default_workers  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "dreambench"
 VARIANTS = (None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.ROTATE_90, Image.Transpose.TRANSVERSE)

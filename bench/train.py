@@ -16,7 +16,7 @@ LoRA rank (on to_k/to_q/to_v/to_out.0, gaussian init), precision, gradient check
 at lr 1e-4 with weight decay 1e-2, a constant schedule, gradient clipping at 1.0, no checkpoint inside the measured
 steps, and the same number of CPU threads (--threads, default all usable CPUs: OMP_NUM_THREADS for both, and
 accelerate's --num_cpu_threads_per_process, without which `accelerate launch` may set its own). Ours also takes
---compile and --channels-last (sd_tasks/speedups.py); the reference has no such options. --recipe lean is the
+--compile and --channels-last (sd_tasks/training/speedups.py); the reference has no such options. --recipe lean is the
 memory-lean recipe: cached latents (ours always), bf16, gradient checkpointing, batch 1. --grid runs the GPU table of docs/benchmarks.md: batch 1 and 4, with and without gradient
 checkpointing, and the lean recipe, at 1024 px in bf16 on the full-size model unless told otherwise.
 

@@ -247,6 +247,7 @@ def lora_dag(subject: subjects.Subject):
             "confidence": param("promotion_confidence"), "margin": param("promotion_margin"),
             "require_approval": param("require_approval"), "review_url": DEPLOYMENT.mlflow_ui_url,
             "cost": f"{RUN}/cost", "gpu_hour_price": DEPLOYMENT.gpu_hour_price, "models": f"{RUN}/models",
+            "instance": "{{ params.instance_token }} {{ params.class_noun }}",  # what the image server fills in
         })
 
         @task.short_circuit(ignore_downstream_trigger_rules=False)

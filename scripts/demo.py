@@ -23,8 +23,8 @@ sys.path.insert(0, str(REPO))
 from deploy.local import models  # noqa: E402
 from deploy.local.pools import ensure_gpu_pool  # noqa: E402
 from deploy.local.progress import RunWatcher  # noqa: E402
-from sd_tasks.dataset import PublishConfig, publish  # noqa: E402
-from sd_tasks.select import format_table  # noqa: E402
+from sd_tasks.data.dataset import PublishConfig, publish  # noqa: E402
+from sd_tasks.evaluation.select import format_table  # noqa: E402
 
 DAG_ID = "lora_dog"  # the sample subject's DAG (dags/subjects.yaml)
 QUIET = 60  # seconds without a task ending before the demo says what is still running

@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "plugins")]
 
 from dreamline import subjects  # noqa: E402  (plain Python and YAML: no Airflow import)
-from sd_tasks.dataset import PublishConfig, publish  # noqa: E402
-from sd_tasks.errors import StepError  # noqa: E402
-from sd_tasks.validate import ValidateConfig, run as validate  # noqa: E402
+from sd_tasks.core.errors import StepError  # noqa: E402
+from sd_tasks.data.dataset import PublishConfig, publish  # noqa: E402
+from sd_tasks.data.validate import ValidateConfig, run as validate  # noqa: E402
 
 USAGE = "make subject NAME=rex PHOTOS=~/photos/rex TOKEN=sks CLASS=dog [KIND=live|object] [SCHEDULE='0 3 * * *']"
 

@@ -22,6 +22,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import math
 import os
 import signal
 import sys
@@ -31,34 +32,37 @@ import types
 import typing
 from pathlib import Path
 
-from sd_tasks.cost import record_step
-from sd_tasks.errors import IncompleteFolder, StepError, Unavailable
-from sd_tasks.redact import redact
-from sd_tasks.storage import check_output, is_remote
+from sd_tasks.core.config import BOUNDS, bounds
+from sd_tasks.core.cost import record_step
+from sd_tasks.core.errors import IncompleteFolder, StepError, Unavailable
+from sd_tasks.core.redact import redact
+from sd_tasks.core.storage import check_output, is_remote
 
-# step name -> ("module[:function]", one-line description); the function defaults to `run`. Modules import lazily so `validate` never pays for torch.
+# step name -> ("module[:function]", one-line description); the function defaults to `run`. Modules import lazily,
+# so `validate` never pays for torch. A step's module lives in its stage's package (docs/architecture.md).
 STEPS: dict[str, tuple[str, str]] = {
-    "tiny-model": ("sd_tasks.tiny_model", "write a random-weight SDXL pipeline and evaluators for offline runs"),
-    "publish-dataset": ("sd_tasks.dataset:publish", "add a folder of images to a DVC data registry as a new version"),
-    "pin-models": ("sd_tasks.model_refs", "resolve every hub model to a commit (id@sha) and fetch it into the cache"),
-    "dataset": ("sd_tasks.dataset", "resolve a DVC dataset version to files and a content hash"),
-    "validate": ("sd_tasks.validate", "decode every image, reject the unusable, report why"),
-    "caption": ("sd_tasks.caption", "attach a caption to every accepted image"),
-    "resize": ("sd_tasks.resize", "resize and crop to the training resolution, record SDXL micro-conditioning"),
-    "encode": ("sd_tasks.encode", "encode VAE latents and both SDXL text encoders into a cache (or one shard)"),
-    "merge-cache": ("sd_tasks.encode:merge", "join the shards of an encode cache into one manifest"),
-    "class-images": ("sd_tasks.class_images", "generate (or find cached) class images for prior preservation"),
-    "start-run": ("sd_tasks.tracking", "open (or reopen) the MLflow parent run of a pipeline run"),
-    "end-run": ("sd_tasks.tracking:end", "close an MLflow parent run left RUNNING by a failed pipeline run"),
-    "train": ("sd_tasks.train", "train DreamBooth-LoRA on the encode cache, checkpoint every N steps"),
-    "evaluate": ("sd_tasks.evaluate", "generate fixed-seed images for a checkpoint and score them"),
-    "halve": ("sd_tasks.halving", "successive halving: keep the best learning rates at a rung, stop the rest"),
-    "select": ("sd_tasks.select", "score every evaluated checkpoint and pick the best"),
-    "lineage": ("sd_tasks.lineage", "say whether anything changed since the champion or challenger was trained"),
-    "champion": ("sd_tasks.register:champion", "fetch the current champion's LoRA for re-evaluation"),
-    "register": ("sd_tasks.register", "register the selected LoRA; promote it to champion only if it is better"),
-    "promote": ("sd_tasks.promotion:promote", "make an approved version champion, recording who approved it"),
-    "rollback": ("sd_tasks.promotion:rollback", "put an earlier version back as champion, recording who and why"),
+    "tiny-model": ("sd_tasks.models.tiny_model", "write a random-weight SDXL pipeline and evaluators for offline runs"),
+    "publish-dataset": ("sd_tasks.data.dataset:publish", "add a folder of images to a DVC data registry as a new version"),
+    "pin-models": ("sd_tasks.models.model_refs", "resolve every hub model to a commit (id@sha) and fetch it into the cache"),
+    "dataset": ("sd_tasks.data.dataset", "resolve a DVC dataset version to files and a content hash"),
+    "validate": ("sd_tasks.data.validate", "decode every image, reject the unusable, report why"),
+    "caption": ("sd_tasks.data.caption", "attach a caption to every accepted image"),
+    "resize": ("sd_tasks.data.resize", "resize and crop to the training resolution, record SDXL micro-conditioning"),
+    "encode": ("sd_tasks.data.encode", "encode VAE latents and both SDXL text encoders into a cache (or one shard)"),
+    "merge-cache": ("sd_tasks.data.encode:merge", "join the shards of an encode cache into one manifest"),
+    "class-images": ("sd_tasks.data.class_images", "generate (or find cached) class images for prior preservation"),
+    "start-run": ("sd_tasks.core.tracking", "open (or reopen) the MLflow parent run of a pipeline run"),
+    "end-run": ("sd_tasks.core.tracking:end", "close an MLflow parent run left RUNNING by a failed pipeline run"),
+    "train": ("sd_tasks.training.train", "train DreamBooth-LoRA on the encode cache, checkpoint every N steps"),
+    "evaluate": ("sd_tasks.evaluation.evaluate", "generate fixed-seed images for a checkpoint and score them"),
+    "halve": ("sd_tasks.evaluation.halving", "successive halving: keep the best learning rates at a rung, stop the rest"),
+    "select": ("sd_tasks.evaluation.select", "score every evaluated checkpoint and pick the best"),
+    "lineage": ("sd_tasks.registry.lineage", "say whether anything changed since the champion or challenger was trained"),
+    "champion": ("sd_tasks.registry.register:champion", "fetch the current champion's LoRA for re-evaluation"),
+    "register": ("sd_tasks.registry.register", "register the selected LoRA; promote it to champion only if it is better"),
+    "promote": ("sd_tasks.registry.promotion:promote", "make an approved version champion, recording who approved it"),
+    "rollback": ("sd_tasks.registry.promotion:rollback", "put an earlier version back as champion, recording who and why"),
+    "serve": ("sd_tasks.serving.server", "serve each subject's champion LoRA over HTTP (the image API) until stopped"),
 }
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_CRASHED, EXIT_INTERRUPTED = 65, 2, 1, 130
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     started = time.perf_counter()
     code = _main(step, argv)
-    record_step(step, time.perf_counter() - started, code)  # this try's seconds, for the night's cost (sd_tasks.cost)
+    record_step(step, time.perf_counter() - started, code)  # this try's seconds, for the night's cost (sd_tasks.core.cost)
     return code
 
 
@@ -123,7 +127,7 @@ OUTPUTS = ("output", "evaluators")  # the options a step writes a folder to
 
 def check_outputs(config) -> None:
     """Before any work: an output folder that is, contains or lies inside one of the step's inputs (any other option
-    naming an existing path or a storage URI) is refused (sd_tasks.storage.check_output): `validate --output` naming
+    naming an existing path or a storage URI) is refused (sd_tasks.core.storage.check_output): `validate --output` naming
     the photos' folder would otherwise replace the photos."""
     inputs = [value for f in dataclasses.fields(config) if f.name not in OUTPUTS
               for value in _paths(getattr(config, f.name))]
@@ -186,6 +190,8 @@ def build_parser(step: str, config_type: type) -> argparse.ArgumentParser:
                 kwargs["metavar"] = f.metadata.get("metavar", kind.__name__.upper())
             if is_list:  # `--prompts a b` or `--prompts=a --prompts=b` (the form Airflow passes)
                 kwargs["nargs"], kwargs["action"] = "+", "extend"
+        if said := _said(bounds(f)):
+            kwargs["help"] += f" ({said})"
         if _required(f):
             kwargs["help"] += " (required)"
         else:
@@ -209,7 +215,27 @@ def make_config(config_type: type, args: argparse.Namespace, parser: argparse.Ar
     missing = [f.name for f in dataclasses.fields(config_type) if _required(f) and f.name not in values]
     if missing:
         parser.error("missing " + ", ".join(_flag(f) for f in dataclasses.fields(config_type) if f.name in missing))
-    return config_type(**values)
+    config = config_type(**values)
+    check_bounds(config)
+    return config
+
+
+def check_bounds(config) -> None:
+    """Every number finite and within its option's bounds, before any work; one line naming the flag otherwise (a
+    zero batch size, a negative step count or a NaN learning rate would fail late, or worse, not at all)."""
+    for f in dataclasses.fields(config):
+        value, limits = getattr(config, f.name), bounds(f)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if not math.isfinite(item) or not all(BOUNDS[k](item, bound) for k, bound in limits.items()):
+                raise StepError(f"{_flag(f)} {item!r}: {_said(limits) or 'a finite number'}")
+
+
+def _said(bounds: dict) -> str:
+    """`at least 1 and at most 100000`, from an option's bounds."""
+    return " and ".join(f"{key.replace('_', ' ')} {bound:g}" if isinstance(bound, float) else
+                        f"{key.replace('_', ' ')} {bound}" for key, bound in bounds.items())
 
 
 def _read_config_file(path: str) -> dict:
@@ -290,9 +316,3 @@ def _required(f: dataclasses.Field) -> bool:
 def _default(f: dataclasses.Field):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
-
-def option(help: str, default=dataclasses.MISSING, **metadata):
-    """A config field with its help text; list defaults are copied per instance."""
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
-    return dataclasses.field(default=default, metadata={"help": help, **metadata})

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "plugins")]
+# The tests mirror the code's layout, a folder per stage (core/, data/, ..., orchestration/, deployment/); each folder
+# is on the path so that a test module can use another's helpers by its name (`from test_pods import pods_command`).
+TEST_FOLDERS = sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir() and any(p.glob("test_*.py"))
+                      and not (p / "__init__.py").exists())
+sys.path[:0] = [str(REPO), str(REPO / "plugins"), *map(str, TEST_FOLDERS)]
 SAMPLE = REPO / "sample_data" / "dog"
 # Runs a step CLI (argv after it) and prints, last on stderr, `peak-kb N`: the high-water mark of the process's own
 # memory (VmHWM; getrusage's ru_maxrss would include what the forking parent held: Linux keeps it across exec).
@@ -33,14 +37,14 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def models(home) -> dict:
-    from sd_tasks.tiny_model import TinyModelConfig, run
+    from sd_tasks.models.tiny_model import TinyModelConfig, run
 
     return run(TinyModelConfig(output=str(home / "models" / "tiny-sdxl"), evaluators=str(home / "models" / "eval")))
 
 
 @pytest.fixture(scope="session")
 def registry(home) -> Path:
-    from sd_tasks.dataset import PublishConfig, publish
+    from sd_tasks.data.dataset import PublishConfig, publish
 
     repo = home / "data-registry"
     publish(PublishConfig(source=str(SAMPLE), repo=str(repo), path="dog", tag="dog-v1",
@@ -51,7 +55,7 @@ def registry(home) -> Path:
 @pytest.fixture(scope="session")
 def prepared(home, models, registry) -> Path:
     """A run folder taken through dataset, validate, caption and resize (64 px); `cache` encodes it."""
-    from sd_tasks import caption, dataset, resize, validate
+    from sd_tasks.data import caption, dataset, resize, validate
 
     run = home / "runs" / "prepared"
     dataset.run(dataset.DatasetConfig(repo=str(registry), path="dog", rev="dog-v1", output=str(run / "dataset")))
@@ -65,7 +69,7 @@ def prepared(home, models, registry) -> Path:
 @pytest.fixture(scope="session")
 def cache(prepared, models) -> str:
     """URI of the encode cache of the prepared run."""
-    from sd_tasks import encode
+    from sd_tasks.data import encode
 
     return encode.run(encode.EncodeConfig(images=str(prepared / "resized"), output=str(prepared / "cache"),
                                           base_model=models["sdxl"]))["cache"]

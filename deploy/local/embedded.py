@@ -47,7 +47,7 @@ from deploy.local.processes import Processes, Service, StackError, end, folder_l
 from deploy.local.seaweedfs import is_free
 from deploy.local.services import AIRFLOW_COMPONENTS, heartbeat_since, http_ok
 from deploy.local.settings import HOST, REPO
-from sd_tasks.images import usable_cpus
+from sd_tasks.data.images import usable_cpus
 
 DEFAULT_PORTS = {"airflow": 8080, "mlflow": 5000}
 STOP_TIMEOUT = 20.0  # seconds a service has to stop before its process group is killed

@@ -10,7 +10,7 @@ seconds. The source is the database's task_instance table, read-only, rather tha
 - the output has no line that carries the state and the duration together (`[DAG TEST] end task task_id=...
   map_index=...` has neither), and its wording is not an interface: log lines change between releases, where
   these columns of task_instance and dag_run have stayed since Airflow 2.9 (rendered_map_index is the newest);
-  tests/test_e2e.py reads them off a real run's database, so a schema change fails there;
+  tests/orchestration/test_e2e.py reads them off a real run's database, so a schema change fails there;
 - `dags test` runs the DAG with a run id of its own making: the run is found as the DAG's first one created after
   the watcher, which notes the DAG's last run before the subprocess starts.
 

@@ -167,7 +167,7 @@ def is_remote_git(url: str) -> bool:
 
 
 def is_model_reference(model: str) -> bool:
-    """An absolute folder, or a hub id `[org/]name[@revision]` (sd_tasks.model_refs.parse, which the steps apply)."""
+    """An absolute folder, or a hub id `[org/]name[@revision]` (sd_tasks.models.model_refs.parse, which the steps apply)."""
     return model.startswith("/") or bool(re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*(@[\w./-]+)?",
                                                         model))
 

@@ -35,7 +35,7 @@ from dreamline.redact import redact, secrets_in
 
 # sd_tasks.cli.FINAL_EXIT_CODES (a test keeps them equal): Airflow's components do not have sd_tasks on their path.
 FINAL_EXIT_CODES = frozenset({65, 2})
-COST_RECORD_ENV = "DREAMLINE_COST_RECORD"  # sd_tasks.cost.RECORD_ENV
+COST_RECORD_ENV = "DREAMLINE_COST_RECORD"  # sd_tasks.core.cost.RECORD_ENV
 
 
 @dataclass(frozen=True)
@@ -306,7 +306,7 @@ def shown_argv(argv: list[str]) -> str:
 
 
 def cost_record(context) -> str | None:
-    """Where this try of this task writes its seconds and GPUs (sd_tasks.cost): one file per try, so a retry adds
+    """Where this try of this task writes its seconds and GPUs (sd_tasks.core.cost): one file per try, so a retry adds
     its own and nothing is counted twice. None outside a DAG run."""
     ti = context.get("ti")
     if ti is None or "run_id" not in context:

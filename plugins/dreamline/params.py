@@ -180,8 +180,8 @@ def training_params() -> dict[str, Param]:
                                 title="Sweep strategy", description="Halving evaluates every learning rate at each "
                                 "rung and only the best fraction trains on (resuming, so no step is repeated): "
                                 "fewer GPU-hours for the same winner when the losers show early.", section=TRAINING),
-        "halving_rungs": Param([100, 300], type="array", items={"type": "integer", "minimum": 1}, minItems=1,
-                               maxItems=MAX_RUNGS, uniqueItems=True, title="Halving rungs",
+        "halving_rungs": Param([100, 300], type="array", items={"type": "integer", "minimum": 1, "maximum": 100_000},
+                               minItems=1, maxItems=MAX_RUNGS, uniqueItems=True, title="Halving rungs",
                                description=f"Steps at which learning rates are compared (at most {MAX_RUNGS}, "
                                "ascending, multiples of the checkpoint interval, below max steps).", section=TRAINING),
         "halving_keep": Param(0.5, type="number", exclusiveMinimum=0, maximum=1, title="Halving: fraction kept",

@@ -40,10 +40,8 @@ class RecipeError(ValueError):
 def check_recipe(params: dict, known: frozenset[str] | None = None) -> dict:
     """Refuse, in one line, what the form's JSON schema cannot say (a setting it does not know, among `known`);
     return the numbers a run will launch."""
-    if known is not None and (unknown := sorted(set(params) - set(known))):
-        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
-        raise RecipeError(f"{unknown[0]}: not a setting of this DAG" + (f"; did you mean {close[0]}?" if close else
-                                                                         "") + " (nothing is run with unknown settings)")
+    if known is not None and (said := unknown_setting(params, known)):
+        raise RecipeError(said)
     check_values(params)
     every, steps = params["checkpointing_steps"], params["max_steps"]
     if steps % every:
@@ -76,6 +74,16 @@ def check_recipe(params: dict, known: frozenset[str] | None = None) -> dict:
         raise RecipeError(f"{evaluations} evaluations would exceed Airflow's {MAX_MAPPED} mapped tasks")
     return {"training_runs": len(params["learning_rates"]), "evaluations": evaluations,
             "recipe_hash": recipe_hash(params)}
+
+
+def unknown_setting(conf: dict, known) -> str | None:
+    """The first of `conf`'s settings that is not among `known`, said in one line with the closest known name; None
+    when all are known. The API server refuses a trigger with it (dreamline.trigger_guard), the run's first task too."""
+    if not (unknown := sorted(set(conf) - set(known))):
+        return None
+    close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+    return (f"{unknown[0]}: not a setting of this DAG" + (f"; did you mean {close[0]}?" if close else "") +
+            " (nothing is run with unknown settings)")
 
 
 def check_values(params: dict) -> None:

@@ -1,4 +1,4 @@
-"""One full stack (tests/test_stack.py's: PostgreSQL, SeaweedFS, the MLflow server and Airflow's four components as
+"""One full stack (tests/deployment/test_stack.py's: PostgreSQL, SeaweedFS, the MLflow server and Airflow's four components as
 processes) shared by test_load.py and test_secrets.py, with ten subjects run at once and known fake credentials in
 every place a step could leak them.
 
@@ -30,7 +30,7 @@ from conftest import FOUR_PROMPTS, REPO
 from deploy.local.seaweedfs import free_port_pairs
 from deploy.local.settings import Stack
 from test_notify import Receiver
-from test_stack import FINISHED, path, rest_session, stack_cli
+from stack_client import FINISHED, path, rest_session, stack_cli
 
 SOURCES = {"dog": REPO / "sample_data" / "dog", "backpack": REPO / "sample_data" / "backpack"}
 SUBSETS = [("00", "01", "02"), ("00", "01", "03"), ("00", "02", "04"), ("01", "03", "04"), ("02", "03", "04")]

@@ -16,8 +16,9 @@ import yaml
 from conftest import REPO, SAMPLE
 from test_s3 import BUCKET, _clear_fsspec_instances, s3, s3_endpoint  # noqa: F401 (fixtures)
 
-from sd_tasks import caption, cli, dataset, validate
-from sd_tasks.errors import StepError
+from sd_tasks import cli
+from sd_tasks.core.errors import StepError
+from sd_tasks.data import caption, dataset, validate
 
 pytestmark = pytest.mark.reliability
 
@@ -39,9 +40,9 @@ def config_of(step_config: type, path: Path, **flags):
 
 
 def test_config_file_values_are_converted_to_the_settings_types(tmp_path, figures):
-    from sd_tasks.evaluate import EvaluateConfig
-    from sd_tasks.halving import HalveConfig
-    from sd_tasks.train import TrainConfig
+    from sd_tasks.evaluation.evaluate import EvaluateConfig
+    from sd_tasks.evaluation.halving import HalveConfig
+    from sd_tasks.training.train import TrainConfig
 
     path = tmp_path / "train.yaml"
     path.write_text("cache: c\noutput: o\nbase-model: m\nlearning_rate: 1e-4\nmax_steps: '20'\n"
@@ -196,7 +197,7 @@ SECRET_URL = f"https://dreamline:{TOKEN}@127.0.0.1:9/data-registry.git"
 
 
 def test_redact_hides_userinfo_and_signed_query_parameters():
-    from sd_tasks.redact import redact, secrets_in
+    from sd_tasks.core.redact import redact, secrets_in
 
     assert redact(f"git clone {SECRET_URL} x") == "git clone https://dreamline:***@127.0.0.1:9/data-registry.git x"
     assert redact(f"https://{TOKEN}@github.com/o/r.git") == "https://***@github.com/o/r.git"
@@ -206,7 +207,8 @@ def test_redact_hides_userinfo_and_signed_query_parameters():
     assert redact("ssh://git@host/repo.git s3://bucket/runs/x git@github.com:o/r.git") == (
         "ssh://git@host/repo.git s3://bucket/runs/x git@github.com:o/r.git")
     assert secrets_in(f"{SECRET_URL} {signed}") == [TOKEN, "AKIA"]
-    assert (REPO / "plugins" / "dreamline" / "redact.py").read_text() == (REPO / "sd_tasks" / "redact.py").read_text()
+    assert (REPO / "plugins" / "dreamline" / "redact.py").read_text() == \
+        (REPO / "sd_tasks" / "core" / "redact.py").read_text()
 
 
 def test_a_registry_url_with_a_token_shows_in_no_error_line_or_log(tmp_path, capfd, figures):
@@ -241,8 +243,8 @@ def selected(tmp_path, home):
     import numpy as np
     from safetensors.numpy import save_file
 
-    from sd_tasks.checkpoint_files import CHECKPOINT_INFO, LORA_WEIGHTS
-    from sd_tasks.storage import write_dir, write_json
+    from sd_tasks.core.storage import write_dir, write_json
+    from sd_tasks.training.checkpoint_files import CHECKPOINT_INFO, LORA_WEIGHTS
 
     checkpoint = tmp_path / "train" / "checkpoint-10"
     with write_dir(str(checkpoint)) as out:
@@ -262,14 +264,15 @@ def selected(tmp_path, home):
 
 
 def register_config(root: Path, name: str):
-    from sd_tasks import register
+    from sd_tasks.registry import register
 
     return register.RegisterConfig(selection=str(root / "select"), dataset=str(root / "dataset"), model_name=name,
                                    output=str(root / "register"), experiment="defects")
 
 
 def test_register_tags_and_card_hold_no_token(selected, figures):
-    from sd_tasks import register, tracking
+    from sd_tasks.core import tracking
+    from sd_tasks.registry import register
 
     result = register.run(register_config(selected, "defects-token"))
     version = tracking.client().get_model_version("defects-token", str(result["version"]))
@@ -287,7 +290,8 @@ def test_a_register_killed_between_creating_the_version_and_tagging_it_registers
         selected, monkeypatch, figures):
     from mlflow.tracking import MlflowClient
 
-    from sd_tasks import register, tracking
+    from sd_tasks.core import tracking
+    from sd_tasks.registry import register
 
     real_create = MlflowClient._create_model_version
     kills = []
@@ -321,7 +325,8 @@ def test_an_mlflow_outage_while_looking_for_the_version_fails_the_step_instead_o
     from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
     from mlflow.tracking import MlflowClient
 
-    from sd_tasks import register, tracking
+    from sd_tasks.core import tracking
+    from sd_tasks.registry import register
 
     config = register_config(selected, "defects-outage")
     assert register.run(config)["version"] == 1
@@ -343,7 +348,7 @@ def test_an_mlflow_outage_while_looking_for_the_version_fails_the_step_instead_o
 
 READ_AND_DESCRIBE = """
 import hashlib, json, sys
-from sd_tasks import storage
+from sd_tasks.core import storage
 local = storage.read_dir(sys.argv[1])
 print(json.dumps({"path": str(local), "files": {p.relative_to(local).as_posix(): hashlib.sha256(p.read_bytes())
       .hexdigest() for p in sorted(local.rglob("*")) if p.is_file()}}))
@@ -351,7 +356,7 @@ print(json.dumps({"path": str(local), "files": {p.relative_to(local).as_posix():
 
 
 def test_two_processes_reading_one_s3_uri_at_once_both_get_the_whole_copy(s3, tmp_path, figures):
-    from sd_tasks import storage
+    from sd_tasks.core import storage
 
     uri = f"s3://{BUCKET}/runs/defects-concurrent/resized"
     with storage.write_dir(uri) as out:
@@ -371,7 +376,7 @@ def test_two_processes_reading_one_s3_uri_at_once_both_get_the_whole_copy(s3, tm
 
 
 def test_an_object_rewritten_in_place_with_the_same_size_is_fetched_again(s3, figures):
-    from sd_tasks import storage
+    from sd_tasks.core import storage
 
     uri = f"s3://{BUCKET}/runs/defects-rewritten/shard"
     with storage.write_dir(uri) as out:

@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from dreamline.operators import step_argv
-from sd_tasks import models as sd_models
-from sd_tasks import lora_files, train
-from sd_tasks.errors import StepError
-from sd_tasks.storage import MARKER
+from sd_tasks.core.errors import StepError
+from sd_tasks.core.storage import MARKER
+from sd_tasks.models import loading as sd_models
+from sd_tasks.training import lora_files, train
 
 pytestmark = pytest.mark.reliability
 

@@ -27,7 +27,8 @@ import pytest
 
 from conftest import REPO
 from dreamline.operators import step_argv
-from sd_tasks import storage, tracking, train
+from sd_tasks.core import storage, tracking
+from sd_tasks.training import train
 
 pytestmark = pytest.mark.reliability
 
@@ -181,7 +182,7 @@ def test_encode_and_merge_killed_mid_write_rerun_to_the_same_cache(prepared, cac
 
 
 def test_class_images_killed_mid_generation_rerun_to_the_same_images(models, workdir, figures):
-    from sd_tasks import class_images
+    from sd_tasks.data import class_images
 
     started = time.monotonic()
     options = {"base_model": models["sdxl"], "class_prompt": "a photo of dog", "count": 2, "resolution": 64,
@@ -263,7 +264,7 @@ def same_evaluation(folder: Path, reference: Path) -> None:
 
 def test_evaluate_killed_mid_write_and_per_run_killed_between_checkpoints_rerun_to_the_same_scores(
         prepared, models, trained, workdir, figures):
-    from sd_tasks import evaluate
+    from sd_tasks.evaluation import evaluate
 
     started = time.monotonic()
     evaluations = workdir / "evaluations"
@@ -298,7 +299,7 @@ def test_evaluate_killed_mid_write_and_per_run_killed_between_checkpoints_rerun_
 
 def test_select_and_register_killed_mid_work_rerun_to_one_selection_and_one_version(
         prepared, models, workdir, figures):
-    from sd_tasks import evaluate, select
+    from sd_tasks.evaluation import evaluate, select
 
     started = time.monotonic()
     evaluations = workdir / "evaluations"

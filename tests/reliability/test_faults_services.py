@@ -17,8 +17,9 @@ import pytest
 
 from conftest import REPO
 from reliability.test_faults import WALL_CLOCK, hashes, rerun, sd_tasks, train_options
-from sd_tasks import storage, tracking, train
-from sd_tasks.training_run import SPOOL
+from sd_tasks.core import storage, tracking
+from sd_tasks.training import train
+from sd_tasks.training.training_run import SPOOL
 
 pytestmark = pytest.mark.reliability
 

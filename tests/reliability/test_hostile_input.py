@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SAMPLE, tree_snapshot
-from sd_tasks import caption, cli, evaluate, resize, validate
-from sd_tasks.errors import StepError
-from sd_tasks.manifest import MAX_CAPTION_CHARS
-from sd_tasks.storage import MARKER, _listing, _marker
+from sd_tasks import cli
+from sd_tasks.core.errors import StepError
+from sd_tasks.core.storage import MARKER, _listing, _marker
+from sd_tasks.data import caption, resize, validate
+from sd_tasks.data.manifest import MAX_CAPTION_CHARS
+from sd_tasks.evaluation import evaluate
 from test_validate import ACCEPTED, REJECTED, dataset, exact_tree, pattern  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.reliability
@@ -236,7 +238,7 @@ def encode_cache(folder: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from sd_tasks.storage import write_dir
+    from sd_tasks.core.storage import write_dir
 
     shard = "shard-00000-of-00001"
     with write_dir(str(folder / shard)) as out:
@@ -271,7 +273,7 @@ CACHE_CASES = [
 
 @pytest.mark.parametrize("change, fragment", CACHE_CASES, ids=[c[1][:30] for c in CACHE_CASES])
 def test_a_tampered_encode_cache_is_refused_by_train(tmp_path, capsys, figures, change, fragment):
-    from sd_tasks import train
+    from sd_tasks.training import train
 
     cache = encode_cache(tmp_path / "cache")
     assert len(train.LatentCache(str(cache)).items) == 1  # the untampered cache is read
@@ -307,7 +309,7 @@ def test_publish_dataset_never_deletes_outside_its_folder_of_the_registry(tmp_pa
     """publish-dataset replaces the subject's folder of the registry: a --path of `..`, `.`, an absolute path or
     `.git` would have it delete the registry's history, its parent, or any folder; a --tag that starts with `-` is a
     flag to git. Each is refused in one line before anything is touched."""
-    from sd_tasks.dataset import PublishConfig, publish
+    from sd_tasks.data.dataset import PublishConfig, publish
 
     work = tmp_path / "work"  # what a bad --path could reach: the registry, a neighbour, the photos
     shutil.copytree(SAMPLE, work / "photos")

@@ -16,10 +16,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, tree_snapshot
-from sd_tasks import evaluate, register, tracking, train
-from sd_tasks.checkpoint_files import LORA_WEIGHTS
-from sd_tasks.errors import StepError
-from sd_tasks.storage import MARKER
+from sd_tasks.core import tracking
+from sd_tasks.core.errors import StepError
+from sd_tasks.core.storage import MARKER
+from sd_tasks.evaluation import evaluate
+from sd_tasks.registry import register
+from sd_tasks.training import train
+from sd_tasks.training.checkpoint_files import LORA_WEIGHTS
 
 from reliability.test_defects_train import Payload
 

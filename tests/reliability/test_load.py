@@ -8,7 +8,7 @@ import json
 import pytest
 
 from reliability.full_stack import GPU_SLOTS, RUN_ID, SUBJECT_DATA, dag_id
-from test_stack import GPU_TASKS, bucket_keys, most_at_once, query
+from stack_client import GPU_TASKS, bucket_keys, most_at_once, query
 from deploy.local.bootstrap import s3_client
 from dreamline import deployment
 

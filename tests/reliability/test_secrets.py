@@ -14,7 +14,7 @@ import pytest
 
 from reliability.full_stack import GIT_ENV, RUN_ID, SUBJECT_DATA, WEBHOOK_TOKEN, dag_id
 from test_pods import pods_command
-from test_stack import path, query
+from stack_client import path, query
 from deploy.local.bootstrap import s3_client
 
 pytestmark = pytest.mark.reliability
@@ -134,3 +134,63 @@ def test_no_credential_in_rendered_pods(full_stack, figures, tmp_path):
             texts[f"{subject} pod {number} {manifest.splitlines()[0]}"] = manifest
     assert len(texts) >= 2 * 12 and all("sd_tasks" in t for t in texts.values())
     check(full_stack, figures, "rendered pods (python -m dreamline.pods)", texts)
+
+
+def test_a_token_in_the_registry_url_never_reaches_the_disk(registry, tmp_path, figures):
+    """The `dataset` step clones the data registry from a Git server that asks for credentials, given as a
+    token-bearing URL (https://user:token@host/...): the token travels as a request header, never into the clone's
+    `.git/config` nor any other file, while the step runs (the server looks at the disk at each request) or after it;
+    the clone and DVC's files are gone afterwards, on success and on failure."""
+    import base64
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from git_http import GitHttpServer
+
+    token = "registry-url-token-8d41f07c"
+    served = tmp_path / "served"
+    subprocess.run(["git", "clone", "-q", "--bare", str(registry), str(served / "registry.git")], check=True)
+    scratch, home, work = tmp_path / "tmp", tmp_path / "home", tmp_path / "work"
+    during: set[str] = set()
+
+    def look() -> None:
+        for p in [*scratch.rglob("*"), *home.rglob("*"), *work.rglob("*")]:
+            try:
+                if p.is_file() and token.encode() in p.read_bytes():
+                    during.add(str(p))
+            except OSError:  # removed while looked at
+                pass
+
+    server = GitHttpServer(served, "ci", token, on_request=look)
+    for folder in (scratch, home, work):
+        folder.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("GIT_")}, "TMPDIR": str(scratch),
+           "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), "DVC_SITE_CACHE_DIR": str(home / "site-cache"),
+           "GIT_TERMINAL_PROMPT": "0", "PYTHONPATH": str(REPO)}
+    said = {}
+    try:
+        for case, secret, rev in [("ok", token, "dog-v1"), ("missing", token, "no-such-tag"),
+                                  ("refused", "wrong-token", "dog-v1")]:
+            done = subprocess.run([sys.executable, "-m", "sd_tasks", "dataset",
+                                   f"--repo=http://ci:{secret}@{server.base}/registry.git", "--path=dog",
+                                   f"--rev={rev}", f"--output={work / case}"], cwd=work, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            said[case] = (done.returncode, done.stdout + done.stderr)
+    finally:
+        server.close()
+    assert said["ok"][0] == 0 and (work / "ok" / "images").is_dir(), said["ok"]
+    assert said["missing"][0] == 65 and said["refused"][0] == 65, said
+    assert len(said["refused"][1].strip().splitlines()) == 1, said["refused"]
+    assert "No valid credentials" in said["refused"][1] and "wrong-token" not in said["refused"][1]
+    assert f"Basic {base64.b64encode(f'ci:{token}'.encode()).decode()}" in server.seen  # the token was in play
+    assert not list(scratch.iterdir()), list(scratch.rglob("*"))[:5]
+    assert not (home / "site-cache").exists()  # DVC's site cache of a clone stays in the scratch folder too
+    files = [p for p in [*home.rglob("*"), *work.rglob("*")] if p.is_file()]
+    hits = [str(p) for p in files if token.encode() in p.read_bytes()]
+    hits += [case for case, (_, output) in said.items() if token in output] + sorted(during)
+    figures.record("secrets", "a token-bearing Git URL for the data registry",
+                   f"the token searched for in {len(files)} files the step wrote and in its output: {len(hits)} found",
+                   secrets_found=len(hits), searched=len(files))
+    assert files and not hits, hits

@@ -1,0 +1,6 @@
+"""The model registry: register the chosen checkpoint with its lineage and decide on the evidence whether it becomes
+`champion` (`register`, `lineage`, `report`), and move the alias by hand (`promotion`: `promote`, `rollback`,
+`champion`).
+
+May use: evaluation, training, data, models and the core.
+"""

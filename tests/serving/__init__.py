@@ -1,0 +1,1 @@
+"""The image server (sd_tasks.serving): its registry follower, and the real server over HTTP."""
