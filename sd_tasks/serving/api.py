@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import base64
 import hmac
-import io
 import secrets
 import time
+from typing import Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
@@ -24,8 +24,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from sd_tasks.serving.champions import Champions, NotServable
-from sd_tasks.serving.renderer import Renderer, Request
+from sd_tasks.serving.champions import Champions, NotServable, Served
+from sd_tasks.serving.renderer import Request
 
 MAX_SEED = 2**31 - 1
 
@@ -62,7 +62,22 @@ class Limits(BaseModel):
     max_queue: int = 8  # requests running or waiting; more are answered 429
 
 
-def create_app(renderer: Renderer, champions: Champions, api_key: str, limits: Limits = Limits()) -> FastAPI:
+class Backend(Protocol):
+    """Where images are made: this process (renderer.LocalBackend) or a Ray Serve deployment of replicas
+    (ray_app.RayBackend). The API checks a request against the base model's facts before it reaches a backend."""
+
+    base_model: str
+    native_size: int  # pixels per side when a request names no size
+    max_tokens: int  # what the first text encoder reads
+    counts: dict[str, int]  # adapter loads, hits, evictions, as metrics
+
+    def token_count(self, prompt: str) -> int: ...
+
+    async def render(self, served: Served, request: Request) -> tuple[list[bytes], str]:
+        """PNGs, one per seed, and the replica that made them; NotServable for a version whose LoRA is refused."""
+
+
+def create_app(backend: Backend, champions: Champions, api_key: str, limits: Limits = Limits()) -> FastAPI:
     app = FastAPI(title="Dreamline images", version="1",
                   description="Each subject's champion SDXL DreamBooth-LoRA, as the MLflow registry names it.")
     registry = CollectorRegistry()
@@ -70,10 +85,10 @@ def create_app(renderer: Renderer, champions: Champions, api_key: str, limits: L
     latency = Histogram("dreamline_request_seconds", "time to answer an image request", registry=registry,
                         buckets=(0.5, 1, 2, 5, 10, 20, 40, 80, 160))
     queue = Gauge("dreamline_queue_length", "image requests running or waiting", registry=registry)
-    for name in renderer.counts:
+    for name in backend.counts:
         Gauge(f"dreamline_{name}", name.replace("_", " "), registry=registry).set_function(
-            lambda name=name: renderer.counts[name])
-    native = renderer.pipe.unet.config.sample_size * renderer.pipe.vae_scale_factor
+            lambda name=name: backend.counts[name])
+    native = backend.native_size
     pending = {"n": 0}
 
     def refuse(status: int, reason: str) -> JSONResponse:
@@ -99,7 +114,7 @@ def create_app(renderer: Renderer, champions: Champions, api_key: str, limits: L
 
     @app.get("/readyz")
     def readyz() -> dict:
-        return {"status": "ready", "base_model": renderer.base_model}
+        return {"status": "ready", "base_model": backend.base_model}
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -126,15 +141,15 @@ def create_app(renderer: Renderer, champions: Champions, api_key: str, limits: L
             served = await run_in_threadpool(champions.served, subject)
         except NotServable as exc:
             return refuse(exc.status, exc.reason)
-        if served.base_model and served.base_model != renderer.base_model:
+        if served.base_model and served.base_model != backend.base_model:
             return refuse(409, f"{served.model} version {served.version} was trained on {served.base_model}; this "
-                               f"server runs {renderer.base_model}")
+                               f"server runs {backend.base_model}")
         if "{instance}" in body.prompt and not served.instance:
             return refuse(409, f"{served.model} version {served.version} records no instance words: write the "
                                f"subject's words in the prompt instead of {{instance}}")
         prompt = body.prompt.replace("{instance}", served.instance or "")
-        if (tokens := renderer.token_count(prompt)) > renderer.max_tokens:
-            return refuse(422, f"prompt: {tokens} tokens, the text encoder reads at most {renderer.max_tokens}")
+        if (tokens := backend.token_count(prompt)) > backend.max_tokens:
+            return refuse(422, f"prompt: {tokens} tokens, the text encoder reads at most {backend.max_tokens}")
         if pending["n"] >= limits.max_queue:
             return refuse(429, f"{pending['n']} requests running or waiting; try again shortly")
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - limits.max_images)
@@ -143,7 +158,9 @@ def create_app(renderer: Renderer, champions: Champions, api_key: str, limits: L
         pending["n"] += 1
         queue.set(pending["n"])
         try:
-            pictures = await run_in_threadpool(renderer.render, served, request)
+            pngs, replica = await backend.render(served, request)
+        except NotServable as exc:
+            return refuse(exc.status, exc.reason)
         finally:
             pending["n"] -= 1
             queue.set(pending["n"])
@@ -151,19 +168,12 @@ def create_app(renderer: Renderer, champions: Champions, api_key: str, limits: L
         latency.observe(time.monotonic() - began)
         made = {"subject": subject, "model": served.model, "version": served.version, "alias": served.alias,
                 "prompt": prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
-                "guidance": request.guidance, "width": width, "height": height}
-        pngs = [png(p) for p in pictures]
+                "guidance": request.guidance, "width": width, "height": height, "replica": replica}
         if "image/png" in http.headers.get("accept", "") and len(pngs) == 1:
             headers = {"X-Dreamline-Model": served.model, "X-Dreamline-Version": str(served.version),
-                       "X-Dreamline-Seed": str(request.seeds[0])}
+                       "X-Dreamline-Seed": str(request.seeds[0]), "X-Dreamline-Replica": replica}
             return Response(pngs[0], media_type="image/png", headers=headers)
         return {**made, "images": [{"seed": s, "png": base64.b64encode(b).decode()}
                                    for s, b in zip(request.seeds, pngs)]}
 
     return app
-
-
-def png(image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()

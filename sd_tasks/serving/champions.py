@@ -53,14 +53,15 @@ class Served:
     alias: str
     base_model: str
     instance: str | None  # "sks dog": what {instance} becomes; None for a version registered without it
-    lora: Path  # the folder holding LORA_WEIGHTS
+    lora: Path | None  # the folder holding LORA_WEIGHTS; None where the replica that renders downloads it (Ray)
 
 
 class Champions:
-    """Each subject's served version, its alias looked up at most every `refresh_seconds`."""
+    """Each subject's served version, its alias looked up at most every `refresh_seconds`; with `adapters` None the
+    LoRA is not downloaded here (Ray: each replica downloads what it renders, `download`)."""
 
-    def __init__(self, adapters: Path, alias: str = "champion", refresh_seconds: float = 5.0):
-        self.adapters, self.alias, self.refresh = Path(adapters), alias, refresh_seconds
+    def __init__(self, adapters: Path | None, alias: str = "champion", refresh_seconds: float = 5.0):
+        self.adapters, self.alias, self.refresh = adapters and Path(adapters), alias, refresh_seconds
         self._resolved: dict[str, tuple[float, Served]] = {}
         self._lock = threading.Lock()
 
@@ -108,7 +109,7 @@ class Champions:
         if tags.get("score.broken") == "true":
             raise NotServable(409, f"{name} version {version.version} ({self.alias}): its evaluation produced broken "
                                    f"images; never served")
-        folder = self._download(name, int(version.version))
+        folder = download(self.adapters, name, int(version.version)) if self.adapters else None
         return Served(subject, name, int(version.version), self.alias, tags.get("base_model", ""),
                       tags.get("instance") or None, folder)
 
@@ -122,29 +123,30 @@ class Champions:
         except MlflowException:
             return False
 
-    def _download(self, name: str, version: int) -> Path:
-        """The version's LoRA in the adapter folder, downloaded and checked once; whole or absent."""
-        import mlflow
 
-        folder = self.adapters / name / str(version)
-        if (folder / LORA_WEIGHTS).is_file():
-            return folder
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-            downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
-            weights = next(downloaded.rglob("*.safetensors"), None)
-            shown = f"models:/{name}/{version}"
-            if weights is None:
-                raise NotServable(409, f"{shown}: no LoRA weights in the registered model")
-            try:
-                lora_files.check(weights, f"{shown} ({weights.name})")
-            except StepError as exc:
-                raise NotServable(409, f"{exc}; never served") from None
-            staged = Path(tmp) / "adapter"
-            staged.mkdir()
-            shutil.move(str(weights), staged / LORA_WEIGHTS)
-            try:
-                staged.rename(folder)  # atomic: another request sees the whole folder or none
-            except OSError:  # another request got there first: its folder is as good
-                pass
+def download(adapters: Path, name: str, version: int) -> Path:
+    """The version's LoRA in the adapter folder, downloaded and checked once; whole or absent."""
+    import mlflow
+
+    folder = Path(adapters) / name / str(version)
+    if (folder / LORA_WEIGHTS).is_file():
         return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
+        weights = next(downloaded.rglob("*.safetensors"), None)
+        shown = f"models:/{name}/{version}"
+        if weights is None:
+            raise NotServable(409, f"{shown}: no LoRA weights in the registered model")
+        try:
+            lora_files.check(weights, f"{shown} ({weights.name})")
+        except StepError as exc:
+            raise NotServable(409, f"{exc}; never served") from None
+        staged = Path(tmp) / "adapter"
+        staged.mkdir()
+        shutil.move(str(weights), staged / LORA_WEIGHTS)
+        try:
+            staged.rename(folder)  # atomic: another request sees the whole folder or none
+        except OSError:  # another request got there first: its folder is as good
+            pass
+    return folder

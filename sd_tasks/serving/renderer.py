@@ -4,16 +4,25 @@ Up to `max_adapters` adapters stay loaded in the pipeline (an LRU: the least rec
 each under the name `<model>-v<version>`, so a request for a subject served a moment ago only switches adapters
 (`set_adapters`), and one for a new version loads its file once. One image batch is generated at a time: the
 pipeline's adapters are process state.
+
+With `hotswap_rank`, UNet-only adapters replace the least recently used adapter's weights in place (diffusers'
+`enable_lora_hotswap`: same layers, rank at most the one declared), so a compiled UNet (`compile_unet`) is not
+compiled again on a swap; an adapter with text-encoder layers cannot be hot-swapped and is loaded beside the others.
 """
 from __future__ import annotations
 
 import copy
+import io
+import os
+import socket
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from sd_tasks.models.loading import load_pipeline
 from sd_tasks.serving.champions import Served
@@ -33,16 +42,31 @@ class Request:
     height: int
 
 
+def adapter_name(served: Served) -> str:
+    return f"{served.model}-v{served.version}"
+
+
+def unet_only(folder: Path) -> bool:
+    """Whether a LoRA file adapts the UNet alone (hot-swappable), read from its tensor names, not its weights."""
+    with safe_open(folder / LORA_WEIGHTS, "pt") as weights:
+        return all(key.startswith("unet.") for key in weights.keys())
+
+
 class Renderer:
     """The base pipeline and its adapters; `render` is safe to call from several threads (one runs at a time)."""
 
-    def __init__(self, base_model: str, dtype: str = "float32", max_adapters: int = 4):
+    def __init__(self, base_model: str, dtype: str = "float32", max_adapters: int = 4,
+                 hotswap_rank: int | None = None, compile_unet: bool = False):
         self.base_model = base_model
         self.pipe = load_pipeline(base_model, dtype)
         self.max_adapters = max_adapters
         self.loaded: OrderedDict[str, Served] = OrderedDict()
-        self.counts = {"adapter_loads": 0, "adapter_hits": 0, "adapter_evictions": 0}
-        self._lock = threading.Lock()
+        self._slots: dict[str, str] = {}  # an adapter's name -> its name in the pipeline (a hot-swapped one: its slot's)
+        self.counts = {"adapter_loads": 0, "adapter_hits": 0, "adapter_evictions": 0, "adapter_hotswaps": 0}
+        self.hotswap, self.compile_unet = hotswap_rank is not None, compile_unet
+        if self.hotswap:  # before the first adapter loads, as diffusers requires
+            self.pipe.enable_lora_hotswap(target_rank=hotswap_rank)
+        self._lock = threading.RLock()
         # Requests are checked while another renders: a tokenizer of their own, since a fast tokenizer's padding and
         # truncation are settings of the object that the pipeline's own calls change (shared, a prompt came out 17
         # tokens long, unpadded, and the pipeline failed)
@@ -57,6 +81,10 @@ class Renderer:
     def max_tokens(self) -> int:
         return int(self.pipe.tokenizer.model_max_length)
 
+    @property
+    def native_size(self) -> int:
+        return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+
     def render(self, served: Served | None, request: Request) -> list[Image.Image]:
         """The request's images with `served`'s LoRA (None: the base model alone), one per seed. Each is made on its
         own, not in a batch: a batch's arithmetic differs in the last bits, and an image must come out the same when
@@ -68,22 +96,74 @@ class Renderer:
                               guidance_scale=request.guidance, width=request.width, height=request.height).images[0]
                     for seed in request.seeds]
 
+    def load(self, served: Served) -> str:
+        """The adapter of `served` in the pipeline (loaded once, then only marked recently used); its name."""
+        name = adapter_name(served)
+        with self._lock:
+            if name in self.loaded:
+                self.loaded.move_to_end(name)
+                self.counts["adapter_hits"] += 1
+                return name
+            if self.hotswap and len(self.loaded) >= self.max_adapters and unet_only(served.lora):
+                oldest, old = next(iter(self.loaded.items()))
+                if unet_only(old.lora):  # its slot takes the new weights; the slot keeps its first name
+                    slot = self._slots.pop(oldest)
+                    del self.loaded[oldest]
+                    try:
+                        self.pipe.load_lora_weights(str(served.lora), weight_name=LORA_WEIGHTS, adapter_name=slot,
+                                                    hotswap=True)
+                    except Exception:  # its weights may be half replaced: the slot goes, never to be drawn with
+                        self.pipe.delete_adapters(slot)
+                        raise
+                    self.loaded[name], self._slots[name] = served, slot
+                    self.counts["adapter_hotswaps"] += 1
+                    return name
+            while len(self.loaded) >= self.max_adapters:
+                self.unload(next(iter(self.loaded)))
+            self.pipe.load_lora_weights(str(served.lora), weight_name=LORA_WEIGHTS, adapter_name=name)
+            self.loaded[name] = served
+            self._slots[name] = name
+            self.counts["adapter_loads"] += 1
+            if self.compile_unet and self.counts["adapter_loads"] == 1:  # after the first load, as diffusers asks
+                self.pipe.unet.compile_repeated_blocks(fullgraph=True)
+            return name
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            if self.loaded.pop(name, None) is not None:
+                self.pipe.delete_adapters(self._slots.pop(name))
+                self.counts["adapter_evictions"] += 1
+
     def _activate(self, served: Served | None) -> None:
         if served is None:
             if self.loaded:
                 self.pipe.disable_lora()
             return
-        name = f"{served.model}-v{served.version}"
-        if name in self.loaded:
-            self.loaded.move_to_end(name)
-            self.counts["adapter_hits"] += 1
-        else:
-            while len(self.loaded) >= self.max_adapters:
-                oldest, _ = self.loaded.popitem(last=False)
-                self.pipe.delete_adapters(oldest)
-                self.counts["adapter_evictions"] += 1
-            self.pipe.load_lora_weights(str(served.lora), weight_name=LORA_WEIGHTS, adapter_name=name)
-            self.loaded[name] = served
-            self.counts["adapter_loads"] += 1
+        name = self.load(served)
         self.pipe.enable_lora()
-        self.pipe.set_adapters([name])
+        self.pipe.set_adapters([self._slots[name]])
+
+
+class LocalBackend:
+    """The API's images made in this process (the `serve` step): one batch at a time, in a worker thread."""
+
+    def __init__(self, renderer: Renderer):
+        self.renderer = renderer
+        self.base_model, self.counts = renderer.base_model, renderer.counts
+        self.native_size, self.max_tokens = renderer.native_size, renderer.max_tokens
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+
+    def token_count(self, prompt: str) -> int:
+        return self.renderer.token_count(prompt)
+
+    async def render(self, served: Served, request: Request) -> tuple[list[bytes], str]:
+        from starlette.concurrency import run_in_threadpool
+
+        images = await run_in_threadpool(self.renderer.render, served, request)
+        return [png(image) for image in images], self.replica
+
+
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

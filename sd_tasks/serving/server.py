@@ -37,24 +37,27 @@ class ServeConfig:
     max_steps: int = option("denoising steps one request may ask for", 100, at_least=1, at_most=200)
     dtype: str = option("inference dtype: auto (float16 on a GPU, float32 on the CPU), float32, float16, bfloat16",
                         "auto")
+    hotswap_rank: int = option("0: load each adapter beside the others; R: swap UNet-only adapters of rank up to R into "
+                               "the least recently used one's place (diffusers' LoRA hotswap)", 0, at_least=0,
+                               at_most=1024)
+    compile_unet: bool = option("compile the UNet after the first adapter loads (a GPU; with --hotswap-rank a swap "
+                                "does not compile again)", False)
 
 
 def run(config: ServeConfig) -> dict:
     import uvicorn
 
     from sd_tasks.models.loading import inference_dtype
+    from sd_tasks.models.model_refs import pin
     from sd_tasks.serving.api import Limits, create_app
     from sd_tasks.serving.champions import Champions
-    from sd_tasks.serving.renderer import Renderer
+    from sd_tasks.serving.renderer import LocalBackend, Renderer
 
     # An alias lookup is on a request's path: a registry that does not answer costs seconds, not MLflow's minutes of
     # retries (champions keeps serving what it last resolved)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    api_key = os.environ.get(API_KEY_ENV, "")
-    if len(api_key) < 16:
-        raise StepError(f"{API_KEY_ENV}: set it to the API key clients must send, at least 16 characters "
-                        f"(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(24))'`)")
+    api_key = api_key_from_environment()
     adapters = Path(config.adapters or state_home() / "serving" / "adapters")
     try:  # before the model loads: a folder the server cannot write would fail every first request of a subject
         adapters.mkdir(parents=True, exist_ok=True)
@@ -62,10 +65,20 @@ def run(config: ServeConfig) -> dict:
     except OSError as exc:
         raise StepError(f"--adapters {adapters}: cannot write the downloaded LoRAs there ({exc.strerror})") from None
     champions = Champions(adapters, config.alias, config.refresh_seconds)
-    renderer = Renderer(config.base_model, inference_dtype(config.dtype), config.max_adapters)
-    app = create_app(renderer, champions, api_key, Limits(max_images=config.max_images, max_steps=config.max_steps,
+    # a hub id at the commit it names now (or the cached one offline), as registered versions record their base model
+    renderer = Renderer(pin(config.base_model, "--base-model"), inference_dtype(config.dtype), config.max_adapters,
+                        config.hotswap_rank or None, config.compile_unet)
+    app = create_app(LocalBackend(renderer), champions, api_key, Limits(max_images=config.max_images, max_steps=config.max_steps,
                                                          max_queue=config.max_queue))
     print(f"serving {config.alias!r} of every subject on http://{config.host}:{config.port} (OpenAPI: /docs)",
           flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
     return {"served": f"http://{config.host}:{config.port}", "stopped": True}
+
+
+def api_key_from_environment() -> str:
+    api_key = os.environ.get(API_KEY_ENV, "")
+    if len(api_key) < 16:
+        raise StepError(f"{API_KEY_ENV}: set it to the API key clients must send, at least 16 characters "
+                        f"(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(24))'`)")
+    return api_key

@@ -28,7 +28,7 @@ def register(name: str, checkpoint: Path, base_model: str, alias: str | None, **
 
 @pytest.fixture(scope="session")
 def versions(cache, models, tmp_path_factory):
-    """rex: v1 (step 2, champion) and v2 (step 4); cat: a broken champion; owl: registered, no champion; junk: a
+    """rex: v1 (step 2, champion) and v2 (step 4); fox: v1 (step 4, champion); cat: a broken champion; owl: registered, no champion; junk: a
     champion whose file is no LoRA."""
     from sd_tasks.training import train
 
@@ -38,10 +38,11 @@ def versions(cache, models, tmp_path_factory):
     sdxl = models["sdxl"]
     rex = [register("rex-sdxl-lora", out / "checkpoint-2", sdxl, "champion", instance="sks dog", **{
         "score.broken": "false"}), register("rex-sdxl-lora", out / "checkpoint-4", sdxl, None, instance="sks dog")]
+    fox = register("fox-sdxl-lora", out / "checkpoint-4", sdxl, "champion", instance="sks fox")
     register("cat-sdxl-lora", out / "checkpoint-2", sdxl, "champion", **{"score.broken": "true"})
     register("owl-sdxl-lora", out / "checkpoint-2", sdxl, None)
     junk = out / "junk"
     junk.mkdir()
     save_file({"not.a.lora.weight": torch.zeros(2)}, junk / "pytorch_lora_weights.safetensors")
     register("junk-sdxl-lora", junk, sdxl, "champion", instance="sks dog")
-    return {"rex": rex}
+    return {"rex": rex, "fox": fox, "checkpoints": out}
