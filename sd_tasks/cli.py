@@ -63,6 +63,8 @@ STEPS: dict[str, tuple[str, str]] = {
     "promote": ("sd_tasks.registry.promotion:promote", "make an approved version champion, recording who approved it"),
     "rollback": ("sd_tasks.registry.promotion:rollback", "put an earlier version back as champion, recording who and why"),
     "serve": ("sd_tasks.serving.server", "serve each subject's champion LoRA over HTTP (the image API) until stopped"),
+    "generate": ("sd_tasks.serving.batch", "render one prompt at every seed with a registered LoRA (a batch's task)"),
+    "batch-report": ("sd_tasks.serving.batch:report", "log a batch's images to MLflow: a grid of prompts x seeds"),
 }
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_CRASHED, EXIT_INTERRUPTED = 65, 2, 1, 130

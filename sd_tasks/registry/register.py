@@ -317,16 +317,18 @@ def _requirements() -> list[str]:
 
 @dataclass
 class ChampionConfig:
-    """Fetch the current champion's LoRA as a checkpoint folder, so `evaluate` can score it on today's suite."""
+    """Fetch the current champion's LoRA as a checkpoint folder, so `evaluate` can score it on today's suite (or
+    render a batch with it)."""
 
     model_name: str = option("registered model name")
     output: str = option("URI to write the checkpoint folder to")
+    alias: str = option("the alias whose version is fetched", CHAMPION)
 
 
 def champion(config: ChampionConfig) -> dict:
     import mlflow
 
-    current = tracking.version_by_alias(tracking.client(), config.model_name, CHAMPION)
+    current = tracking.version_by_alias(tracking.client(), config.model_name, config.alias)
     if current is None:  # no such model or no champion yet (and only then: an outage fails the step)
         return {"checkpoint": None, "version": None}
     with write_dir(config.output) as out, tempfile.TemporaryDirectory() as tmp:  # the download is not kept
@@ -338,5 +340,7 @@ def champion(config: ChampionConfig) -> dict:
         write_json(out / CHECKPOINT_INFO, {"step": int(current.tags.get("step", 0)),
                                            "learning_rate": float(current.tags.get("learning_rate", 0)),
                                            "base_model": current.tags["base_model"],
-                                           "champion_version": int(current.version), "run_id": None})
-    return {"checkpoint": config.output, "version": int(current.version)}
+                                           "champion_version": int(current.version), "run_id": None,
+                                           "model_name": config.model_name, "alias": config.alias,
+                                           "instance": current.tags.get("instance")})
+    return {"checkpoint": config.output, "version": int(current.version), "instance": current.tags.get("instance")}

@@ -314,7 +314,7 @@ def test_the_docs_name_only_files_that_exist():
     assert [n for n in sorted(named) if not (REPO / n).is_file()] == []
     applied = {w[i + 1] for w in documented_commands() if w[:2] == ["kubectl", "apply"]
                for i, word in enumerate(w) if word == "-f"}
-    assert applied == {f"deploy/kubernetes/{p.name}" for p in OBJECTS.glob("*.yaml")}  # every object gets applied
+    assert applied == {str(p.relative_to(REPO)) for p in OBJECTS.rglob("*.yaml")}  # every object gets applied
 
 
 def test_the_local_stacks_ports_lie_outside_the_kernels_ephemeral_range():

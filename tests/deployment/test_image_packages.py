@@ -197,7 +197,7 @@ def test_the_dag_parses_and_builds_pods_with_only_the_airflow_images_packages(ai
     blocked = blocked_modules(airflow_packages)
     assert {"torch", "diffusers", "mlflow", "dvc"} <= set(blocked)  # the blocker would catch the ML stack
     out = parse_dag_with_only(airflow_packages, tmp_path)
-    assert out == {"errors": {}, "dags": ["lora_backpack", "lora_dog"],
+    assert out == {"errors": {}, "dags": ["batch_images", "lora_backpack", "lora_dog"],
                    "image": "registry.example.com/dreamline/worker:test", "blocked_loaded": []}
 
 

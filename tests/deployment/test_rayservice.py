@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from kubernetes_objects import OBJECTS, restricted_violations, settings  # noqa: F401 (fixture)
+from kubernetes_objects import documented_commands, documented_secrets, OBJECTS, restricted_violations, settings  # noqa: F401
 
 RAYSERVICE = OBJECTS / "serving" / "rayservice.yaml"
 # KubeRay v1.7.0's RayService CRD, its v1 openAPIV3Schema (schemas/README.md says where it comes from)
@@ -109,3 +109,9 @@ def test_the_pods_use_the_deployments_image_account_settings_and_secrets(service
         assert env["MLFLOW_TRACKING_URI"] == settings["MLFLOW_TRACKING_URI"]
         [claim] = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v]
         assert claim == settings["DREAMLINE_MODEL_CACHE_PVC"]
+
+
+def test_the_documented_commands_create_its_secret_and_apply_it(settings):
+    secret = documented_secrets()[(settings["DREAMLINE_NAMESPACE"], "dreamline-serving")]
+    assert (secret["type"], set(secret["literals"])) == ("generic", {"DREAMLINE_SERVING_API_KEY"})
+    assert ["kubectl", "apply", "-f", str(RAYSERVICE.relative_to(REPO))] in documented_commands()

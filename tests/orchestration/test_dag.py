@@ -41,7 +41,8 @@ def test_dagbag_imports_without_errors_or_ml_libraries(tmp_path, executor):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"errors": {}, "heavy": [],
-                   "dags": ["lora_backpack", "lora_dog"] + (["publish_dataset"] if executor == "local" else [])}
+                   "dags": ["batch_images", "lora_backpack", "lora_dog"] + (["publish_dataset"] if executor == "local"
+                                                                            else [])}
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,10 @@ BACKPACK_CONF = {**{k: v for k, v in CONF.items() if k not in ("subject", "datas
                  # successive halving: both rates train to step 2, the better one on to 4
                  "learning_rates": [1e-3, 1e-4], "sweep_strategy": "halving", "halving_rungs": [2]}
 
+# A batch with the dog's champion (the first night's): two prompts, one GPU task each, at two seeds.
+BATCH_CONF = {"subject": "dog", "prompts": ["a photo of {instance}", "{instance} in the snow"], "seeds": [1, 2],
+              "steps": 2}
+
 
 @pytest.fixture(scope="module")
 def nights(tmp_path_factory, models, registry):
@@ -73,7 +77,8 @@ def nights(tmp_path_factory, models, registry):
 
     try:
         runs = {"dog": night("dog", "lora_dog", CONF), "dog-again": night("dog-again", "lora_dog", CONF),
-                "backpack": night("backpack", "lora_backpack", BACKPACK_CONF)}
+                "backpack": night("backpack", "lora_backpack", BACKPACK_CONF),
+                "batch": night("batch", "batch_images", BATCH_CONF)}
     finally:
         webhook.close()
     return {"home": home, **runs, "webhook": webhook.requests}
@@ -257,7 +262,7 @@ def test_two_subjects_have_separate_lineage(nights, client):
     assert runs and all(r.data.tags["dataset.path" if "dataset.path" in r.data.tags else "dataset.rev"]
                         .startswith("backpack") for r in runs)
     folders = sorted(p.name for p in (nights["home"] / "runs").iterdir())
-    assert folders == ["lora_backpack", "lora_dog"]
+    assert folders == ["batch_images", "lora_backpack", "lora_dog"]
 
 
 def test_successive_halving_stops_the_losing_rate_at_its_rung_and_the_survivor_resumes(nights):
@@ -295,3 +300,19 @@ def test_the_nights_cost_is_on_the_registered_version_and_the_parent_run(nights,
     report = open(client.download_artifacts(parent.info.run_id, "report.md")).read()
     assert "| train | train | 2 | 2 |" in report and "| rung_1.train | train | 1 | 1 |" in report  # 2 rates, 1 kept
     assert "Successive halving" in report and "against the full grid" in report
+
+
+def test_a_batch_renders_each_prompt_in_the_gpu_pool_with_the_champion_and_logs_one_grid(nights, client):
+    batch = nights["batch"]
+    assert batch["state"] == "success", batch["log"][-5000:]
+    with sqlite3.connect(nights["home"] / "airflow" / "airflow.db") as db:
+        rendered = db.execute("SELECT map_index, state, pool FROM task_instance WHERE dag_id = 'batch_images' AND "
+                              "run_id = ? AND task_id = 'render' ORDER BY map_index", (batch["run_id"],)).fetchall()
+    assert rendered == [(0, "success", "gpu"), (1, "success", "gpu")]
+    champion = str(client.get_model_version_by_alias("dog-sdxl-lora", "champion").version)
+    [run] = client.search_runs([client.get_experiment_by_name("dog-batches").experiment_id])
+    assert (run.data.tags["model"], run.data.tags["version"], run.data.tags["kind"]) == ("dog-sdxl-lora", champion,
+                                                                                        "batch")
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"grid.png", "images"}
+    images = {a.path for a in client.list_artifacts(run.info.run_id, "images/prompt-2")}
+    assert images >= {"images/prompt-2/images.json", "images/prompt-2/seed-1.png", "images/prompt-2/seed-2.png"}

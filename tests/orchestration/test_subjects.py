@@ -67,14 +67,14 @@ def test_a_recipe_that_breaks_the_forms_rules_fails_dag_parsing_naming_the_setti
     path.write_text("subjects:\n  cat: {class_noun: cat, recipe: {learning_rates: [0.0001, 0.0001]}}\n")
     out = parse_dags(tmp_path, str(path))
     [error] = out["errors"].values()
-    assert out["dags"] == ["publish_dataset"] and "subject 'cat': recipe.learning_rates=[0.0001, 0.0001]" in error
+    assert out["dags"] == ["batch_images", "publish_dataset"] and "subject 'cat': recipe.learning_rates=[0.0001, 0.0001]" in error
 
 
 def test_the_registry_can_be_an_airflow_variable(tmp_path):
     registry = {"subjects": {"cat": {"class_noun": "cat", "schedule": None},
                              "teapot": {"class_noun": "teapot", "recipe": {"max_steps": 300}}}}
     out = parse_dags(tmp_path, "variable:dreamline_subjects", AIRFLOW_VAR_DREAMLINE_SUBJECTS=json.dumps(registry))
-    assert out["errors"] == {} and out["dags"] == ["lora_cat", "lora_teapot", "publish_dataset"]
+    assert out["errors"] == {} and out["dags"] == ["batch_images", "lora_cat", "lora_teapot", "publish_dataset"]
 
 
 def test_two_subjects_never_share_a_run_folder_experiment_model_or_asset(tmp_path):
