@@ -75,7 +75,7 @@ class AdapterReplicas:
         model, version = model_id.rsplit("/", 1)
         folder = await asyncio.to_thread(download, self.adapters, model, int(version))
         served = Served(model.removesuffix(MODEL_SUFFIX), model, int(version), "", "", None, folder)
-        await asyncio.to_thread(self.renderer.load, served)
+        await self.renderer.on_its_thread(lambda: self.renderer.load(served))
         return LoadedAdapter(self.renderer, served)
 
     async def render(self, served: Served, request: Request) -> dict:
@@ -84,9 +84,8 @@ class AdapterReplicas:
         except NotServable as exc:  # a plain answer: a custom exception does not cross Ray's boundary intact
             return {"refused": [exc.status, exc.reason]}
         served = dataclasses.replace(served, lora=adapter.served.lora)
-        images = await asyncio.to_thread(self.renderer.render, served, request)
-        return {"replica": self.replica, "pngs": [png(image) for image in images],
-                "counts": dict(self.renderer.counts)}
+        pngs = await self.renderer.on_its_thread(lambda: [png(image) for image in self.renderer.render(served, request)])
+        return {"replica": self.replica, "pngs": pngs, "counts": dict(self.renderer.counts)}
 
 
 class RayBackend:

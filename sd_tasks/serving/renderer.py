@@ -11,12 +11,14 @@ compiled again on a swap; an adapter with text-encoder layers cannot be hot-swap
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import io
 import os
 import socket
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +69,10 @@ class Renderer:
         if self.hotswap:  # before the first adapter loads, as diffusers requires
             self.pipe.enable_lora_hotswap(target_rank=hotswap_rank)
         self._lock = threading.RLock()
+        # Every call into torch from one thread of its own: OpenMP keeps a team of worker threads per calling thread,
+        # and an idle team spins for a while before it sleeps, so requests rendered from a pool of threads made four
+        # clients' throughput less than half of one client's on 2 cores (bench/serve.py)
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="renderer")
         # Requests are checked while another renders: a tokenizer of their own, since a fast tokenizer's padding and
         # truncation are settings of the object that the pipeline's own calls change (shared, a prompt came out 17
         # tokens long, unpadded, and the pipeline failed)
@@ -95,6 +101,10 @@ class Renderer:
                               generator=torch.Generator().manual_seed(seed), num_inference_steps=request.steps,
                               guidance_scale=request.guidance, width=request.width, height=request.height).images[0]
                     for seed in request.seeds]
+
+    async def on_its_thread(self, work):
+        """`work()` on the renderer's own thread, awaited from an event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.thread, work)
 
     def load(self, served: Served) -> str:
         """The adapter of `served` in the pipeline (loaded once, then only marked recently used); its name."""
@@ -157,10 +167,8 @@ class LocalBackend:
         return self.renderer.token_count(prompt)
 
     async def render(self, served: Served, request: Request) -> tuple[list[bytes], str]:
-        from starlette.concurrency import run_in_threadpool
-
-        images = await run_in_threadpool(self.renderer.render, served, request)
-        return [png(image) for image in images], self.replica
+        return await self.renderer.on_its_thread(lambda: ([png(image) for image in self.renderer.render(
+            served, request)], self.replica))
 
 
 def png(image: Image.Image) -> bytes:

@@ -3,12 +3,15 @@ and with a hotswap rank, UNet-only adapters swapped into the least recently used
 fresh load draws; an adapter with text-encoder layers is loaded beside the others instead."""
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from sd_tasks.serving.champions import Champions
-from sd_tasks.serving.renderer import Renderer, Request, adapter_name, unet_only
+from sd_tasks.serving.renderer import LocalBackend, Renderer, Request, adapter_name, unet_only
 
 REQUEST = Request("a photo of sks dog", "", (3, 4), 2, 5.0, 64, 64)
 
@@ -50,3 +53,24 @@ def test_only_a_unet_only_lora_counts_as_hot_swappable(tmp_path):
         (tmp_path / name).mkdir()
         save_file({k: torch.zeros(2) for k in keys}, tmp_path / name / "pytorch_lora_weights.safetensors")
         assert unet_only(tmp_path / name) is expected
+
+
+def test_concurrent_requests_reach_torch_from_one_thread_only(versions, models, tmp_path):
+    """OpenMP keeps a team of threads per thread that calls into torch, and idle teams spin: requests rendered from a
+    pool of threads cut four clients' throughput to less than half of one client's on 2 cores (bench/serve.py)."""
+    served = Champions(tmp_path / "adapters", refresh_seconds=0).served("rex")
+    renderer = Renderer(models["sdxl"])
+    backend, callers, render = LocalBackend(renderer), set(), renderer.render
+
+    def recorded(*args):
+        callers.add(threading.get_ident())
+        return render(*args)
+
+    renderer.render = recorded
+
+    async def burst():
+        return await asyncio.gather(*(backend.render(served, REQUEST) for _ in range(6)))
+
+    answers = asyncio.run(burst())
+    assert len(answers) == 6 and all(len(pngs) == 2 for pngs, _ in answers)
+    assert len(callers) == 1 and threading.get_ident() not in callers  # one thread, not the event loop's
