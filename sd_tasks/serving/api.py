@@ -44,6 +44,8 @@ class ImageRequest(BaseModel):
     guidance: float = Field(5.0, ge=0, le=30)
     width: int | None = Field(None, ge=64, description="a multiple of 8; default: the base model's native size")
     height: int | None = Field(None, ge=64, description="a multiple of 8; default: the base model's native size")
+    refine: bool = Field(False, description="pass the last fifth of the denoising to the SDXL refiner (a server "
+                                            "started with a refiner model)")
 
     @field_validator("width", "height")
     @classmethod
@@ -70,6 +72,7 @@ class Backend(Protocol):
     native_size: int  # pixels per side when a request names no size
     max_tokens: int  # what the first text encoder reads
     counts: dict[str, int]  # adapter loads, hits, evictions, as metrics
+    refiner: bool  # whether requests may ask to refine
 
     def token_count(self, prompt: str) -> int: ...
 
@@ -137,6 +140,8 @@ def create_app(backend: Backend, champions: Champions, api_key: str, limits: Lim
             return refuse(422, f"steps: at most {limits.max_steps}")
         if max(width, height) > limits.max_side:
             return refuse(422, f"width, height: at most {limits.max_side}")
+        if body.refine and not backend.refiner:
+            return refuse(422, "refine: this server has no refiner model")
         try:
             served = await run_in_threadpool(champions.served, subject)
         except NotServable as exc:
@@ -154,7 +159,7 @@ def create_app(backend: Backend, champions: Champions, api_key: str, limits: Lim
             return refuse(429, f"{pending['n']} requests running or waiting; try again shortly")
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - limits.max_images)
         request = Request(prompt, body.negative_prompt, tuple(seed + k for k in range(body.num_images)), body.steps,
-                          body.guidance, width, height)
+                          body.guidance, width, height, body.refine)
         pending["n"] += 1
         queue.set(pending["n"])
         try:
@@ -168,7 +173,8 @@ def create_app(backend: Backend, champions: Champions, api_key: str, limits: Lim
         latency.observe(time.monotonic() - began)
         made = {"subject": subject, "model": served.model, "version": served.version, "alias": served.alias,
                 "prompt": prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
-                "guidance": request.guidance, "width": width, "height": height, "replica": replica}
+                "guidance": request.guidance, "width": width, "height": height, "refine": request.refine,
+                "replica": replica}
         if "image/png" in http.headers.get("accept", "") and len(pngs) == 1:
             headers = {"X-Dreamline-Model": served.model, "X-Dreamline-Version": str(served.version),
                        "X-Dreamline-Seed": str(request.seeds[0]), "X-Dreamline-Replica": replica}

@@ -39,6 +39,7 @@ class RayServeArgs(BaseModel):
 
     base_model: str
     dtype: str = "auto"
+    refiner_model: str = Field("", description="SDXL refiner for requests that ask to refine; none by default")
     alias: str = "champion"
     refresh_seconds: float = Field(5.0, ge=0, le=3600)
     adapters: str = Field("", description="each replica's LoRA folder (default: a temp folder of the replica)")
@@ -64,9 +65,10 @@ class LoadedAdapter:
 
 @serve.deployment(ray_actor_options={"num_gpus": 1}, max_ongoing_requests=2)
 class AdapterReplicas:
-    def __init__(self, base_model: str, dtype: str, adapters: str):
+    def __init__(self, base_model: str, dtype: str, adapters: str, refiner_model: str = ""):
         # one more than Ray's LRU, so Ray's eviction, not the renderer's, decides what leaves
-        self.renderer = Renderer(base_model, inference_dtype(dtype), MAX_ADAPTERS_PER_REPLICA + 1)
+        self.renderer = Renderer(base_model, inference_dtype(dtype), MAX_ADAPTERS_PER_REPLICA + 1,
+                                 refiner_model=refiner_model or None)
         self.adapters = adapters or tempfile.mkdtemp(prefix="dreamline-adapters-")
         self.replica = serve.get_replica_context().replica_id.unique_id
 
@@ -92,12 +94,12 @@ class RayBackend:
     """The API's images made by AdapterReplicas; what the API checks a request against read from the base model's
     tokenizer and configs alone (the ingress loads no weights)."""
 
-    def __init__(self, replicas: DeploymentHandle, base_model: str):
+    def __init__(self, replicas: DeploymentHandle, base_model: str, refiner: bool = False):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import AutoTokenizer
 
         folder = local_folder(base_model)
-        self.replicas, self.base_model, self.counts = replicas, base_model, {}
+        self.replicas, self.base_model, self.counts, self.refiner = replicas, base_model, {}, refiner
         self._tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
         self.max_tokens = int(self._tokenizer.model_max_length)
         vae_blocks = AutoencoderKL.load_config(folder, subfolder="vae")["block_out_channels"]
@@ -124,7 +126,7 @@ class ImageApi:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         self.args = RayServeArgs(**args)
         self.api_key = api_key_from_environment()
-        self.backend = RayBackend(replicas, self.args.base_model)
+        self.backend = RayBackend(replicas, self.args.base_model, bool(self.args.refiner_model))
         self.champions = Champions(None, self.args.alias, self.args.refresh_seconds)
 
     def __serve_build_asgi_app__(self):
@@ -136,9 +138,10 @@ def build(args: dict) -> Application:
     settings = RayServeArgs(**args)
     # one commit for the ingress and every replica, as registered versions record their base model (`id@sha`)
     settings.base_model = pin(settings.base_model, "base_model")
+    settings.refiner_model = settings.refiner_model and pin(settings.refiner_model, "refiner_model")
     replicas = AdapterReplicas.options(
         ray_actor_options={"num_gpus": settings.gpus_per_replica},
         autoscaling_config={"min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
                             "target_ongoing_requests": settings.target_ongoing_requests},
-    ).bind(settings.base_model, settings.dtype, settings.adapters)
+    ).bind(settings.base_model, settings.dtype, settings.adapters, settings.refiner_model)
     return ImageApi.bind(replicas, settings.model_dump())

@@ -42,6 +42,10 @@ class Request:
     guidance: float
     width: int
     height: int
+    refine: bool = False  # the base model denoises the first REFINE_FROM of the steps, the refiner the rest
+
+
+REFINE_FROM = 0.8  # SDXL's ensemble of experts: the refiner takes over for the last fifth of the noise
 
 
 def adapter_name(served: Served) -> str:
@@ -58,9 +62,10 @@ class Renderer:
     """The base pipeline and its adapters; `render` is safe to call from several threads (one runs at a time)."""
 
     def __init__(self, base_model: str, dtype: str = "float32", max_adapters: int = 4,
-                 hotswap_rank: int | None = None, compile_unet: bool = False):
+                 hotswap_rank: int | None = None, compile_unet: bool = False, refiner_model: str | None = None):
         self.base_model = base_model
         self.pipe = load_pipeline(base_model, dtype)
+        self.refiner = refiner_model and load_refiner(refiner_model, self.pipe)
         self.max_adapters = max_adapters
         self.loaded: OrderedDict[str, Served] = OrderedDict()
         self._slots: dict[str, str] = {}  # an adapter's name -> its name in the pipeline (a hot-swapped one: its slot's)
@@ -95,12 +100,21 @@ class Renderer:
         """The request's images with `served`'s LoRA (None: the base model alone), one per seed. Each is made on its
         own, not in a batch: a batch's arithmetic differs in the last bits, and an image must come out the same when
         asked for again by its seed alone."""
+        if request.refine and not self.refiner:
+            raise ValueError("this renderer has no refiner")
         with self._lock:
             self._activate(served)
-            return [self.pipe(prompt=request.prompt, negative_prompt=request.negative_prompt,
-                              generator=torch.Generator().manual_seed(seed), num_inference_steps=request.steps,
-                              guidance_scale=request.guidance, width=request.width, height=request.height).images[0]
-                    for seed in request.seeds]
+            return [self._image(request, seed) for seed in request.seeds]
+
+    def _image(self, request: Request, seed: int) -> Image.Image:
+        generator = torch.Generator().manual_seed(seed)
+        common = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, generator=generator,
+                      num_inference_steps=request.steps, guidance_scale=request.guidance)
+        if not request.refine:
+            return self.pipe(**common, width=request.width, height=request.height).images[0]
+        latents = self.pipe(**common, width=request.width, height=request.height, denoising_end=REFINE_FROM,
+                            output_type="latent").images
+        return self.refiner(**common, image=latents, denoising_start=REFINE_FROM).images[0]
 
     async def on_its_thread(self, work):
         """`work()` on the renderer's own thread, awaited from an event loop."""
@@ -154,6 +168,19 @@ class Renderer:
         self.pipe.set_adapters([self._slots[name]])
 
 
+def load_refiner(refiner_model: str, pipe):
+    """The SDXL refiner (an img2img pipeline), sharing the base pipeline's VAE and second text encoder."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from sd_tasks.models.model_refs import local_folder
+
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        local_folder(refiner_model, "--refiner-model"), vae=pipe.vae, text_encoder_2=pipe.text_encoder_2,
+        torch_dtype=pipe.unet.dtype).to(pipe.device)
+    refiner.set_progress_bar_config(disable=True)
+    return refiner
+
+
 class LocalBackend:
     """The API's images made in this process (the `serve` step): one batch at a time, in a worker thread."""
 
@@ -161,6 +188,7 @@ class LocalBackend:
         self.renderer = renderer
         self.base_model, self.counts = renderer.base_model, renderer.counts
         self.native_size, self.max_tokens = renderer.native_size, renderer.max_tokens
+        self.refiner = bool(renderer.refiner)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
 
     def token_count(self, prompt: str) -> int:

@@ -40,6 +40,8 @@ class ServeConfig:
     hotswap_rank: int = option("0: load each adapter beside the others; R: swap UNet-only adapters of rank up to R into "
                                "the least recently used one's place (diffusers' LoRA hotswap)", 0, at_least=0,
                                at_most=1024)
+    refiner_model: str = option("SDXL refiner for requests that ask to refine (e.g. stabilityai/stable-diffusion-xl-"
+                                "refiner-1.0); none by default", "")
     compile_unet: bool = option("compile the UNet after the first adapter loads (a GPU; with --hotswap-rank a swap "
                                 "does not compile again)", False)
 
@@ -67,7 +69,8 @@ def run(config: ServeConfig) -> dict:
     champions = Champions(adapters, config.alias, config.refresh_seconds)
     # a hub id at the commit it names now (or the cached one offline), as registered versions record their base model
     renderer = Renderer(pin(config.base_model, "--base-model"), inference_dtype(config.dtype), config.max_adapters,
-                        config.hotswap_rank or None, config.compile_unet)
+                        config.hotswap_rank or None, config.compile_unet,
+                        config.refiner_model and pin(config.refiner_model, "--refiner-model"))
     app = create_app(LocalBackend(renderer), champions, api_key, Limits(max_images=config.max_images, max_steps=config.max_steps,
                                                          max_queue=config.max_queue))
     print(f"serving {config.alias!r} of every subject on http://{config.host}:{config.port} (OpenAPI: /docs)",

@@ -67,4 +67,6 @@ def test_bad_input_through_ray_is_a_4xx_with_one_line(ray_url):
                                   ("cat", 409, "broken images")]:
         got, answer, _ = call(ray_url, "POST", f"/v1/subjects/{subject}/images", {"prompt": "a photo", "steps": 2})
         assert got == status and says in answer["detail"] and "\n" not in answer["detail"], answer
+    got, answer, _ = call(ray_url, "POST", "/v1/subjects/rex/images", {"prompt": "x", "refine": True})
+    assert got == 422 and answer["detail"] == "refine: this server has no refiner model"
     assert call(ray_url, "POST", "/v1/subjects/rex/images", {"prompt": "x"}, key=None)[0] == 401

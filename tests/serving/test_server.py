@@ -32,7 +32,8 @@ def server(versions, models, home, tmp_path_factory):
     env = {**os.environ, "DREAMLINE_SERVING_API_KEY": KEY, "DREAMLINE_HOME": str(home)}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "sd_tasks", "serve", f"--base-model={models['sdxl']}",
-                                 f"--port={port}", "--refresh-seconds=1", "--max-queue=2"], cwd=REPO, env=env,
+                                 f"--port={port}", "--refresh-seconds=1", "--max-queue=2",
+                                 f"--refiner-model={models['sdxl']}"], cwd=REPO, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -86,6 +87,15 @@ def test_the_champion_makes_images_that_can_be_made_again(server, versions):
     assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
     assert headers["X-Dreamline-Version"] == str(versions["rex"][0]) and headers["X-Dreamline-Seed"] == "7"
     assert base64.b64decode(answer["images"][0]["png"]) == png
+
+
+def test_a_request_may_ask_the_refiner_to_finish_its_images(server):
+    """The tiny SDXL stands in for the refiner: an img2img pipeline of the same shapes."""
+    plain = generate(server, seed=3, steps=5)[1]
+    status, refined, _ = generate(server, seed=3, steps=5, refine=True)
+    assert status == 200 and (plain["refine"], refined["refine"]) == (False, True)
+    assert refined["images"][0]["png"] != plain["images"][0]["png"]
+    assert generate(server, seed=3, steps=5, refine=True)[1]["images"][0]["png"] == refined["images"][0]["png"]
 
 
 def test_promote_and_rollback_reach_the_server_within_its_refresh_time(server, versions):
