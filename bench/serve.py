@@ -236,7 +236,8 @@ def load(url: str, clients: int, requests: list, steps: int) -> dict:
 
 
 def call(url: str, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url + path, method=method, data=None if body is None else json.dumps(body).encode(),
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, method=method, data=data,
                                      headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
     try:
         with _NO_PROXY.open(request, timeout=600) as response:

@@ -10,7 +10,8 @@ and the seeds. A run:
 2. **render**: one task per prompt, mapped, in the `gpu` pool (each loads the base model and the LoRA once and
    renders the prompt at every seed), into this run's folder: a PNG per seed and an `images.json` that says how to
    make each image again;
-3. **grid**: one MLflow run in the experiment `<subject>-batches` with the grid (a row per prompt, a column per seed), every
+3. **grid**: one MLflow run in the experiment `<subject>-batches` with the grid (a row per prompt, a column per
+   seed), every
    image and the settings, tagged with the model and version.
 
 The images come from the image server's own renderer: a served image with the same version, prompt, seed and

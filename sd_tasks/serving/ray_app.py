@@ -58,9 +58,9 @@ class LoadedAdapter:
         self.renderer, self.served, self.dropped = renderer, served, False
 
     def __del__(self):
-        if not self.dropped:
+        if not self.dropped:  # on the renderer's thread, after what was asked of it before (one thread into torch)
             self.dropped = True
-            self.renderer.unload(adapter_name(self.served))
+            self.renderer.thread.submit(self.renderer.unload, adapter_name(self.served))
 
 
 @serve.deployment(ray_actor_options={"num_gpus": 1}, max_ongoing_requests=2)
@@ -86,8 +86,9 @@ class AdapterReplicas:
         except NotServable as exc:  # a plain answer: a custom exception does not cross Ray's boundary intact
             return {"refused": [exc.status, exc.reason]}
         served = dataclasses.replace(served, lora=adapter.served.lora)
-        pngs = await self.renderer.on_its_thread(lambda: [png(image) for image in self.renderer.render(served, request)])
-        return {"replica": self.replica, "pngs": pngs, "counts": dict(self.renderer.counts)}
+        pngs = await self.renderer.on_its_thread(
+            lambda: [png(image) for image in self.renderer.render(served, request)])
+        return {"replica": self.replica, "pngs": pngs}
 
 
 class RayBackend:

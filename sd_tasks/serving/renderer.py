@@ -68,7 +68,7 @@ class Renderer:
         self.refiner = refiner_model and load_refiner(refiner_model, self.pipe)
         self.max_adapters = max_adapters
         self.loaded: OrderedDict[str, Served] = OrderedDict()
-        self._slots: dict[str, str] = {}  # an adapter's name -> its name in the pipeline (a hot-swapped one: its slot's)
+        self._slots: dict[str, str] = {}  # adapter name -> its name in the pipeline (a hot-swapped one: its slot's)
         self.counts = {"adapter_loads": 0, "adapter_hits": 0, "adapter_evictions": 0, "adapter_hotswaps": 0}
         self.hotswap, self.compile_unet = hotswap_rank is not None, compile_unet
         if self.hotswap:  # before the first adapter loads, as diffusers requires
@@ -128,29 +128,40 @@ class Renderer:
                 self.loaded.move_to_end(name)
                 self.counts["adapter_hits"] += 1
                 return name
-            if self.hotswap and len(self.loaded) >= self.max_adapters and unet_only(served.lora):
-                oldest, old = next(iter(self.loaded.items()))
-                if unet_only(old.lora):  # its slot takes the new weights; the slot keeps its first name
-                    slot = self._slots.pop(oldest)
-                    del self.loaded[oldest]
-                    try:
-                        self.pipe.load_lora_weights(str(served.lora), weight_name=LORA_WEIGHTS, adapter_name=slot,
-                                                    hotswap=True)
-                    except Exception:  # its weights may be half replaced: the slot goes, never to be drawn with
-                        self.pipe.delete_adapters(slot)
-                        raise
-                    self.loaded[name], self._slots[name] = served, slot
-                    self.counts["adapter_hotswaps"] += 1
-                    return name
-            while len(self.loaded) >= self.max_adapters:
-                self.unload(next(iter(self.loaded)))
-            self.pipe.load_lora_weights(str(served.lora), weight_name=LORA_WEIGHTS, adapter_name=name)
+            if not self._hotswap_into_oldest(name, served):
+                while len(self.loaded) >= self.max_adapters:
+                    self.unload(next(iter(self.loaded)))
+                self._load_weights(served, slot=name, hotswap=False)
+                self._slots[name] = name
+                self.counts["adapter_loads"] += 1
+                if self.compile_unet and self.counts["adapter_loads"] == 1:  # after the first load, as diffusers asks
+                    self.pipe.unet.compile_repeated_blocks(fullgraph=True)
             self.loaded[name] = served
-            self._slots[name] = name
-            self.counts["adapter_loads"] += 1
-            if self.compile_unet and self.counts["adapter_loads"] == 1:  # after the first load, as diffusers asks
-                self.pipe.unet.compile_repeated_blocks(fullgraph=True)
             return name
+
+    def _hotswap_into_oldest(self, name: str, served: Served) -> bool:
+        """With hotswap on and every slot taken, the least recently used adapter's slot takes `served`'s weights in
+        place (the slot keeps its first name); only between UNet-only adapters, as diffusers can swap no other."""
+        if not (self.hotswap and len(self.loaded) >= self.max_adapters and unet_only(served.lora)):
+            return False
+        oldest, old = next(iter(self.loaded.items()))
+        if not unet_only(old.lora):
+            return False
+        slot = self._slots.pop(oldest)
+        del self.loaded[oldest]
+        self._load_weights(served, slot, hotswap=True)
+        self._slots[name] = slot
+        self.counts["adapter_hotswaps"] += 1
+        return True
+
+    def _load_weights(self, served: Served, slot: str, hotswap: bool) -> None:
+        try:
+            self.pipe.load_lora_weights(str(served.lora), weight_name=LORA_WEIGHTS, adapter_name=slot,
+                                        hotswap=hotswap)
+        except Exception:  # half loaded or half replaced: the slot goes, never to be drawn with
+            if any(slot in names for names in self.pipe.get_list_adapters().values()):
+                self.pipe.delete_adapters(slot)
+            raise
 
     def unload(self, name: str) -> None:
         with self._lock:

@@ -37,9 +37,9 @@ class ServeConfig:
     max_steps: int = option("denoising steps one request may ask for", 100, at_least=1, at_most=200)
     dtype: str = option("inference dtype: auto (float16 on a GPU, float32 on the CPU), float32, float16, bfloat16",
                         "auto")
-    hotswap_rank: int = option("0: load each adapter beside the others; R: swap UNet-only adapters of rank up to R into "
-                               "the least recently used one's place (diffusers' LoRA hotswap)", 0, at_least=0,
-                               at_most=1024)
+    hotswap_rank: int = option("0: load each adapter beside the others; R: swap UNet-only adapters of rank up to R "
+                               "into the least recently used one's place (diffusers' LoRA hotswap)", 0,
+                               at_least=0, at_most=1024)
     refiner_model: str = option("SDXL refiner for requests that ask to refine (e.g. stabilityai/stable-diffusion-xl-"
                                 "refiner-1.0); none by default", "")
     compile_unet: bool = option("compile the UNet after the first adapter loads (a GPU; with --hotswap-rank a swap "
@@ -71,8 +71,8 @@ def run(config: ServeConfig) -> dict:
     renderer = Renderer(pin(config.base_model, "--base-model"), inference_dtype(config.dtype), config.max_adapters,
                         config.hotswap_rank or None, config.compile_unet,
                         config.refiner_model and pin(config.refiner_model, "--refiner-model"))
-    app = create_app(LocalBackend(renderer), champions, api_key, Limits(max_images=config.max_images, max_steps=config.max_steps,
-                                                         max_queue=config.max_queue))
+    limits = Limits(max_images=config.max_images, max_steps=config.max_steps, max_queue=config.max_queue)
+    app = create_app(LocalBackend(renderer), champions, api_key, limits)
     print(f"serving {config.alias!r} of every subject on http://{config.host}:{config.port} (OpenAPI: /docs)",
           flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")

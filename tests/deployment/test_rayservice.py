@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from kubernetes_objects import documented_commands, documented_secrets, OBJECTS, restricted_violations, settings  # noqa: F401
+from kubernetes_objects import (documented_commands, documented_secrets, OBJECTS, restricted_violations,
+                                settings)  # noqa: F401 (fixture)
 
 RAYSERVICE = OBJECTS / "serving" / "rayservice.yaml"
 # KubeRay v1.7.0's RayService CRD, its v1 openAPIV3Schema (schemas/README.md says where it comes from)

@@ -28,8 +28,8 @@ def register(name: str, checkpoint: Path, base_model: str, alias: str | None, **
 
 @pytest.fixture(scope="session")
 def versions(cache, models, tmp_path_factory):
-    """rex: v1 (step 2, champion) and v2 (step 4); fox: v1 (step 4, champion); cat: a broken champion; owl: registered, no champion; junk: a
-    champion whose file is no LoRA."""
+    """rex: v1 (step 2, champion) and v2 (step 4); fox: v1 (step 4, champion); cat: a broken champion; owl:
+    registered, no champion; junk: a champion whose file is no LoRA."""
     from sd_tasks.training import train
 
     out = tmp_path_factory.mktemp("serving-train")
