@@ -61,7 +61,7 @@ serve: $(STAMP)  # ALIAS reaches it as make passes command-line variables
 
 # Your own subject: publish a folder of photos as a dataset version and add its DAG, e.g.
 # make subject NAME=rex PHOTOS=~/photos/rex TOKEN=sks CLASS=dog KIND=live (scripts/subject.py)
-subject: $(STAMP)  # NAME, PHOTOS, TOKEN, CLASS, KIND, SCHEDULE reach it as make passes command-line variables
+subject: $(STAMP)  # NAME, PHOTOS, TOKEN, CLASS, KIND, CONSENT, SCHEDULE reach it as make passes command-line variables
 	@$(PY) scripts/subject.py
 
 # The manifest of every pod one DAG run would launch in kubernetes mode, e.g. make pods SUBJECT=backpack CONF='{"max_steps": 200}'

@@ -11,7 +11,9 @@ dataset is published; or on **Trigger** with the form below. A run:
    fetches it into the model cache: every later step, cache, tag and the registered version names `id@sha`, and a
    hub that cannot be reached (with nothing cached) fails the night here, in one line;
    **dataset**: fetches the subject's images at the chosen version of the DVC data registry (rev, commit and
-   content hash are recorded on every MLflow run and on the registered version); **champion** fetches the current
+   content hash are recorded on every MLflow run and on the registered version; a subject of kind person is
+   refused here without a consent record that covers training, and the record's id goes wherever the dataset's
+   does); **champion** fetches the current
    champion, early, so a registry that cannot be reached fails the night before any GPU is used;
 3. **lineage**: compares what it would train (dataset content, recipe, base model commit, code version) with what the
    champion and the latest challenger were trained from: when nothing changed, the run ends here, skipped, and
@@ -70,6 +72,7 @@ DATASET_TAGS = [
     "dataset.rev={{ ti.xcom_pull(task_ids='dataset')['rev'] }}",
     "dataset.commit={{ ti.xcom_pull(task_ids='dataset')['commit'] }}",
     "dataset.hash={{ ti.xcom_pull(task_ids='dataset')['hash'] }}",
+    "consent.id={{ ti.xcom_pull(task_ids='dataset')['consent_id'] }}",
 ]
 
 
@@ -115,7 +118,7 @@ def lora_dag(subject: subjects.Subject):
         models = StepOperator(task_id="models", step="pin-models", options=models_to_pin())
         dataset = StepOperator(task_id="dataset", step="dataset", options={
             "repo": param("dataset_repo"), "rev": param("dataset_version"), "path": param("dataset_path"),
-            "output": f"{RUN}/dataset",
+            "output": f"{RUN}/dataset", "consent": "required" if subject.kind == "person" else "optional",
         })
         champion = StepOperator(task_id="champion", step="champion", options={
             "model_name": subject.model_name, "output": f"{RUN}/champion",

@@ -1,5 +1,6 @@
 """`make subject NAME=rex PHOTOS=~/photos/rex TOKEN=sks CLASS=dog [KIND=live] [SCHEDULE="0 3 * * *"]`: your own
-subject, from a folder of photos to a DAG that trains it.
+subject, from a folder of photos to a DAG that trains it (KIND=person needs CONSENT=FILE, the person's consent
+record, published with the photos: sd_tasks/data/consent.py).
 
 1. checks the photos as every run will (`sd_tasks validate`: decodable, large enough, not duplicates), without
    touching them;
@@ -27,7 +28,8 @@ from sd_tasks.core.errors import StepError  # noqa: E402
 from sd_tasks.data.dataset import PublishConfig, publish  # noqa: E402
 from sd_tasks.data.validate import ValidateConfig, run as validate  # noqa: E402
 
-USAGE = "make subject NAME=rex PHOTOS=~/photos/rex TOKEN=sks CLASS=dog [KIND=live|object] [SCHEDULE='0 3 * * *']"
+USAGE = ("make subject NAME=rex PHOTOS=~/photos/rex TOKEN=sks CLASS=dog [KIND=live|object|person CONSENT=FILE] "
+         "[SCHEDULE='0 3 * * *']")
 
 
 def main(environ=os.environ) -> int:
@@ -60,11 +62,15 @@ def add_subject(environ) -> str:
         raise ValueError(f"DREAMLINE_SUBJECTS={listing}: an Airflow Variable; add the subject in the UI "
                          f"(Admin > Variables) and publish with `python -m sd_tasks publish-dataset`")
     subjects._subject(str(listing), name, entry)  # the rules the DAGs apply, before anything is written
+    consent = environ.get("CONSENT", "").strip() or None
+    if entry["kind"] == "person" and not consent:
+        raise ValueError(f"KIND=person: CONSENT=FILE is required, the person's consent record (docs/safety.md); "
+                         f"a person's photos are never published or trained without one")
     with tempfile.TemporaryDirectory() as scratch:  # the photos checked as a run checks them, not changed
         checked = validate(ValidateConfig(input=str(source), output=f"{scratch}/validated"))
     version = next_version(registry, name)
     published = publish(PublishConfig(source=str(source), repo=str(registry), path=name, tag=version,
-                                      remote=str(home / "dvc-remote")))
+                                      remote=str(home / "dvc-remote"), consent=consent))
     added = subjects.add(listing, name, entry)
     wanted = next(s for s in subjects.load(str(listing)) if s.name == name).dataset_version
     trains = f"its next run trains on {version}" if wanted == "main" else \

@@ -37,6 +37,7 @@ DREAMBENCH_PROMPTS = {
         "a {instance} in a firefighter outfit", "a {instance} in a police outfit", "a {instance} wearing pink glasses",
         "a {instance} wearing a yellow shirt", "a {instance} in a purple wizard outfit"] + _STYLES,
 }
+DREAMBENCH_PROMPTS["person"] = DREAMBENCH_PROMPTS["live"]  # a person is a live subject that needs consent
 
 
 # An evaluation prompt: contains {instance}, and no other {field} than {instance} and {class_noun}.
@@ -225,8 +226,9 @@ def training_params() -> dict[str, Param]:
 
 def evaluation_params(kind: str = "live") -> dict[str, Param]:
     return {
-        "subject_kind": Param(kind, type="string", enum=["object", "live"],
-                              values_display={"object": "Object (backpack, toy, ...)", "live": "Live subject (pet, ...)"},
+        "subject_kind": Param(kind, type="string", enum=["object", "live", "person"],
+                              values_display={"object": "Object (backpack, toy, ...)", "live": "Live subject (pet, ...)",
+                                              "person": "Person (trained only under a consent record)"},
                               title="Subject kind", description="Picks DreamBench's prompt set.", section=EVALUATION),
         "evaluation_prompts": Param([], type="array", items={"type": "string", "pattern": PROMPT_TEMPLATE},
                                     maxItems=100, title="Evaluation prompts",

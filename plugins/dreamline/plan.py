@@ -179,7 +179,8 @@ def training_options(params: dict, run: str, dataset: dict, cache: str, parent_r
         "gradient_checkpointing": params["gradient_checkpointing"], "seed": params["seed"],
         "experiment": params["subject"], "parent_run_id": parent_run_id, "stop_at_step": stop_at(params, 0),
         "gpu_hour_price": DEPLOYMENT.gpu_hour_price,
-        "tags": [f"dataset.{k}={dataset[k]}" for k in ("rev", "commit", "hash")],
+        "tags": [f"dataset.{k}={dataset[k]}" for k in ("rev", "commit", "hash")]
+        + [f"consent.id={dataset.get('consent_id', 'none')}"],
     } for lr in params["learning_rates"]]
 
 

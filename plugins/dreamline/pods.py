@@ -75,7 +75,8 @@ def planned_pods(conf: dict, images: int = 5, champion: bool = True, run_id: str
     evaluations = plan.evaluation_options(params, run, trained, current)
     results = {  # what the tasks that templates pull from would return
         "recipe": recipe, "models": pinned, "checkpoint_evaluations": evaluations,
-        "dataset": {"rev": params["dataset_version"], "commit": "<dataset.commit>", "hash": "<dataset.hash>"},
+        "dataset": {"rev": params["dataset_version"], "commit": "<dataset.commit>", "hash": "<dataset.hash>",
+                    "consent_id": "<dataset.consent_id>"},
         "mlflow_run": {"run_id": "<mlflow_run.run_id>"},
         "class_images": {"images": DEPLOYMENT.cache_dir("class-images") + "/<class_images.key>"},
         "encode_class_images": {"cache": DEPLOYMENT.cache_dir("encode") + "/<encode_class_images.key>"},

@@ -15,7 +15,8 @@ Each entry (only `class_noun` is required):
     dog:
       token: sks                 # rare token that comes to mean the subject
       class_noun: dog
-      kind: live                 # live (pets, people) or object: picks DreamBench's evaluation prompts
+      kind: live                 # live (pets), person (live, and trained only under a consent record) or
+                                 # object: picks DreamBench's evaluation prompts
       dataset: {repo: ..., path: dog, version: main}   # repo: the deployment's registry; path: the name
       schedule: "0 2 * * *"      # cron, or null for manual runs only
       on_new_data: true          # also run when a new dataset version is published (an Asset event)
@@ -38,7 +39,7 @@ from pathlib import Path
 REGISTRY_ENV = "DREAMLINE_SUBJECTS"
 DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "dags" / "subjects.yaml"
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-KINDS = ("live", "object")
+KINDS = ("live", "object", "person")  # person: live prompts, and trained only with consent
 FIELDS = {"token", "class_noun", "kind", "dataset", "schedule", "on_new_data", "timeout_hours", "recipe",
           "require_approval", "approval_timeout_hours"}
 DATASET_FIELDS = {"repo", "path", "version"}
@@ -125,7 +126,7 @@ def _subject(source: str, name: str, entry) -> Subject:
         raise SubjectRegistryError(f"{where}: class_noun is required (what the subject is, e.g. dog)")
     kind = entry.get("kind", "object")
     if kind not in KINDS:
-        raise SubjectRegistryError(f"{where}: kind {kind!r}: use live or object")
+        raise SubjectRegistryError(f"{where}: kind {kind!r}: use live, person or object")
     token = entry.get("token", "sks")
     if not isinstance(token, str) or not re.fullmatch(r"[^\s{}]+", token):
         raise SubjectRegistryError(f"{where}: token must be one word without braces")

@@ -18,12 +18,14 @@ import sys
 import tempfile
 import urllib.parse
 from dataclasses import dataclass, replace
+from datetime import date
 from pathlib import Path
 
 from sd_tasks.core.config import option
 from sd_tasks.core.errors import StepError, Unavailable
 from sd_tasks.core.redact import redact
 from sd_tasks.core.storage import write_dir, write_json
+from sd_tasks.data.consent import Consent, parse, record_name, refusal
 
 
 @dataclass
@@ -34,6 +36,9 @@ class DatasetConfig:
     path: str = option("the subject's folder inside the registry, e.g. dog")
     output: str = option("URI to write the images and dataset.json to")
     rev: str = option("Git rev of the registry: tag, branch or commit", "main")
+    consent: str = option("the subject's consent record (<path>.consent.json): required (a subject of kind person: "
+                          "refused without one that covers training today) or optional (recorded when there is one)",
+                          "optional")
 
 
 def run(config: DatasetConfig) -> dict:
@@ -109,6 +114,7 @@ def fetch(config: DatasetConfig, shown: str) -> dict:
         raise StepError(said) from None
     if info["type"] != "directory":
         raise StepError(f"{repo}: {config.path!r} at rev {config.rev!r} is not a folder")
+    record = consent_for_training(fs, config, repo)
     with write_dir(config.output) as out:
         images = out / "images"
         fs.get(config.path.rstrip("/") + "/", str(images), recursive=True)
@@ -121,9 +127,30 @@ def fetch(config: DatasetConfig, shown: str) -> dict:
             "dvc_md5": info.get("md5"),
             "hash": content_hash(images),
             "num_files": len(files),
+            "consent_id": record.id if record else "none",
         }
-        write_json(out / "dataset.json", {**result, "files": files})
+        write_json(out / "dataset.json", {**result, "files": files,
+                                          "consent": record.tags() if record else None})
     return {**result, "images": f"{config.output}/images"}
+
+
+def consent_for_training(fs, config: DatasetConfig, repo: str) -> Consent | None:
+    """The subject's consent record at `rev`, refused in one line unless it covers training today; None when there
+    is none and none is required."""
+    if config.consent not in ("required", "optional"):
+        raise StepError(f"--consent {config.consent!r}: required or optional")
+    name = record_name(config.path)
+    shown = f"{repo}@{config.rev}: {name}"
+    if not fs.exists(name):
+        if config.consent == "required":
+            raise StepError(f"{shown}: no consent record; a subject of kind person is trained only with one that "
+                            f"covers training (publish-dataset --consent FILE)")
+        return None
+    with fs.open(name, "rb") as f:
+        record = parse(f.read(64 * 1024).decode("utf-8", "replace"), shown)
+    if reason := refusal(record, "training", date.today()):
+        raise StepError(f"{shown}: {reason}; nothing is trained")
+    return record
 
 
 def content_hash(folder: Path) -> str:
@@ -144,6 +171,8 @@ class PublishConfig:
     path: str = option("the subject's folder inside the registry, e.g. dog")
     tag: str = option("Git tag naming this version, e.g. dog-v1")
     remote: str | None = option("DVC remote (local folder or s3://...) for a new registry", None)
+    consent: str | None = option("a consent record (JSON: id, given_by, given_at, expires, scope, form) published "
+                                 "with this version as <path>.consent.json", None)
 
 
 def publish(config: PublishConfig) -> dict:
@@ -159,6 +188,13 @@ def publish(config: PublishConfig) -> dict:
                         f"registry")
     if link := next((p for p in sorted(source.rglob("*")) if p.is_symlink()), None):  # copytree would follow it
         raise StepError(f"{link}: symbolic link; publish a folder of regular files (what it points to may be private)")
+    record = None
+    if config.consent:
+        try:
+            record = Path(config.consent).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StepError(f"--consent {config.consent}: cannot read it ({exc})") from None
+        parse(record, f"--consent {config.consent}")
     if not (repo / ".dvc").is_dir():
         if not config.remote:
             raise StepError(f"{repo}: not a DVC registry yet; pass --remote to create one")
@@ -175,7 +211,11 @@ def publish(config: PublishConfig) -> dict:
     shutil.copytree(source, target)
     _dvc(repo, "add", "-q", config.path)
     _dvc(repo, "push", "-q")
-    _git(repo, "add", f"{config.path}.dvc", ".gitignore")
+    # DVC's .gitignore for the folder lies beside it: at the root for `dog`, in people/ for `people/jane`
+    _git(repo, "add", f"{config.path}.dvc", posixpath.join(posixpath.dirname(config.path.strip("/")), ".gitignore"))
+    if record is not None:  # beside the photos' .dvc file, in Git: versioned with them, not one of them
+        (repo / record_name(config.path)).write_text(record, encoding="utf-8")
+        _git(repo, "add", record_name(config.path))
     if _git(repo, "status", "--porcelain", "--untracked-files=no").strip():
         _git(repo, "commit", "-qm", f"Publish {config.path} as {config.tag}")
     _git(repo, "tag", config.tag)

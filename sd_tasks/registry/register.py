@@ -97,6 +97,7 @@ def run(config: RegisterConfig) -> dict:
         **lineage_tags(dataset["hash"], config.recipe_hash, info["base_model"]),
         **model_tags(config.models),
         **({"instance": config.instance} if config.instance else {}),
+        **(dataset.get("consent") or {}),  # consent.id, .expires, .scope: the server serves it only while covered
     }
     found = existing_version(client, config.model_name, run_key)
     version = complete_version(client, found, tags) if found else log_version(config, best, info, tags)

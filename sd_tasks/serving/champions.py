@@ -3,8 +3,8 @@
 The registry is the source of truth. A subject's model is `<subject>-sdxl-lora` (the DAG's naming); its alias is
 looked up again once it is older than `refresh_seconds`, so `promote` and `rollback` reach every server within that
 time, with no call to the servers and nothing to miss; while the registry cannot be reached, a subject keeps the
-version it last resolved to. A version is served only when it is whole: not marked
-`score.broken`, its LoRA file's header a LoRA's (sd_tasks.training.lora_files), its file downloaded completely into
+version it last resolved to. A version is served only when it may be and is whole: its consent record, if it was
+trained under one (sd_tasks.data.consent), covers serving today; not marked `score.broken`; its LoRA file's header a LoRA's (sd_tasks.training.lora_files), its file downloaded completely into
 the adapter folder (a temp folder renamed into place: a request never sees half a file). Adapters are kept on disk
 by (model, version); the instance words (`sks dog`) come from the version's own tags, as it was trained.
 """
@@ -16,10 +16,12 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 from sd_tasks.core import tracking
 from sd_tasks.core.errors import StepError, Unavailable
+from sd_tasks.data.consent import tags_refusal
 from sd_tasks.training import lora_files
 from sd_tasks.training.checkpoint_files import LORA_WEIGHTS
 
@@ -106,6 +108,8 @@ class Champions:
                 raise NotServable(404, f"subject {subject!r}: no registered model {name}")
             raise NotServable(409, f"subject {subject!r}: {name} has no {self.alias!r} version yet")
         tags = version.tags
+        if reason := tags_refusal(tags, "serving", date.today()):
+            raise NotServable(409, f"{name} version {version.version} ({self.alias}): {reason}; not served")
         if tags.get("score.broken") == "true":
             raise NotServable(409, f"{name} version {version.version} ({self.alias}): its evaluation produced broken "
                                    f"images; never served")

@@ -37,7 +37,7 @@ def test_a_subject_can_require_a_reviewers_approval(tmp_path):
 @pytest.mark.parametrize("entry, message", [
     ("cat: {token: sks}", "subject 'cat': class_noun is required"),
     ("Cat: {class_noun: cat}", "subject 'Cat': names are lower-case"),
-    ("cat: {class_noun: cat, kind: animal}", "kind 'animal': use live or object"),
+    ("cat: {class_noun: cat, kind: animal}", "kind 'animal': use live, person or object"),
     ("cat: {class_noun: cat, colour: red}", "unknown settings colour"),
     ("cat: {class_noun: cat, dataset: {version: 1.10}}", "dataset.version must be a Git tag, branch or commit in "
                                                          "quotes"),
@@ -154,7 +154,7 @@ def test_a_subject_is_appended_keeping_every_byte_of_the_registry(tmp_path):
     assert list(loaded) == ["dog", "backpack", "rex"] and loaded["rex"].schedule == "0 3 * * *"
     assert not subjects.add(registry, "rex", {**entry, "class_noun": "cat"}) and registry.read_text() == text
     # an entry the DAGs would refuse, and a registry where appending would not add it, leave the file as it was
-    with pytest.raises(subjects.SubjectRegistryError, match="kind 'pet': use live or object"):
+    with pytest.raises(subjects.SubjectRegistryError, match="kind 'pet': use live, person or object"):
         subjects.add(registry, "tom", {**entry, "kind": "pet"})
     flow = tmp_path / "flow.yaml"
     flow.write_text("subjects: {dog: {class_noun: dog}}\nother: 1\n")

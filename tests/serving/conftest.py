@@ -2,6 +2,7 @@
 logs them, one subject per case a server must handle."""
 from __future__ import annotations
 
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ def register(name: str, checkpoint: Path, base_model: str, alias: str | None, **
 @pytest.fixture(scope="session")
 def versions(cache, models, tmp_path_factory):
     """rex: v1 (step 2, champion) and v2 (step 4); fox: v1 (step 4, champion); cat: a broken champion; owl:
-    registered, no champion; junk: a champion whose file is no LoRA."""
+    registered, no champion; junk: a champion whose file is no LoRA; kim and liv: champions whose consent does not
+    cover serving today."""
     from sd_tasks.training import train
 
     out = tmp_path_factory.mktemp("serving-train")
@@ -41,6 +43,13 @@ def versions(cache, models, tmp_path_factory):
     fox = register("fox-sdxl-lora", out / "checkpoint-4", sdxl, "champion", instance="sks fox")
     register("cat-sdxl-lora", out / "checkpoint-2", sdxl, "champion", **{"score.broken": "true"})
     register("owl-sdxl-lora", out / "checkpoint-2", sdxl, None)
+    # trained under consent records: kim's expired yesterday, liv's never covered serving
+    register("kim-sdxl-lora", out / "checkpoint-2", sdxl, "champion", instance="sks person", **{
+        "consent.id": "c-kim", "consent.expires": (date.today() - timedelta(days=1)).isoformat(),
+        "consent.scope": "training,serving"})
+    register("liv-sdxl-lora", out / "checkpoint-2", sdxl, "champion", instance="sks person", **{
+        "consent.id": "c-liv", "consent.expires": (date.today() + timedelta(days=99)).isoformat(),
+        "consent.scope": "training"})
     junk = out / "junk"
     junk.mkdir()
     save_file({"not.a.lora.weight": torch.zeros(2)}, junk / "pytorch_lora_weights.safetensors")

@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import date, timedelta
 
 import psutil
 import pytest
@@ -121,6 +122,8 @@ def test_promote_and_rollback_reach_the_server_within_its_refresh_time(server, v
     ("cat", {}, KEY, 409, "broken images; never served"),
     ("owl", {}, KEY, 409, "has no 'champion' version yet"),
     ("junk", {}, KEY, 409, "never served"),
+    ("kim", {}, KEY, 409, f"consent c-kim expired on {date.today() - timedelta(days=1)}; not served"),
+    ("liv", {}, KEY, 409, "consent c-liv covers training, not serving; not served"),
     ("rex", {"width": 100}, KEY, 422, "width: Value error, must be a multiple of 8"),
     ("rex", {"width": 4096}, KEY, 422, "width, height: at most 2048"),
     ("rex", {"num_images": 99}, KEY, 422, "num_images: at most 4"),
