@@ -88,6 +88,10 @@ def tags_refusal(tags: dict[str, str], use: str, today: date) -> str | None:
         return None
     if use not in tags.get("consent.scope", "").split(","):
         return f"consent {tags['consent.id']} covers {tags.get('consent.scope') or 'nothing'}, not {use}"
-    if today >= date.fromisoformat(tags["consent.expires"]):
+    try:
+        expires = date.fromisoformat(tags.get("consent.expires", ""))
+    except ValueError:  # a tag edited by hand: no date, no serving
+        return f"consent {tags['consent.id']}: its expires tag {tags.get('consent.expires')!r} is not a date"
+    if today >= expires:
         return f"consent {tags['consent.id']} expired on {tags['consent.expires']}"
     return None

@@ -30,8 +30,8 @@ def register(name: str, checkpoint: Path, base_model: str, alias: str | None, **
 @pytest.fixture(scope="session")
 def versions(cache, models, tmp_path_factory):
     """rex: v1 (step 2, champion) and v2 (step 4); fox: v1 (step 4, champion); cat: a broken champion; owl:
-    registered, no champion; junk: a champion whose file is no LoRA; kim and liv: champions whose consent does not
-    cover serving today."""
+    registered, no champion; junk: a champion whose file is no LoRA; kim, liv and max: champions whose consent does not
+    cover serving today (expired, never for serving, an expiry that is no date)."""
     from sd_tasks.training import train
 
     out = tmp_path_factory.mktemp("serving-train")
@@ -50,6 +50,8 @@ def versions(cache, models, tmp_path_factory):
     register("liv-sdxl-lora", out / "checkpoint-2", sdxl, "champion", instance="sks person", **{
         "consent.id": "c-liv", "consent.expires": (date.today() + timedelta(days=99)).isoformat(),
         "consent.scope": "training"})
+    register("max-sdxl-lora", out / "checkpoint-2", sdxl, "champion", instance="sks person", **{
+        "consent.id": "c-max", "consent.expires": "soon", "consent.scope": "training,serving"})
     junk = out / "junk"
     junk.mkdir()
     save_file({"not.a.lora.weight": torch.zeros(2)}, junk / "pytorch_lora_weights.safetensors")

@@ -124,6 +124,7 @@ def test_promote_and_rollback_reach_the_server_within_its_refresh_time(server, v
     ("junk", {}, KEY, 409, "never served"),
     ("kim", {}, KEY, 409, f"consent c-kim expired on {date.today() - timedelta(days=1)}; not served"),
     ("liv", {}, KEY, 409, "consent c-liv covers training, not serving; not served"),
+    ("max", {}, KEY, 409, "consent c-max: its expires tag 'soon' is not a date; not served"),
     ("rex", {"width": 100}, KEY, 422, "width: Value error, must be a multiple of 8"),
     ("rex", {"width": 4096}, KEY, 422, "width, height: at most 2048"),
     ("rex", {"num_images": 99}, KEY, 422, "num_images: at most 4"),
