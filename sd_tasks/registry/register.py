@@ -343,5 +343,7 @@ def champion(config: ChampionConfig) -> dict:
                                            "base_model": current.tags["base_model"],
                                            "champion_version": int(current.version), "run_id": None,
                                            "model_name": config.model_name, "alias": config.alias,
-                                           "instance": current.tags.get("instance")})
+                                           "instance": current.tags.get("instance"),
+                                           "consent": {k: v for k, v in current.tags.items()
+                                                       if k.startswith("consent.")}})
     return {"checkpoint": config.output, "version": int(current.version), "instance": current.tags.get("instance")}

@@ -9,10 +9,12 @@ version, prompt, seed and settings are the same image.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date
 
 from sd_tasks.core.config import option
 from sd_tasks.core.errors import StepError
 from sd_tasks.core.storage import read_dir, read_json, whole_jsons, write_dir, write_json
+from sd_tasks.data.consent import tags_refusal
 from sd_tasks.training.checkpoint_files import CHECKPOINT_INFO, LORA_WEIGHTS
 
 MANIFEST = "images.json"
@@ -50,6 +52,8 @@ def run(config: GenerateConfig) -> dict:
     if not (lora / LORA_WEIGHTS).is_file() or not info.get("champion_version"):
         raise StepError(f"--lora {config.lora}: not a registered version's LoRA as `champion` writes it")
     model, version = info["model_name"], int(info["champion_version"])
+    if reason := tags_refusal(info.get("consent") or {}, "serving", date.today()):  # a batch is images of them too
+        raise StepError(f"--lora {config.lora}: {model} version {version}: {reason}; no image is made")
     served = Served(model.removesuffix(MODEL_SUFFIX), model, version, info.get("alias", ""), info["base_model"],
                     info.get("instance"), lora)
     renderer = Renderer(info["base_model"], inference_dtype(config.dtype), max_adapters=1)

@@ -59,6 +59,11 @@ def test_a_batch_of_a_subject_without_that_alias_or_with_bad_seeds_is_refused_in
     none = step("champion", "--model-name=owl-sdxl-lora", f"--output={tmp_path}/owl")
     assert none["checkpoint"] is None  # the DAG's next task fails the run, naming the alias
     step("champion", "--model-name=rex-sdxl-lora", f"--output={tmp_path}/lora")
+    step("champion", "--model-name=kim-sdxl-lora", f"--output={tmp_path}/kim")  # consent expired yesterday
+    done = subprocess.run([sys.executable, "-m", "sd_tasks", "generate", f"--lora={tmp_path}/kim", "--prompt=x",
+                           "--seeds=1", f"--output={tmp_path}/kim-out"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 65 and "consent c-kim expired on" in done.stderr and "no image is made" in done.stderr
+    assert not (tmp_path / "kim-out").exists()
     for bad, says in [(["--seeds=1", "--seeds=1"], "give each seed once"), (["--size=100", "--seeds=1"],
                                                                           "must be a multiple of 8")]:
         done = subprocess.run([sys.executable, "-m", "sd_tasks", "generate", f"--lora={tmp_path}/lora", "--prompt=x",
