@@ -332,7 +332,7 @@ def test_tomorrows_run_fetches_the_champion_from_the_mlflow_server(stack, dag_ru
                            "--output", output], cwd=REPO, capture_output=True, text=True,
                           env={**settings.base_env(), **settings.deployment_env(), "PYTHONPATH": str(REPO)})
     assert step.returncode == 0, step.stderr[-3000:]
-    assert json.loads(step.stdout.splitlines()[-1]) == {"checkpoint": output, "version": 1}
+    assert json.loads(step.stdout.splitlines()[-1]) == {"checkpoint": output, "version": 1, "instance": "sks dog"}
     s3 = s3_client(settings)
     fetched = s3.get_object(Bucket=settings.bucket, Key="runs/champion-check/pytorch_lora_weights.safetensors")
     tags = dict(query(settings, "mlflow", "SELECT key, value FROM model_version_tags WHERE name = %s AND version = 1",
