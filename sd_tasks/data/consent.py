@@ -73,25 +73,28 @@ def parse(text: str, shown: str) -> Consent:
 
 def refusal(consent: Consent, use: str, today: date) -> str | None:
     """Why `consent` does not cover `use` today, or None when it does."""
-    if use not in consent.scope:
-        return f"consent {consent.id} covers {', '.join(consent.scope)}, not {use}"
-    if today < consent.given_at:
-        return f"consent {consent.id} is given from {consent.given_at}"
-    if today >= consent.expires:
-        return f"consent {consent.id} expired on {consent.expires}"
-    return None
+    return _not_covered(consent.id, consent.scope, consent.given_at, consent.expires, use, today)
 
 
 def tags_refusal(tags: dict[str, str], use: str, today: date) -> str | None:
-    """Why a registered version's consent tags do not cover `use` today (None: they do, or it has none)."""
+    """Why a registered version's consent tags (Consent.tags) do not cover `use` today (None: they do, or it has
+    none)."""
     if "consent.id" not in tags:
         return None
-    if use not in tags.get("consent.scope", "").split(","):
-        return f"consent {tags['consent.id']} covers {tags.get('consent.scope') or 'nothing'}, not {use}"
+    scope = tuple(u for u in tags.get("consent.scope", "").split(",") if u)
     try:
         expires = date.fromisoformat(tags.get("consent.expires", ""))
     except ValueError:  # a tag edited by hand: no date, no serving
         return f"consent {tags['consent.id']}: its expires tag {tags.get('consent.expires')!r} is not a date"
+    return _not_covered(tags["consent.id"], scope, None, expires, use, today)
+
+
+def _not_covered(consent_id: str, scope: tuple[str, ...], given_at: date | None, expires: date, use: str,
+                 today: date) -> str | None:
+    if use not in scope:
+        return f"consent {consent_id} covers {', '.join(scope) or 'nothing'}, not {use}"
+    if given_at is not None and today < given_at:
+        return f"consent {consent_id} is given from {given_at}"
     if today >= expires:
-        return f"consent {tags['consent.id']} expired on {tags['consent.expires']}"
+        return f"consent {consent_id} expired on {expires}"
     return None

@@ -49,7 +49,7 @@ def run(config: GenerateConfig) -> dict:
         raise StepError(f"--seeds {config.seeds}: give each seed once, at least one")
     lora = read_dir(config.lora, whole=True)
     info = read_json(str(lora / CHECKPOINT_INFO))
-    if not (lora / LORA_WEIGHTS).is_file() or not info.get("champion_version"):
+    if not (lora / LORA_WEIGHTS).is_file() or not info.get("champion_version") or "model_name" not in info:
         raise StepError(f"--lora {config.lora}: not a registered version's LoRA as `champion` writes it")
     model, version = info["model_name"], int(info["champion_version"])
     if reason := tags_refusal(info.get("consent") or {}, "serving", date.today()):  # a batch is images of them too

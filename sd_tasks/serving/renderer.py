@@ -65,7 +65,7 @@ class Renderer:
                  hotswap_rank: int | None = None, compile_unet: bool = False, refiner_model: str | None = None):
         self.base_model = base_model
         self.pipe = load_pipeline(base_model, dtype)
-        self.refiner = refiner_model and load_refiner(refiner_model, self.pipe)
+        self.refiner = load_refiner(refiner_model, self.pipe) if refiner_model else None
         self.max_adapters = max_adapters
         self.loaded: OrderedDict[str, Served] = OrderedDict()
         self._slots: dict[str, str] = {}  # adapter name -> its name in the pipeline (a hot-swapped one: its slot's)
@@ -100,7 +100,7 @@ class Renderer:
         """The request's images with `served`'s LoRA (None: the base model alone), one per seed. Each is made on its
         own, not in a batch: a batch's arithmetic differs in the last bits, and an image must come out the same when
         asked for again by its seed alone."""
-        if request.refine and not self.refiner:
+        if request.refine and self.refiner is None:
             raise ValueError("this renderer has no refiner")
         with self._lock:
             self._activate(served)
@@ -199,7 +199,7 @@ class LocalBackend:
         self.renderer = renderer
         self.base_model, self.counts = renderer.base_model, renderer.counts
         self.native_size, self.max_tokens = renderer.native_size, renderer.max_tokens
-        self.refiner = bool(renderer.refiner)
+        self.refiner = renderer.refiner is not None
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
 
     def token_count(self, prompt: str) -> int:

@@ -70,7 +70,7 @@ def run(config: ServeConfig) -> dict:
     # a hub id at the commit it names now (or the cached one offline), as registered versions record their base model
     renderer = Renderer(pin(config.base_model, "--base-model"), inference_dtype(config.dtype), config.max_adapters,
                         config.hotswap_rank or None, config.compile_unet,
-                        config.refiner_model and pin(config.refiner_model, "--refiner-model"))
+                        pin(config.refiner_model, "--refiner-model") if config.refiner_model else None)
     limits = Limits(max_images=config.max_images, max_steps=config.max_steps, max_queue=config.max_queue)
     app = create_app(LocalBackend(renderer), champions, api_key, limits)
     print(f"serving {config.alias!r} of every subject on http://{config.host}:{config.port} (OpenAPI: /docs)",
