@@ -5,8 +5,9 @@ looked up again once it is older than `refresh_seconds`, so `promote` and `rollb
 time, with no call to the servers and nothing to miss; while the registry cannot be reached, a subject keeps the
 version it last resolved to. A version is served only when it may be and is whole: its consent record, if it was
 trained under one (sd_tasks.data.consent), covers serving today; not marked `score.broken`; its LoRA file's header
-a LoRA's (sd_tasks.training.lora_files), its file downloaded completely into the adapter folder (a temp folder renamed into place: a request never sees half a file). Adapters are kept on disk
-by (model, version); the instance words (`sks dog`) come from the version's own tags, as it was trained.
+a LoRA's (sd_tasks.training.lora_files), its file downloaded completely into the adapter folder (a temp folder
+renamed into place: a request never sees half a file). Adapters are kept on disk by (model, version); the instance
+words (`sks dog`) come from the version's own tags, as it was trained.
 """
 from __future__ import annotations
 
