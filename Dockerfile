@@ -112,8 +112,9 @@ RUN apt-get update \
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 RUN grep -Ex 'torch==[^ ]+' constraints.txt \
     | pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" --requirement /dev/stdin
-COPY requirements/worker.txt requirements/
-RUN pip install --no-cache-dir -r requirements/worker.txt -c constraints.txt
+COPY requirements/worker.txt requirements/no-deps.txt requirements/
+RUN pip install --no-cache-dir -r requirements/worker.txt -c constraints.txt \
+ && pip install --no-cache-dir --no-deps -r requirements/no-deps.txt -c constraints.txt
 
 # Pods run with a read-only root filesystem, an emptyDir at /tmp (HOME=/tmp, TMPDIR=/tmp) and HF_HOME on a
 # volume; nothing may need to write anywhere else. DVC keeps per-repository state in /var/tmp/dvc unless told

@@ -78,6 +78,7 @@ $(STAMP): requirements.txt $(wildcard requirements/*.txt) constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements/no-deps.txt -c constraints.txt
 	touch $@
 
 clean:

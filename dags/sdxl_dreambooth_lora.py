@@ -144,7 +144,8 @@ def lora_dag(subject: subjects.Subject):
                      "instance_prompt={{ params.instance_prompt }}", "class_prompt={{ params.class_prompt }}"],
         })
         validated = StepOperator(task_id="validate", step="validate", options={
-            "input": f"{RUN}/dataset/images", "output": f"{RUN}/validated",
+            "input": f"{RUN}/dataset/images", "output": f"{RUN}/validated", "screen": DEPLOYMENT.screen,
+            "screen_policy": subject.screen_policy,
         })
         captioned = StepOperator(task_id="caption", step="caption", options={
             "report": f"{RUN}/validated", "output": f"{RUN}/captions", "instance_prompt": param("instance_prompt"),

@@ -16,6 +16,7 @@
 | DREAMLINE_GPU_SLOTS | 1 | the `gpu` pool's size: GPU steps at once; the checkpoint evaluations are shared out over as many processes |
 | DREAMLINE_GPU_DEVICES | (none) | local mode: the GPUs GPU steps share out, one each (`0,1,2,3`; the launcher sets it) |
 | DREAMLINE_RETRY_DELAY | 60 | seconds before a crashed step's first retry (doubling for the next, at most 15 min) |
+| DREAMLINE_SCREEN | nudenet | the screen of training photos and generated images (docs/safety.md): nudenet, off, or a `FILE.py:NAME` / `module:NAME` of your own |
 
 Kubernetes only (see docs/deployment.md for the objects they name):
 
@@ -82,6 +83,7 @@ class Deployment:
     gpu_slots: int = 1
     gpu_devices: tuple[str, ...] = ()
     retry_delay: float = 60.0
+    screen: str = "nudenet"
     step_env: dict = field(default_factory=dict)
     incoming: str = ""  # the one folder `publish_dataset` publishes from (DREAMLINE_INCOMING)
 
@@ -189,6 +191,14 @@ def _price(value: str) -> float:
     return price
 
 
+def _screen(value: str) -> str:
+    """nudenet, off, or FILE.py:NAME / module:NAME (sd_tasks.safety.screening loads it in the step)."""
+    if value not in ("nudenet", "off") and not re.fullmatch(r"[^:\s]+:[A-Za-z_]\w*", value):
+        raise DeploymentError(f"DREAMLINE_SCREEN={value!r}: use nudenet, off, or FILE.py:NAME / module:NAME of "
+                              f"a screen of your own")
+    return value
+
+
 def _seconds(value: str) -> float:
     try:
         seconds = float(value)
@@ -240,6 +250,7 @@ def from_environment(env=os.environ) -> Deployment:
         gpu_slots=_slots(env.get("DREAMLINE_GPU_SLOTS") or "1"),
         gpu_devices=_names(env.get("DREAMLINE_GPU_DEVICES")),
         retry_delay=_seconds(env.get("DREAMLINE_RETRY_DELAY", "60")),
+        screen=_screen(env.get("DREAMLINE_SCREEN") or "nudenet"),
         # What every local step process sees, besides its argv (pods: see operators.pod_environment).
         step_env={"DREAMLINE_HOME": str(home), "MLFLOW_TRACKING_URI": tracking_uri,
                   "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"},

@@ -215,7 +215,7 @@ def evaluation_suite(params: dict, run: str) -> dict:
             "dino_model": params["dino_model"], "base_model": params["base_model"],
             "images_per_prompt": params["images_per_prompt"], "num_inference_steps": params["inference_steps"],
             "resolution": params["resolution"], "dtype": params["inference_dtype"], "vae": params["vae"] or None,
-            "seed": params["seed"], "cache": DEPLOYMENT.cache_dir("evaluations")}
+            "seed": params["seed"], "cache": DEPLOYMENT.cache_dir("evaluations"), "screen": DEPLOYMENT.screen}
 
 
 def spread(items: list, count: int) -> list:

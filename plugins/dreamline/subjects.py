@@ -24,6 +24,8 @@ Each entry (only `class_noun` is required):
       require_approval: false    # a version that earns promotion waits for a reviewer's Approve in Airflow
       approval_timeout_hours: 12 # no answer by then: rejected, the champion kept (less than timeout_hours)
       recipe: {max_steps: 800}   # overrides of the trigger form's defaults (dreamline.params)
+      screen_policy: quarantine  # a training photo the screen flags: quarantine (left out, with the reason in
+                                 # validate's report) or refuse (the run fails in one line); docs/safety.md
 
 A registry that cannot be read, or an entry that is wrong, fails DAG parsing with one line naming the registry,
 the subject and the reason.
@@ -41,7 +43,8 @@ DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "dags" / "subjects.yaml
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 KINDS = ("live", "object", "person")  # person: live prompts, and trained only with consent
 FIELDS = {"token", "class_noun", "kind", "dataset", "schedule", "on_new_data", "timeout_hours", "recipe",
-          "require_approval", "approval_timeout_hours"}
+          "require_approval", "approval_timeout_hours", "screen_policy"}
+SCREEN_POLICIES = ("quarantine", "refuse")  # sd_tasks.data.validate's --screen-policy
 DATASET_FIELDS = {"repo", "path", "version"}
 
 
@@ -64,6 +67,7 @@ class Subject:
     require_approval: bool = False
     approval_timeout_hours: float = 12.0
     recipe: dict = field(default_factory=dict)
+    screen_policy: str = "quarantine"
 
     @property
     def dag_id(self) -> str:
@@ -146,6 +150,9 @@ def _subject(source: str, name: str, entry) -> Subject:
     recipe = entry.get("recipe") or {}
     if not isinstance(recipe, dict):
         raise SubjectRegistryError(f"{where}: recipe is a mapping of trigger-form settings")
+    screen_policy = entry.get("screen_policy", "quarantine")
+    if screen_policy not in SCREEN_POLICIES:
+        raise SubjectRegistryError(f"{where}: screen_policy {screen_policy!r}: use quarantine or refuse")
     version = dataset.get("version", "main")
     if not isinstance(version, str) or not version:  # YAML reads 1.10 as the number 1.1
         raise SubjectRegistryError(f"{where}: dataset.version must be a Git tag, branch or commit in quotes")
@@ -153,7 +160,7 @@ def _subject(source: str, name: str, entry) -> Subject:
                    dataset_repo=dataset.get("repo"), dataset_path=str(dataset.get("path") or name),
                    dataset_version=version, schedule=schedule, on_new_data=bool(entry.get("on_new_data")),
                    timeout_hours=float(timeout), require_approval=approval, approval_timeout_hours=float(waits),
-                   recipe=dict(recipe))
+                   recipe=dict(recipe), screen_policy=screen_policy)
 
 
 def add(registry: Path, name: str, entry: dict) -> bool:

@@ -3,5 +3,5 @@
 (`encode`, `merge-cache`), and class images for prior preservation (`class_images`); the image, PNG and manifest
 helpers they share (`images`, `png`, `manifest`).
 
-May use: models and the core.
+May use: safety, models and the core.
 """

@@ -15,6 +15,7 @@ from sd_tasks.core.cost import count_images
 from sd_tasks.core.storage import is_whole, join, write_dir, write_json
 from sd_tasks.data.encode import model_fingerprint
 from sd_tasks.models.loading import inference_dtype, load_pipeline
+from sd_tasks.safety.marking import MESSAGE, mark
 
 
 @dataclass
@@ -41,6 +42,7 @@ def run(config: ClassImagesConfig) -> dict:
     config = replace(config, dtype=inference_dtype(config.dtype))  # the cache key names the dtype that ran
     settings = {k: v for k, v in asdict(config).items() if k not in ("output", "batch_size", "base_model")}
     settings["vae"] = config.vae and model_fingerprint(config.vae, parts=[""])  # a local folder by its content
+    settings["mark"] = MESSAGE.decode()  # images cached before they were marked are made again
     key = hashlib.sha256(json.dumps({**settings, "model": model_fingerprint(config.base_model, with_unet=True)},
                                     sort_keys=True).encode()).hexdigest()[:20]
     uri = join(config.output, key)
@@ -65,7 +67,7 @@ def generate(config: ClassImagesConfig, out) -> None:
         count_images(len(seeds), config.num_inference_steps)
         for seed, image in zip(seeds, images):
             name = f"images/{seed - config.seed:05d}.png"
-            image.save(out / name)
+            mark(image).save(out / name)  # generated: marked like every image Dreamline makes
             records.append({"file": name, "source": f"seed-{seed}", "caption": config.class_prompt,
                             "original_size": [size, size], "crop_top_left": [0, 0], "target_size": [size, size]})
     write_json(out / "manifest.json", {"resolution": size, "records": records})

@@ -18,6 +18,9 @@ Each file goes through one check after another and stops at the first that fails
                a JPEG at a reduced DCT scale, which reads and checks exactly the same bytes (see `decode`)
     size       shorter side below `min_side`, or longer / shorter side above `max_aspect_ratio`
     duplicate  same bytes as, or a perceptual hash within `near_duplicate_distance` bits of, an earlier file
+    screen     the accepted images, through the screen (sd_tasks.safety.screening): a flagged photo is quarantined
+               (rejected with the screen's reason, the rest trained on) or, with `--screen-policy refuse`, the
+               whole folder refused in one line
 
 What is merely unusual is accepted and normalised the way `resize` will read it (sd_tasks.data.images): EXIF
 orientation, colour profiles other than sRGB (converted), CMYK, 16-bit, palette, alpha (onto neutral grey),
@@ -42,12 +45,14 @@ from PIL import Image, UnidentifiedImageError
 from sd_tasks.core.config import option
 from sd_tasks.core.errors import StepError
 from sd_tasks.data.images import (ALPHA_MODES, DEFAULT_MAX_PIXELS, TooManyPixels, colour_profile, draft_for,
-                             looks_like_image, normalise, open_image, orientation, parallel_map, perceptual_hash,
-                             upright_size)
+                             looks_like_image, normalise, open_image, open_rgb, orientation, parallel_map,
+                             perceptual_hash, upright_size)
 from sd_tasks.core.storage import read_dir, write_dir, write_json
 from sd_tasks.data.manifest import CONTROL
+from sd_tasks.safety.screening import DEFAULT_THRESHOLD, SCREEN_HELP, load_screen
 
 ANIMATION_POLICIES = ("first-frame", "reject")
+SCREEN_POLICIES = ("quarantine", "refuse")
 
 MAX_FILE_MB = 200  # a 100 MP 16-bit TIFF is about 600 MB; a phone photo 2 to 20 MB
 
@@ -76,10 +81,16 @@ class ValidateConfig:
     min_images: int = option("fail unless at least this many images are accepted (0: never)", 1, at_least=0,
                              at_most=100_000)
     workers: int = option("processes that decode in parallel; 0: one per available CPU", 0, at_least=0, at_most=1024)
+    screen: str = option(SCREEN_HELP, "nudenet")
+    screen_threshold: float = option("detector score from which a photo is flagged", DEFAULT_THRESHOLD, above=0,
+                                     at_most=1)
+    screen_policy: str = option(f"a flagged photo: {' or '.join(SCREEN_POLICIES)} (the whole folder)", "quarantine")
 
     def __post_init__(self):
         if self.animated not in ANIMATION_POLICIES:
             raise StepError(f"--animated {self.animated!r}: choose one of {', '.join(ANIMATION_POLICIES)}")
+        if self.screen_policy not in SCREEN_POLICIES:
+            raise StepError(f"--screen-policy {self.screen_policy!r}: choose one of {', '.join(SCREEN_POLICIES)}")
 
 
 class Rejected(Exception):
@@ -96,7 +107,8 @@ def run(config: ValidateConfig) -> dict:
     results = check_all(paths, folder, config)
     rejected += [r for r in results if "reason" in r]
     accepted, duplicates = find_duplicates([r for r in results if "reason" not in r], config.near_duplicate_distance)
-    rejected = sorted(rejected + duplicates, key=lambda r: r["path"])
+    accepted, flagged = screen_photos(folder, accepted, config)
+    rejected = sorted(rejected + duplicates + flagged, key=lambda r: r["path"])
     report = {
         "source": config.input,
         "settings": {k: v for k, v in asdict(config).items() if k not in ("input", "output", "workers")},
@@ -111,6 +123,21 @@ def run(config: ValidateConfig) -> dict:
     with write_dir(config.output) as out:
         write_json(out / "report.json", report)
     return {"report": f"{config.output}/report.json", "accepted": len(accepted), "rejected": len(rejected)}
+
+
+def screen_photos(folder: Path, accepted: list[dict], config: ValidateConfig) -> tuple[list[dict], list[dict]]:
+    """The accepted records the screen passes, and the rejections of those it flags (refused: one line)."""
+    screen = load_screen(config.screen, config.screen_threshold)
+    reasons = {r["path"]: screen.reason(open_rgb(folder / r["path"], config.max_pixels, draft=(DRAFT_SIDE,) * 2))
+               for r in accepted}
+    flagged = {path: reason for path, reason in reasons.items() if reason}
+    if flagged and config.screen_policy == "refuse":
+        path, reason = next(iter(flagged.items()))
+        raise StepError(f"{config.input}: the screen flagged {len(flagged)} photos ({path}: {reason}); "
+                        f"--screen-policy refuse")
+    return ([r for r in accepted if r["path"] not in flagged],
+            [{"path": path, "check": "screen", "reason": f"flagged by the screen ({reason}): quarantined, not "
+                                                         f"trained on"} for path, reason in flagged.items()])
 
 
 def list_files(folder: Path) -> tuple[list[Path], list[dict]]:

@@ -3,5 +3,5 @@
 normalised and weighted (`scores`), rank a sweep (`select`) or stop its weaker learning rates early (`halving`);
 paired bootstrap comparisons of two models (`compare`).
 
-May use: training, data, models and the core.
+May use: training, data, safety, models and the core.
 """

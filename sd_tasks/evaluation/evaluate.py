@@ -24,7 +24,9 @@ The seeds depend only on the prompt and image index, so every checkpoint of ever
 model, and the champion being defended) is judged on the same starting noise. The suite, everything that decides
 the images and the scores (the instance images by content, not by where they lie), has a fingerprint: scores compare
 only within one suite. A checkpoint whose images come out non-finite (a diverged LoRA) is marked broken and gets the
-lowest possible scores. With `--cache`, an evaluation is kept by (LoRA weights, suite): the champion, defended every
+lowest possible scores. Generated images are marked (sd_tasks.safety.marking) and screened: `flagged` counts those the
+screen flags, `flagged_images` says which and why, and `register` does not promote a checkpoint with too many. With
+`--cache`, an evaluation is kept by (LoRA weights, suite): the champion, defended every
 night on an unchanged suite, is evaluated once, not every night.
 """
 from __future__ import annotations
@@ -53,6 +55,7 @@ from sd_tasks.evaluation.evaluation_images import Generator, prompt_seeds
 from sd_tasks.evaluation.evaluation_log import log_to_training_run
 from sd_tasks.evaluation.metrics import ClipEmbedder, DinoEmbedder, matched_cosines, mean_cosines
 from sd_tasks.models.loading import inference_dtype
+from sd_tasks.safety.screening import DEFAULT_THRESHOLD, SCREEN_HELP, Screen, load_screen, screen_all
 from sd_tasks.training import lora_files
 from sd_tasks.training.checkpoint_files import CHECKPOINT_INFO, LORA_WEIGHTS
 from sd_tasks.training.train import list_checkpoints
@@ -60,7 +63,7 @@ from sd_tasks.training.train import list_checkpoints
 IMAGE_METRICS = ("dino", "clip_i", "clip_t")  # per generated image; preservation is per class image
 BASE_INFO = {"step": None, "learning_rate": None, "run_id": None, "champion_version": None, "base_model": None}
 SUITE_FIELDS = ("prompts", "class_prompts", "clip_t_texts", "seeds", "class_seeds")  # written beside a result, not part of it
-SCORING_VERSION = 3  # raise when a change here or in sd_tasks.evaluation.metrics changes scores: kept evaluations expire
+SCORING_VERSION = 4  # raise when a change here or in sd_tasks.evaluation.metrics changes scores: kept evaluations expire
 
 
 @dataclass
@@ -98,6 +101,10 @@ class EvaluateConfig:
                              None)
     seed: int = option("base seed; image k of prompt j uses seed + 1000 * j + k", 0, at_least=0, at_most=2**62)
     cache: str | None = option("URI keeping evaluations by (LoRA weights, suite): one already done is copied", None)
+    screen: str = option(f"{SCREEN_HELP}; flagged images are counted (register refuses to promote above its "
+                         "--max-flagged)", "nudenet")
+    screen_threshold: float = option("detector score from which an image is flagged", DEFAULT_THRESHOLD, above=0,
+                                     at_most=1)
 
 
 def run(config: EvaluateConfig) -> dict:
@@ -206,9 +213,13 @@ def evaluate(config: EvaluateConfig, shared: "Evaluator", info: dict) -> dict:
     preserved = images.for_prompts(config.class_prompts, checkpoint) if checkpoint else base
     broken = any(image is None for row in generated + preserved for image in row)
     scores = worst(config) if broken else shared.scorer.score(generated, preserved, base, config)
-    result = {**checkpoint_fields(info, config), "suite": shared.suite, "broken": broken, **scores}
+    flagged = [f"prompt {j} image {k}: {reason}" for j, row in enumerate(generated)
+               for k, reason in enumerate(screen_all(shared.screen, row)) if reason]
+    result = {**checkpoint_fields(info, config), "suite": shared.suite, "broken": broken, **scores,
+              "screened": sum(map(len, generated)), "flagged": len(flagged), "flagged_images": flagged}
     if info.get("run_id"):  # before the folder is written: a whole folder has been logged
-        log_to_training_run(info, config.checkpoint, config.prompts, means(scores), generated)
+        log_to_training_run(info, config.checkpoint, config.prompts, means(scores) | {"flagged": len(flagged)},
+                            generated)
     with write_dir(config.output) as out:
         (out / "images").mkdir()
         for kind, rows in (("p", generated), ("class", preserved), ("base", base)):
@@ -238,6 +249,10 @@ class Evaluator:
     @cached_property
     def base_class_images(self) -> list[list[Image.Image | None]]:
         return self.images.for_prompts(self.config.class_prompts, None)
+
+    @cached_property
+    def screen(self) -> Screen:
+        return load_screen(self.config.screen, self.config.screen_threshold)
 
     @cached_property
     def scorer(self) -> "Scorer":
@@ -280,7 +295,7 @@ def means(result: dict) -> dict[str, float]:
 
 def summary(result: dict) -> dict:
     """The step's JSON line: the means, not the per-image lists (those are in metrics.json)."""
-    return {k: v for k, v in result.items() if k not in ("per_image", "per_class_image")}
+    return {k: v for k, v in result.items() if k not in ("per_image", "per_class_image", "flagged_images")}
 
 
 def suite_fingerprint(config: EvaluateConfig, base_model: str) -> str:

@@ -1,5 +1,6 @@
 """Fixed-seed images for an evaluation: the base pipeline with a checkpoint's LoRA switched on or off.
 
+Every image is marked (sd_tasks.safety.marking) as it is made: what a reviewer downloads from MLflow is marked too.
 The seeds depend only on the base seed, the prompt's place and the image's, so every checkpoint of every learning
 rate, the champion and the base model are drawn from the same starting noise. One `Generator` serves every
 evaluation of a process: LoRA weights are swapped in place where the layout allows (sd_tasks.evaluation.evaluate).
@@ -14,8 +15,8 @@ from PIL import Image
 
 from sd_tasks.core.cost import count_images
 from sd_tasks.core.errors import StepError
-from sd_tasks.models.loading import device, load_pipeline
-from sd_tasks.models.model_refs import local_folder
+from sd_tasks.models.loading import load_pipeline, load_refiner
+from sd_tasks.safety.marking import mark
 from sd_tasks.training import lora_files
 from sd_tasks.training.checkpoint_files import LORA_WEIGHTS
 
@@ -35,12 +36,7 @@ class Generator:
             self.pipe.scheduler = scheduler_class(config.scheduler).from_config(self.pipe.scheduler.config)
         self.refiner = None
         if config.refiner_model:
-            from diffusers import StableDiffusionXLImg2ImgPipeline
-
-            self.refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(  # decodes with the same VAE
-                local_folder(config.refiner_model, "--refiner-model"), vae=self.pipe.vae,
-                torch_dtype=getattr(torch, config.dtype)).to(device())
-            self.refiner.set_progress_bar_config(disable=True)
+            self.refiner = load_refiner(config.refiner_model, self.pipe)
         self.size = config.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.loaded, self.layout = None, None
 
@@ -60,7 +56,7 @@ class Generator:
             if self.refiner is not None:
                 arrays = self.refiner([prompt] * len(seeds), image=arrays, output_type="np",
                                       generator=[torch.Generator().manual_seed(s) for s in seeds], **common).images
-            rows.append([to_image(a) for a in arrays])
+            rows.append([to_image(a) for a in arrays])  # marked, as every image Dreamline generates
             count_images(len(seeds), self.config.num_inference_steps * (2 if self.refiner is not None else 1))
         return rows
 
@@ -91,6 +87,7 @@ def scheduler_class(name: str):
 
 
 def to_image(array: np.ndarray) -> Image.Image | None:
+    """The generated image, with Dreamline's invisible mark; None where the output was not finite."""
     if not np.isfinite(array).all():
         return None
-    return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+    return mark(Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)))

@@ -7,7 +7,8 @@ from sd_tasks.core.errors import StepError
 from sd_tasks.core.storage import whole_jsons
 from sd_tasks.evaluation.compare import METRICS, Yardstick, weighted_score
 
-ROW_FIELDS = ("learning_rate", "step", "checkpoint", "run_id", "suite", "broken", "champion_version", "base", *METRICS)
+ROW_FIELDS = ("learning_rate", "step", "checkpoint", "run_id", "suite", "broken", "flagged", "screened",
+              "champion_version", "base", *METRICS)
 
 
 def rank(candidates: list[dict]) -> list[dict]:

@@ -88,13 +88,26 @@ def load_pipeline(base_model: str, dtype: str, vae: str | None = None):
     """The SDXL text-to-image pipeline in `dtype` on this machine's device, optionally with another VAE (a folder
     or id holding an AutoencoderKL, e.g. madebyollin/sdxl-vae-fp16-fix). The VAE decodes one image at a time
     (slicing): SDXL's VAE upcasts itself to float32 to decode, and four 1024 px images at once are several GB more
-    than one, the difference between fitting a 24 GB GPU beside the UNet and not."""
+    than one, the difference between fitting a 24 GB GPU beside the UNet and not. diffusers' own invisible watermark
+    is off: Dreamline marks what it generates itself (sd_tasks.safety.marking), and two marks disturb each other."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
     torch_dtype = getattr(torch, dtype)
     extra = {"vae": AutoencoderKL.from_pretrained(local_folder(vae, "--vae"), torch_dtype=torch_dtype)} if vae else {}
-    pipe = StableDiffusionXLPipeline.from_pretrained(local_folder(base_model), torch_dtype=torch_dtype, **extra)
+    pipe = StableDiffusionXLPipeline.from_pretrained(local_folder(base_model), torch_dtype=torch_dtype,
+                                                     add_watermarker=False, **extra)
     pipe = pipe.to(device())
     pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_refiner(refiner_model: str, pipe):
+    """The SDXL refiner (an img2img pipeline), sharing the base pipeline's VAE and second text encoder."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        local_folder(refiner_model, "--refiner-model"), vae=pipe.vae, text_encoder_2=pipe.text_encoder_2,
+        torch_dtype=pipe.unet.dtype, add_watermarker=False).to(pipe.device)
+    refiner.set_progress_bar_config(disable=True)
+    return refiner

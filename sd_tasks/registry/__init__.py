@@ -2,5 +2,5 @@
 `champion` (`register`, `lineage`, `report`), and move the alias by hand (`promotion`: `promote`, `rollback`,
 `champion`).
 
-May use: evaluation, training, data, models and the core.
+May use: evaluation, training, data, safety, models and the core.
 """

@@ -64,6 +64,8 @@ class RegisterConfig:
     confidence: float = option("confidence level of the paired bootstrap interval", 0.95, at_least=0.5, at_most=0.999)
     margin: float = option("normalised score difference the whole interval must exceed to promote", 0.1,
                            at_least=-10, at_most=10)
+    max_flagged: float = option("share of a checkpoint's evaluation images (selection's and confirmation's) the "
+                                "screen may flag and it still be promoted", 0.0, at_least=0, at_most=1)
     require_approval: bool = option("an eligible version waits for a reviewer (the DAG's approval task, then "
                                     "`promote`) instead of being promoted here", False)
     review_url: str | None = option("MLflow URL a reviewer's browser can load artifacts from (images in the review)",
@@ -94,6 +96,7 @@ def run(config: RegisterConfig) -> dict:
         "training_run_id": str(best["run_id"]), "eval.suite": str(best.get("suite")),
         **{f"score.{k}": f"{best[k]:.6f}" for k in SCORES if best.get(k) is not None},
         "score.broken": "true" if best.get("broken") else "false",  # `rollback` and `promote` refuse such a version
+        "score.flagged": str(best.get("flagged") or 0),  # images the screen flagged (sd_tasks.safety.screening)
         **lineage_tags(dataset["hash"], config.recipe_hash, info["base_model"]),
         **model_tags(config.models),
         **({"instance": config.instance} if config.instance else {}),
@@ -104,7 +107,7 @@ def run(config: RegisterConfig) -> dict:
     confirmation = confirmation_evaluations(config.confirmation)
     current = client.get_registered_model(config.model_name).aliases.get(CHAMPION)
     eligible, reason, comparison, needs_review = decide(current, version, best, confirmation, selection["weights"],
-                                                        config.confidence, config.margin)
+                                                        config.confidence, config.margin, config.max_flagged)
     awaiting = eligible and (config.require_approval or needs_review) and str(current) != str(version)
     decision = reason
     if awaiting:
@@ -158,11 +161,14 @@ class Decision(NamedTuple):
 
 
 def decide(current: str | None, version: str, best: dict, confirmation: list[dict], weights: dict,
-           confidence: float, margin: float) -> Decision:
+           confidence: float, margin: float, max_flagged: float = 0.0) -> Decision:
     """Whether `version` may become champion, why, and the paired comparison that decided it; `current` is the
     champion's version (None without one), `confirmation` the confirmation suite's evaluations."""
     if best.get("broken"):
         return Decision(False, "its images were not finite (a diverged LoRA)", None)
+    if flagged := too_flagged(best, max_flagged):
+        return Decision(False, f"the screen flagged {flagged} of its evaluation images (more than {max_flagged:.0%}); "
+                               f"not promoted", None)
     if str(current) == str(version):
         return Decision(True, "already the champion", None)
     challenger = next((e for e in confirmation if e.get("checkpoint") == best["checkpoint"]), None)
@@ -172,6 +178,9 @@ def decide(current: str | None, version: str, best: dict, confirmation: list[dic
         return Decision(False, f"{missing} was not evaluated on the confirmation suite; not promoted", None)
     if challenger.get("broken"):
         return Decision(False, "its images on the confirmation seeds were not finite (a diverged LoRA)", None)
+    if flagged := too_flagged(challenger, max_flagged):
+        return Decision(False, f"the screen flagged {flagged} of its confirmation images (more than "
+                               f"{max_flagged:.0%}); not promoted", None)
     yardstick = Yardstick.from_base(base)
     if len(challenger.get("per_image", {}).get("dino") or []) < MIN_PROMPTS:
         return Decision(False, f"the confirmation suite has fewer than {MIN_PROMPTS} prompts: no interval can be "
@@ -195,6 +204,12 @@ def decide(current: str | None, version: str, best: dict, confirmation: list[dic
         return Decision(True, f"{verdict}, above the margin {margin:g}; but champion v{current} is served on "
                               f"{served} and was scored here on {here}: a reviewer decides", comparison, True)
     return Decision(True, f"{verdict}, above the margin {margin:g}", comparison)
+
+
+def too_flagged(evaluation: dict, max_flagged: float) -> str | None:
+    """"N of M" when the screen flagged more than `max_flagged` of an evaluation's images; None otherwise."""
+    flagged, screened = evaluation.get("flagged") or 0, evaluation.get("screened") or 0
+    return f"{flagged} of {screened}" if screened and flagged / screened > max_flagged else None
 
 
 def existing_version(client, name: str, run_key: str):

@@ -4,5 +4,5 @@ serves a subject, downloaded and checked once), `renderer` keeps one warm base m
 on Ray Serve (replicas multiplexed by adapter), `batch` the steps of the batch_images DAG (a prompt list x seeds
 rendered with one version, one MLflow grid).
 
-May use: registry, evaluation, training, data, models and the core.
+May use: registry, evaluation, training, data, safety, models and the core.
 """

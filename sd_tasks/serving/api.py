@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
+from sd_tasks.safety.marking import MESSAGE, METHOD, MIN_PIXELS
 from sd_tasks.serving.champions import Champions, NotServable, Served
 from sd_tasks.serving.renderer import Request
 
@@ -73,6 +74,7 @@ class Backend(Protocol):
     max_tokens: int  # what the first text encoder reads
     counts: dict[str, int]  # adapter loads, hits, evictions, as metrics
     refiner: bool  # whether requests may ask to refine
+    signs: bool  # whether its PNGs carry C2PA Content Credentials (sd_tasks.safety.credentials)
 
     def token_count(self, prompt: str) -> int: ...
 
@@ -174,12 +176,21 @@ def create_app(backend: Backend, champions: Champions, api_key: str, limits: Lim
         made = {"subject": subject, "model": served.model, "version": served.version, "alias": served.alias,
                 "prompt": prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
                 "guidance": request.guidance, "width": width, "height": height, "refine": request.refine,
-                "replica": replica}
+                "replica": replica, "watermark": watermark(width, height),
+                "credentials": "c2pa" if backend.signs else "none"}
         if "image/png" in http.headers.get("accept", "") and len(pngs) == 1:
             headers = {"X-Dreamline-Model": served.model, "X-Dreamline-Version": str(served.version),
-                       "X-Dreamline-Seed": str(request.seeds[0]), "X-Dreamline-Replica": replica}
+                       "X-Dreamline-Seed": str(request.seeds[0]), "X-Dreamline-Replica": replica,
+                       "X-Dreamline-Watermark": made["watermark"], "X-Dreamline-Credentials": made["credentials"]}
             return Response(pngs[0], media_type="image/png", headers=headers)
         return {**made, "images": [{"seed": s, "png": base64.b64encode(b).decode()}
                                    for s, b in zip(request.seeds, pngs)]}
 
     return app
+
+
+def watermark(width: int, height: int) -> str:
+    """What a response says of its images' invisible mark (sd_tasks.safety.marking)."""
+    if width * height >= MIN_PIXELS:
+        return f"{METHOD} {MESSAGE.decode()}"
+    return "none: smaller than 256x256 pixels"

@@ -15,6 +15,8 @@ from sd_tasks.core.config import option
 from sd_tasks.core.errors import StepError
 from sd_tasks.core.storage import read_dir, read_json, whole_jsons, write_dir, write_json
 from sd_tasks.data.consent import tags_refusal
+from sd_tasks.safety.marking import mark
+from sd_tasks.safety.screening import DEFAULT_THRESHOLD, SCREEN_HELP, screen_all
 from sd_tasks.training.checkpoint_files import CHECKPOINT_INFO, LORA_WEIGHTS
 
 MANIFEST = "images.json"
@@ -36,6 +38,10 @@ class GenerateConfig:
     dtype: str = option("inference dtype: auto (float16 on a GPU, float32 on the CPU), float32, float16, bfloat16",
                         "auto")
     prompt_index: int = option("the prompt's place in the batch (its grid row)", 0, at_least=0)
+    screen: str = option(f"{SCREEN_HELP}; a flagged image is withheld (not written; images.json says why)",
+                         "nudenet")
+    screen_threshold: float = option("detector score from which an image is flagged", DEFAULT_THRESHOLD, above=0,
+                                     at_most=1)
 
 
 def run(config: GenerateConfig) -> dict:
@@ -56,20 +62,26 @@ def run(config: GenerateConfig) -> dict:
         raise StepError(f"--lora {config.lora}: {model} version {version}: {reason}; no image is made")
     served = Served(model.removesuffix(MODEL_SUFFIX), model, version, info.get("alias", ""), info["base_model"],
                     info.get("instance"), lora)
-    renderer = Renderer(info["base_model"], inference_dtype(config.dtype), max_adapters=1)
+    renderer = Renderer(info["base_model"], inference_dtype(config.dtype), max_adapters=1, screen=config.screen,
+                        screen_threshold=config.screen_threshold)
     size = config.size or renderer.native_size
     request = Request(config.prompt, config.negative_prompt, tuple(config.seeds), config.steps, config.guidance,
                       size, size)
     images = renderer.render(served, request)
+    reasons = dict(zip(config.seeds, screen_all(renderer.screen, images)))
     with write_dir(config.output) as out:
         for seed, image in zip(config.seeds, images):
-            image.save(out / f"seed-{seed}.png")
+            if reasons[seed] is None:  # screened, then marked, as every image Dreamline lets out
+                mark(image).save(out / f"seed-{seed}.png")
         write_json(out / MANIFEST, {
             "model": model, "version": version, "base_model": info["base_model"], "prompt": config.prompt,
             "prompt_index": config.prompt_index, "negative_prompt": config.negative_prompt, "seeds": config.seeds,
             "steps": config.steps, "guidance": config.guidance, "width": size, "height": size,
-            "images": {str(seed): f"seed-{seed}.png" for seed in config.seeds}})
-    return {"output": config.output, "images": len(images), "model": model, "version": version}
+            "images": {str(seed): f"seed-{seed}.png" for seed in config.seeds if reasons[seed] is None},
+            "withheld": {str(seed): reason for seed, reason in reasons.items() if reason}})
+    withheld = sum(reason is not None for reason in reasons.values())
+    return {"output": config.output, "images": len(images) - withheld, "withheld": withheld, "model": model,
+            "version": version}
 
 
 @dataclass
@@ -110,6 +122,8 @@ def report(config: BatchReportConfig) -> dict:
         mlflow.log_image(picture, "grid.png")
         for folder, (_, batch) in zip(folders, batches):
             mlflow.log_artifacts(str(folder), f"images/prompt-{batch['prompt_index'] + 1}")
+        withheld = sum(len(b.get("withheld", {})) for _, b in batches)
+        mlflow.log_metric("withheld", withheld)  # images the screen flagged: grey tiles in the grid
     images = sum(len(b["images"]) for _, b in batches)
-    return {"run_id": run.info.run_id, "images": images, "prompts": len(batches), "model": model,
-            "version": version}
+    return {"run_id": run.info.run_id, "images": images, "withheld": withheld, "prompts": len(batches),
+            "model": model, "version": version}

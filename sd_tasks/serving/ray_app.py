@@ -24,9 +24,11 @@ from ray.serve.handle import DeploymentHandle
 
 from sd_tasks.models.loading import inference_dtype
 from sd_tasks.models.model_refs import local_folder, pin
+from sd_tasks.safety.credentials import Credentials
+from sd_tasks.safety.screening import DEFAULT_THRESHOLD, SCREEN_HELP
 from sd_tasks.serving.api import Limits, create_app
 from sd_tasks.serving.champions import MODEL_SUFFIX, Champions, NotServable, Served, download
-from sd_tasks.serving.renderer import Renderer, Request, adapter_name, png
+from sd_tasks.serving.renderer import Renderer, Request, adapter_name
 from sd_tasks.serving.server import api_key_from_environment
 
 MAX_ADAPTERS_PER_REPLICA = 4
@@ -40,6 +42,11 @@ class RayServeArgs(BaseModel):
     base_model: str
     dtype: str = "auto"
     refiner_model: str = Field("", description="SDXL refiner for requests that ask to refine; none by default")
+    screen: str = Field("nudenet", description=SCREEN_HELP)
+    screen_threshold: float = Field(DEFAULT_THRESHOLD, gt=0, le=1)
+    c2pa_cert: str = Field("", description="PEM chain to sign C2PA Content Credentials with (a mounted Secret)")
+    c2pa_key: str = Field("", description="PEM private key of c2pa_cert")
+    c2pa_algorithm: str = "es256"
     alias: str = "champion"
     refresh_seconds: float = Field(5.0, ge=0, le=3600)
     adapters: str = Field("", description="each replica's LoRA folder (default: a temp folder of the replica)")
@@ -65,10 +72,12 @@ class LoadedAdapter:
 
 @serve.deployment(ray_actor_options={"num_gpus": 1}, max_ongoing_requests=2)
 class AdapterReplicas:
-    def __init__(self, base_model: str, dtype: str, adapters: str, refiner_model: str = ""):
+    def __init__(self, base_model: str, dtype: str, adapters: str, refiner_model: str = "", screen: str = "nudenet",
+                 screen_threshold: float = DEFAULT_THRESHOLD, c2pa: tuple[str, str, str] | None = None):
         # one more than Ray's LRU, so Ray's eviction, not the renderer's, decides what leaves
         self.renderer = Renderer(base_model, inference_dtype(dtype), MAX_ADAPTERS_PER_REPLICA + 1,
-                                 refiner_model=refiner_model or None)
+                                 refiner_model=refiner_model or None, screen=screen, screen_threshold=screen_threshold,
+                                 credentials=Credentials.from_files(*c2pa) if c2pa else None)
         self.adapters = adapters or tempfile.mkdtemp(prefix="dreamline-adapters-")
         self.replica = serve.get_replica_context().replica_id.unique_id
 
@@ -83,11 +92,10 @@ class AdapterReplicas:
     async def render(self, served: Served, request: Request) -> dict:
         try:
             adapter = await self.adapter(serve.get_multiplexed_model_id())
+            served = dataclasses.replace(served, lora=adapter.served.lora)
+            pngs = await self.renderer.on_its_thread(lambda: self.renderer.pngs(served, request))
         except NotServable as exc:  # a plain answer: a custom exception does not cross Ray's boundary intact
             return {"refused": [exc.status, exc.reason]}
-        served = dataclasses.replace(served, lora=adapter.served.lora)
-        pngs = await self.renderer.on_its_thread(
-            lambda: [png(image) for image in self.renderer.render(served, request)])
         return {"replica": self.replica, "pngs": pngs}
 
 
@@ -95,12 +103,13 @@ class RayBackend:
     """The API's images made by AdapterReplicas; what the API checks a request against read from the base model's
     tokenizer and configs alone (the ingress loads no weights)."""
 
-    def __init__(self, replicas: DeploymentHandle, base_model: str, refiner: bool = False):
+    def __init__(self, replicas: DeploymentHandle, base_model: str, refiner: bool = False, signs: bool = False):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import AutoTokenizer
 
         folder = local_folder(base_model)
         self.replicas, self.base_model, self.counts, self.refiner = replicas, base_model, {}, refiner
+        self.signs = signs
         self._tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
         self.max_tokens = int(self._tokenizer.model_max_length)
         vae_blocks = AutoencoderKL.load_config(folder, subfolder="vae")["block_out_channels"]
@@ -127,7 +136,8 @@ class ImageApi:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         self.args = RayServeArgs(**args)
         self.api_key = api_key_from_environment()
-        self.backend = RayBackend(replicas, self.args.base_model, bool(self.args.refiner_model))
+        self.backend = RayBackend(replicas, self.args.base_model, bool(self.args.refiner_model),
+                                  c2pa_files(self.args) is not None)
         self.champions = Champions(None, self.args.alias, self.args.refresh_seconds)
 
     def __serve_build_asgi_app__(self):
@@ -144,5 +154,13 @@ def build(args: dict) -> Application:
         ray_actor_options={"num_gpus": settings.gpus_per_replica},
         autoscaling_config={"min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
                             "target_ongoing_requests": settings.target_ongoing_requests},
-    ).bind(settings.base_model, settings.dtype, settings.adapters, settings.refiner_model)
+    ).bind(settings.base_model, settings.dtype, settings.adapters, settings.refiner_model, settings.screen,
+           settings.screen_threshold, c2pa_files(settings))
     return ImageApi.bind(replicas, settings.model_dump())
+
+
+def c2pa_files(settings: RayServeArgs) -> tuple[str, str, str] | None:
+    """The Content Credentials' chain, key and algorithm (each replica signs what it renders), or None."""
+    if bool(settings.c2pa_cert) != bool(settings.c2pa_key):
+        raise ValueError("c2pa_cert, c2pa_key: give both (the chain and its key) or neither")
+    return (settings.c2pa_cert, settings.c2pa_key, settings.c2pa_algorithm) if settings.c2pa_cert else None

@@ -26,8 +26,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from sd_tasks.models.loading import load_pipeline
-from sd_tasks.serving.champions import Served
+from sd_tasks.models.loading import load_pipeline, load_refiner
+from sd_tasks.safety.credentials import Credentials
+from sd_tasks.safety.marking import mark
+from sd_tasks.safety.screening import DEFAULT_THRESHOLD, load_screen, screen_all
+from sd_tasks.serving.champions import NotServable, Served
 from sd_tasks.training.checkpoint_files import LORA_WEIGHTS
 
 
@@ -62,8 +65,11 @@ class Renderer:
     """The base pipeline and its adapters; `render` is safe to call from several threads (one runs at a time)."""
 
     def __init__(self, base_model: str, dtype: str = "float32", max_adapters: int = 4,
-                 hotswap_rank: int | None = None, compile_unet: bool = False, refiner_model: str | None = None):
+                 hotswap_rank: int | None = None, compile_unet: bool = False, refiner_model: str | None = None,
+                 screen: str = "nudenet", screen_threshold: float = DEFAULT_THRESHOLD,
+                 credentials: Credentials | None = None):
         self.base_model = base_model
+        self.screen, self.credentials = load_screen(screen, screen_threshold), credentials
         self.pipe = load_pipeline(base_model, dtype)
         self.refiner = load_refiner(refiner_model, self.pipe) if refiner_model else None
         self.max_adapters = max_adapters
@@ -105,6 +111,21 @@ class Renderer:
         with self._lock:
             self._activate(served)
             return [self._image(request, seed) for seed in request.seeds]
+
+    def pngs(self, served: Served | None, request: Request) -> list[bytes]:
+        """The request's images as PNGs, screened, then marked, then signed with Content Credentials when the
+        renderer has credentials (sd_tasks.safety); NotServable (422) when the screen flags any of them: none is
+        sent, and the reason says why."""
+        images = self.render(served, request)
+        reasons = [reason for reason in screen_all(self.screen, images) if reason]
+        if reasons:
+            raise NotServable(422, f"withheld: {len(reasons)} of {len(images)} images flagged by the screen "
+                                   f"({reasons[0]})")
+        pngs = [png(mark(image)) for image in images]
+        if self.credentials is None:
+            return pngs
+        model, version = (served.model, served.version) if served else (self.base_model, "base")
+        return [self.credentials.sign(data, model, version) for data in pngs]
 
     def _image(self, request: Request, seed: int) -> Image.Image:
         generator = torch.Generator().manual_seed(seed)
@@ -179,19 +200,6 @@ class Renderer:
         self.pipe.set_adapters([self._slots[name]])
 
 
-def load_refiner(refiner_model: str, pipe):
-    """The SDXL refiner (an img2img pipeline), sharing the base pipeline's VAE and second text encoder."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline
-
-    from sd_tasks.models.model_refs import local_folder
-
-    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-        local_folder(refiner_model, "--refiner-model"), vae=pipe.vae, text_encoder_2=pipe.text_encoder_2,
-        torch_dtype=pipe.unet.dtype).to(pipe.device)
-    refiner.set_progress_bar_config(disable=True)
-    return refiner
-
-
 class LocalBackend:
     """The API's images made in this process (the `serve` step): one batch at a time, in a worker thread."""
 
@@ -200,14 +208,14 @@ class LocalBackend:
         self.base_model, self.counts = renderer.base_model, renderer.counts
         self.native_size, self.max_tokens = renderer.native_size, renderer.max_tokens
         self.refiner = renderer.refiner is not None
+        self.signs = renderer.credentials is not None
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
 
     def token_count(self, prompt: str) -> int:
         return self.renderer.token_count(prompt)
 
     async def render(self, served: Served, request: Request) -> tuple[list[bytes], str]:
-        return await self.renderer.on_its_thread(lambda: ([png(image) for image in self.renderer.render(
-            served, request)], self.replica))
+        return await self.renderer.on_its_thread(lambda: (self.renderer.pngs(served, request), self.replica))
 
 
 def png(image: Image.Image) -> bytes:

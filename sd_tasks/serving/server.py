@@ -14,6 +14,8 @@ from pathlib import Path
 from sd_tasks.core.config import option
 from sd_tasks.core.errors import StepError
 from sd_tasks.core.tracking import state_home
+from sd_tasks.safety.credentials import Credentials
+from sd_tasks.safety.screening import DEFAULT_THRESHOLD, SCREEN_HELP
 
 API_KEY_ENV = "DREAMLINE_SERVING_API_KEY"
 
@@ -42,6 +44,14 @@ class ServeConfig:
                                at_least=0, at_most=1024)
     refiner_model: str = option("SDXL refiner for requests that ask to refine (e.g. stabilityai/stable-diffusion-xl-"
                                 "refiner-1.0); none by default", "")
+    screen: str = option(f"{SCREEN_HELP}; a flagged image is withheld (422)", "nudenet")
+    screen_threshold: float = option("detector score from which an image is flagged", DEFAULT_THRESHOLD, above=0,
+                                     at_most=1)
+    c2pa_cert: str = option("PEM certificate chain (end entity first) to sign C2PA Content Credentials on every image "
+                            "with; none by default", "")
+    c2pa_key: str = option("PEM private key of --c2pa-cert", "")
+    c2pa_algorithm: str = option("the key's signing algorithm: es256, es384, es512, ps256, ps384, ps512 or ed25519",
+                                 "es256")
     compile_unet: bool = option("compile the UNet after the first adapter loads (a GPU; with --hotswap-rank a swap "
                                 "does not compile again)", False)
 
@@ -66,11 +76,15 @@ def run(config: ServeConfig) -> dict:
         tempfile.TemporaryFile(dir=adapters).close()
     except OSError as exc:
         raise StepError(f"--adapters {adapters}: cannot write the downloaded LoRAs there ({exc.strerror})") from None
+    if bool(config.c2pa_cert) != bool(config.c2pa_key):
+        raise StepError("--c2pa-cert, --c2pa-key: give both (the chain and its key) or neither")
+    credentials = config.c2pa_cert and Credentials.from_files(config.c2pa_cert, config.c2pa_key, config.c2pa_algorithm)
     champions = Champions(adapters, config.alias, config.refresh_seconds)
     # a hub id at the commit it names now (or the cached one offline), as registered versions record their base model
     renderer = Renderer(pin(config.base_model, "--base-model"), inference_dtype(config.dtype), config.max_adapters,
                         config.hotswap_rank or None, config.compile_unet,
-                        pin(config.refiner_model, "--refiner-model") if config.refiner_model else None)
+                        pin(config.refiner_model, "--refiner-model") if config.refiner_model else None,
+                        config.screen, config.screen_threshold, credentials or None)
     limits = Limits(max_images=config.max_images, max_steps=config.max_steps, max_queue=config.max_queue)
     app = create_app(LocalBackend(renderer), champions, api_key, limits)
     print(f"serving {config.alias!r} of every subject on http://{config.host}:{config.port} (OpenAPI: /docs)",

@@ -2,5 +2,5 @@
 (`training_state`), the encode cache as training reads it (`latent_cache`), optional speedups (`speedups`), and the
 checkpoint's files: LoRA weights for diffusers and for kohya-style tools (`checkpoint_files`, `lora_files`, `kohya`).
 
-May use: data, models and the core.
+May use: data, safety, models and the core.
 """

@@ -96,8 +96,8 @@ def documented_commands() -> list[list[str]]:
 
 
 def documented_secrets() -> dict[tuple[str, str], dict]:
-    """{(namespace, name): {"type": ..., "literals": {key: value}}} of the docs' `kubectl create secret` commands; a
-    command inside `for ns in A B; do ... done` counts once per namespace."""
+    """{(namespace, name): {"type": ..., "literals": {key: value}, "files": {key: path}}} of the docs' `kubectl create
+    secret` commands; a command inside `for ns in A B; do ... done` counts once per namespace."""
     found, loop = {}, {}
     for words in documented_commands():
         if words[0] == "for" and words[2] == "in":
@@ -109,8 +109,9 @@ def documented_secrets() -> dict[tuple[str, str], dict]:
             kind, name = words[words.index("secret") + 1: words.index("secret") + 3]
             literals = dict(w.removeprefix("--from-literal=").split("=", 1) for w in words
                             if w.startswith("--from-literal="))
+            files = dict(w.removeprefix("--from-file=").split("=", 1) for w in words if w.startswith("--from-file="))
             for ns in loop.get(namespace, [namespace]):
-                found[(ns, name)] = {"type": kind, "literals": literals}
+                found[(ns, name)] = {"type": kind, "literals": literals, "files": files}
     return found
 
 

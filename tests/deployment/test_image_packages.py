@@ -37,7 +37,10 @@ def test_each_image_installs_its_own_requirements_with_the_one_constraints_file(
     installs = pip_installs(target)
     assert installs
     files = [f for run in installs for f in requirement_files(run) if f != "/dev/stdin"]
-    assert [Path(f).as_posix().split("/")[-2:] for f in files] == [["requirements", f"{target}.txt"]]
+    own = [["requirements", f"{target}.txt"]] + ([["requirements", "no-deps.txt"]] if target == "worker" else [])
+    assert [Path(f).as_posix().split("/")[-2:] for f in files] == own
+    if target == "worker":  # its declared dependencies replaced (requirements/no-deps.txt says which and why)
+        assert re.search(r"pip install [^&]*--no-deps -r \S*requirements/no-deps\.txt", installs[-1]), installs[-1]
     for run in installs:
         if "torch==" in run or "/dev/stdin" in run:
             continue  # torch alone from PyTorch's index, its pin read from constraints.txt
@@ -138,7 +141,8 @@ def imported_modules(folder: Path) -> dict[str, str]:
 def test_the_worker_image_has_every_library_the_steps_import():
     """An option whose library the worker image lacks fails on the GPU, hours into a night (8-bit AdamW's
     bitsandbytes once): every module sd_tasks imports comes from a distribution the worker image installs."""
-    worker = closure(requirements_in(REPO / "requirements" / "worker.txt"))
+    worker = closure(requirements_in(REPO / "requirements" / "worker.txt")) | {
+        canonicalize_name(r.name) for r in requirements_in(REPO / "requirements" / "no-deps.txt")}
     provided = {module for module, distributions in metadata.packages_distributions().items()
                 if {canonicalize_name(d) for d in distributions} & worker}
     missing = {m: where for m, where in imported_modules(REPO / "sd_tasks").items() if m not in provided}

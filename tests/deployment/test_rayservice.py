@@ -116,3 +116,19 @@ def test_the_documented_commands_create_its_secret_and_apply_it(settings):
     secret = documented_secrets()[(settings["DREAMLINE_NAMESPACE"], "dreamline-serving")]
     assert (secret["type"], set(secret["literals"])) == ("generic", {"DREAMLINE_SERVING_API_KEY"})
     assert ["kubectl", "apply", "-f", str(RAYSERVICE.relative_to(REPO))] in documented_commands()
+
+
+def test_the_images_are_signed_with_the_documented_secrets_certificate_and_key(service, settings):
+    """The serve config's c2pa_cert and c2pa_key lie in the Secret dreamline-c2pa as every pod mounts it, and the
+    documented command creates that Secret with those two files."""
+    from sd_tasks.serving import ray_app
+
+    [application] = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    args = ray_app.RayServeArgs(**application["args"])
+    secret = documented_secrets()[(settings["DREAMLINE_NAMESPACE"], "dreamline-c2pa")]
+    for template in pod_templates(service):
+        spec = template["spec"]
+        [volume] = [v["name"] for v in spec["volumes"] if v.get("secret", {}).get("secretName") == "dreamline-c2pa"]
+        [mount] = [m["mountPath"] for m in spec["containers"][0]["volumeMounts"] if m["name"] == volume]
+        assert {args.c2pa_cert, args.c2pa_key} == {f"{mount}/{key}" for key in secret["files"]}
+    assert ray_app.c2pa_files(args) == (args.c2pa_cert, args.c2pa_key, "es256")

@@ -183,3 +183,23 @@ def test_a_champion_that_cannot_be_evaluated_does_not_stop_the_night(run_folder,
     with pytest.raises(StepError, match="--optional nobody: not among the --targets' names"):
         evaluate.run(evaluate.EvaluateConfig(targets=targets, optional=["nobody"], output=str(tmp_path / "x"),
                                              **suite(prepared, models)))
+
+
+def test_evaluation_images_are_marked_and_those_the_screen_flags_are_counted(prepared, models, tmp_path):
+    """Every generated image is marked (read back from the saved PNG); a screen's flags are counted in metrics.json
+    with which image and why (a stand-in screen flags all: no explicit material needed)."""
+    from PIL import Image
+
+    from sd_tasks.safety.marking import is_marked
+    from stand_in_screen import spec
+
+    config = suite(prepared, models) | dict(images_per_prompt=1, resolution=256, class_prompts=[])
+    evaluate.run(evaluate.EvaluateConfig(base_model=models["sdxl"], output=str(tmp_path / "flagged"),
+                                         screen=spec("FlagAll"), **config))
+    metrics = json.loads((tmp_path / "flagged" / "metrics.json").read_text())
+    assert (metrics["screened"], metrics["flagged"]) == (2, 2)
+    assert metrics["flagged_images"] == ["prompt 0 image 0: stand-in: every image (0.5)",
+                                         "prompt 1 image 0: stand-in: every image (0.5)"]
+    assert all(is_marked(Image.open(path)) for path in (tmp_path / "flagged" / "images").glob("p*.png"))
+    clean = evaluate.run(evaluate.EvaluateConfig(base_model=models["sdxl"], output=str(tmp_path / "clean"), **config))
+    assert (clean["screened"], clean["flagged"]) == (2, 0)  # the real detector: nothing in a tiny model's noise

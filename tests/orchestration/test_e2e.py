@@ -29,7 +29,10 @@ SUBJECTS = """
 subjects:
   dog: {token: sks, class_noun: dog, kind: live, dataset: {path: dog, version: dog-v1}}
   backpack: {token: zwx, class_noun: backpack, kind: object, dataset: {path: backpack, version: backpack-v1}}
+  kim: {token: ohwx, class_noun: person, kind: person, dataset: {path: dog, version: dog-v1}}
 """
+# kim is a person whose dataset version has no consent record (the dog's photos stand in for a person's)
+PERSON_CONF = {k: v for k, v in CONF.items() if k not in ("subject", "dataset_version")}
 BACKPACK_CONF = {**{k: v for k, v in CONF.items() if k not in ("subject", "dataset_version", "prior_preservation",
                                                                  "num_class_images", "encode_shard_size",
                                                                  "promotion_margin")},
@@ -44,7 +47,8 @@ BATCH_CONF = {"subject": "dog", "prompts": ["a photo of {instance}", "{instance}
 @pytest.fixture(scope="module")
 def nights(tmp_path_factory, models, registry):
     """Through `airflow dags test`: the dog trained (one learning rate diverging), the dog again with nothing
-    changed, and a second subject, the backpack; with a webhook listening for failures."""
+    changed, a second subject, the backpack, a batch, and a person without a consent record; with a webhook
+    listening for failures."""
     from sd_tasks.data.dataset import PublishConfig, publish
     from test_notify import Receiver
 
@@ -78,7 +82,8 @@ def nights(tmp_path_factory, models, registry):
     try:
         runs = {"dog": night("dog", "lora_dog", CONF), "dog-again": night("dog-again", "lora_dog", CONF),
                 "backpack": night("backpack", "lora_backpack", BACKPACK_CONF),
-                "batch": night("batch", "batch_images", BATCH_CONF)}
+                "batch": night("batch", "batch_images", BATCH_CONF),
+                "person": night("person", "lora_kim", PERSON_CONF)}
     finally:
         webhook.close()
     return {"home": home, **runs, "webhook": webhook.requests}
@@ -213,7 +218,7 @@ def test_registered_lora_loads_back_and_generates_offline(dag_run, client):
 def test_a_refused_step_fails_at_once_and_the_webhook_hears_of_it(nights):
     [diverged] = [t for t in nights["dog"]["tasks"] if t["task_id"] == "train" and t["state"] == "failed"]
     assert diverged["try_number"] == 1  # exit 65: StepRefused, no retry
-    [posted] = [r["body"] for r in nights["webhook"]]  # the one failure of the three nights
+    [posted] = [r["body"] for r in nights["webhook"] if r["body"]["dag_id"] == "lora_dog"]  # its one failure
     assert (posted["event"], posted["dag_id"], posted["task_id"], posted["map_index"], posted["try_number"]) == \
         ("failure", "lora_dog", "train", diverged["map_index"], 1)
     assert posted["error"].startswith("error: train: ") and "training diverged" in posted["error"]
@@ -316,3 +321,15 @@ def test_a_batch_renders_each_prompt_in_the_gpu_pool_with_the_champion_and_logs_
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"grid.png", "images"}
     images = {a.path for a in client.list_artifacts(run.info.run_id, "images/prompt-2")}
     assert images >= {"images/prompt-2/images.json", "images/prompt-2/seed-1.png", "images/prompt-2/seed-2.png"}
+
+
+def test_a_person_without_a_consent_record_is_refused_at_the_dataset_task_before_any_gpu_task(nights):
+    person = nights["person"]
+    states = {t["task_id"]: t["state"] for t in person["tasks"]}
+    assert person["state"] == "failed" and states["dataset"] == "failed", states
+    [refused] = [t for t in person["tasks"] if t["task_id"] == "dataset"]
+    assert refused["try_number"] == 1  # exit 65: refused, not retried
+    ran = {t["task_id"].split(".")[-1] for t in person["tasks"] if t["state"] in ("success", "running", "failed")}
+    assert not ran & {"encode", "class_images", "train", "evaluate", "confirm"}, ran
+    [posted] = [r["body"] for r in nights["webhook"] if r["body"]["dag_id"] == "lora_kim"]
+    assert posted["task_id"] == "dataset" and "consent" in posted["error"], posted["error"]

@@ -290,3 +290,21 @@ def test_the_interval_resamples_prompts_with_their_seeds():
     assert clustered["high"] - clustered["low"] > 1.7 * (one_by_one["high"] - one_by_one["low"])
     assert clustered["rests_on"] == {"images": {"prompts": 12, "images": 48}}
     assert "on 12 prompts (48 images)" in compare.describe(clustered)
+
+
+def test_a_checkpoint_whose_images_the_screen_flagged_is_not_promoted():
+    """Flagged evaluation images (sd_tasks.safety.screening) above --max-flagged: registered, never promoted, and
+    the reason says how many; the same clear gain without them is promoted."""
+    rng = np.random.default_rng(3)
+    difficulty = [rng.normal(0.5, 0.1, 16) for _ in range(3)]
+    confirmation = [fake_evaluation("c", *difficulty, base=True),
+                    fake_evaluation("c", *(d + 0.3 for d in difficulty), checkpoint="ckpt", screened=16, flagged=0)]
+    clean = {"checkpoint": "ckpt", "screened": 8, "flagged": 0}
+    assert register.decide(None, "1", clean, confirmation, {"accuracy": 1.0}, 0.95, 0.1).eligible
+    selected = register.decide(None, "1", {**clean, "flagged": 1}, confirmation, {"accuracy": 1.0}, 0.95, 0.1)
+    assert not selected.eligible and selected.reason.startswith("the screen flagged 1 of 8 of its evaluation images")
+    assert register.decide(None, "1", {**clean, "flagged": 1}, confirmation, {"accuracy": 1.0}, 0.95, 0.1,
+                           max_flagged=0.2).eligible  # one in eight is within a 20 % allowance
+    confirmation[1]["flagged"] = 4
+    confirmed = register.decide(None, "1", clean, confirmation, {"accuracy": 1.0}, 0.95, 0.1, max_flagged=0.2)
+    assert not confirmed.eligible and "flagged 4 of 16 of its confirmation images" in confirmed.reason
