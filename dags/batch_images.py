@@ -88,7 +88,8 @@ def batch_images():
         return [{"lora": fetched["checkpoint"], "prompt": prompt.replace("{instance}", instance),
                  "seeds": params["seeds"], "negative_prompt": params["negative_prompt"], "steps": params["steps"],
                  "guidance": params["guidance"], "size": params["size"], "prompt_index": index,
-                 "screen": DEPLOYMENT.screen, "output": f"{run_dir}/images/prompt-{index}"} for index, prompt in enumerate(params["prompts"])]
+                 "screen": DEPLOYMENT.screen, "output": f"{run_dir}/images/prompt-{index}"}
+                for index, prompt in enumerate(params["prompts"])]
 
     rendered = partial_step(task_id="render", step="generate", profile="gpu",
                             map_index_template="prompt {{ task.options['prompt_index'] }}",

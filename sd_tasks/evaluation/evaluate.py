@@ -26,8 +26,8 @@ the images and the scores (the instance images by content, not by where they lie
 only within one suite. A checkpoint whose images come out non-finite (a diverged LoRA) is marked broken and gets the
 lowest possible scores. Generated images are marked (sd_tasks.safety.marking) and screened: `flagged` counts those the
 screen flags, `flagged_images` says which and why, and `register` does not promote a checkpoint with too many. With
-`--cache`, an evaluation is kept by (LoRA weights, suite): the champion, defended every
-night on an unchanged suite, is evaluated once, not every night.
+`--cache`, an evaluation is kept by (LoRA weights, suite): the champion, defended every night on an unchanged suite,
+is evaluated once, not every night.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ from sd_tasks.training.train import list_checkpoints
 IMAGE_METRICS = ("dino", "clip_i", "clip_t")  # per generated image; preservation is per class image
 BASE_INFO = {"step": None, "learning_rate": None, "run_id": None, "champion_version": None, "base_model": None}
 SUITE_FIELDS = ("prompts", "class_prompts", "clip_t_texts", "seeds", "class_seeds")  # written beside a result, not part of it
-SCORING_VERSION = 4  # raise when a change here or in sd_tasks.evaluation.metrics changes scores: kept evaluations expire
+# raise when a change here or in sd_tasks.evaluation.metrics changes scores or images: kept evaluations expire (4: marked)
+SCORING_VERSION = 4
 
 
 @dataclass
