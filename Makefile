@@ -27,8 +27,10 @@ STACK_ARGS ?=
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+# TEST_WORKERS processes share the tests out a file at a time (pytest-xdist): a module's fixtures are made once
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest tests -m "not stack and not browser and not reliability"
+	$(PY) -m pytest tests -m "not stack and not browser and not reliability" -n $(TEST_WORKERS) --dist loadfile
 
 # Faults, load, hostile input and secrets; docs/reliability.md lists every scenario and the last run's figures.
 test-reliability: $(STAMP)
