@@ -267,7 +267,7 @@ def test_two_subjects_have_separate_lineage(nights, client):
     assert runs and all(r.data.tags["dataset.path" if "dataset.path" in r.data.tags else "dataset.rev"]
                         .startswith("backpack") for r in runs)
     folders = sorted(p.name for p in (nights["home"] / "runs").iterdir())
-    assert folders == ["batch_images", "lora_backpack", "lora_dog"]
+    assert folders == ["batch_images", "lora_backpack", "lora_dog", "lora_kim"]
 
 
 def test_successive_halving_stops_the_losing_rate_at_its_rung_and_the_survivor_resumes(nights):
@@ -332,4 +332,6 @@ def test_a_person_without_a_consent_record_is_refused_at_the_dataset_task_before
     ran = {t["task_id"].split(".")[-1] for t in person["tasks"] if t["state"] in ("success", "running", "failed")}
     assert not ran & {"encode", "class_images", "train", "evaluate", "confirm"}, ran
     [posted] = [r["body"] for r in nights["webhook"] if r["body"]["dag_id"] == "lora_kim"]
-    assert posted["task_id"] == "dataset" and "consent" in posted["error"], posted["error"]
+    assert posted["task_id"] == "dataset" and "no consent record" in posted["error"], posted["error"]
+    [run] = (nights["home"] / "runs" / "lora_kim").iterdir()
+    assert not (run / "dataset").exists()  # not one photo fetched
