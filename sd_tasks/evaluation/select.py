@@ -103,6 +103,15 @@ def missing_evaluations(config: SelectConfig, folder, evaluations: dict) -> list
     return missing
 
 
+def row_label(row: dict) -> str:
+    """A row of the sweep's table as a reviewer reads it: `lr 0.0001 @400`, `champion v3` or `base model`."""
+    if row.get("base"):
+        return "base model"
+    if row.get("champion_version"):
+        return f"champion v{row['champion_version']}"
+    return f"lr {row['learning_rate']:g} @{row['step']}"
+
+
 def format_table(selection: dict, normalised: bool = False) -> str:
     """The sweep as a small text table (raw metrics, or normalised ones, then the normalised score), the selected
     row marked, the champion and the base model last."""
@@ -110,13 +119,9 @@ def format_table(selection: dict, normalised: bool = False) -> str:
     lines = [f"{'':>16} {'dino':>7} {'clip_i':>7} {'clip_t':>7} {'preserv':>7} {'score':>7}"]
     extra = [r for r in (selection.get("champion"), selection.get("base")) if r]
     for r in selection["table"] + extra:
-        if r.get("base"):
-            name, mark = "base model", ""
-        elif r.get("champion_version"):
-            name, mark = f"champion v{r['champion_version']}", ""
-        else:
-            name = f"lr {r['learning_rate']:g} @{r['step']}"
-            mark = "  <- selected" if (r["learning_rate"], r["step"]) == (best["learning_rate"], best["step"]) else ""
+        name = row_label(r)
+        mark = "  <- selected" if not (r.get("base") or r.get("champion_version")) and \
+            (r["learning_rate"], r["step"]) == (best["learning_rate"], best["step"]) else ""
         values = r.get("norm") or {} if normalised else r
         cells = " ".join((f"{values[m]:>+7.2f}" if normalised else f"{values[m]:>7.4f}")
                          if values.get(m) is not None else f"{'-':>7}" for m in METRICS)

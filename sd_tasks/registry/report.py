@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from sd_tasks.core import tracking
 from sd_tasks.evaluation.compare import METRICS, describe
-from sd_tasks.evaluation.select import format_table
+from sd_tasks.evaluation.select import format_table, row_label
 
 
 def status(result: dict) -> str:
@@ -65,7 +65,20 @@ def report(name: str, selection: dict, result: dict) -> str:
                   evaluation_against_training(result["cost"])]
     if selection.get("missing"):
         lines += ["", f"Not evaluated (their evaluate task failed): {', '.join(selection['missing'])}."]
+    lines += ["", screened(selection)]
     return "\n".join(lines) + "\n"
+
+
+def screened(selection: dict) -> str:
+    """What the screen flagged among the selection's evaluation images (sd_tasks.safety.screening)."""
+    rows = [r for r in selection["table"] + [selection.get("champion"), selection.get("base")] if r]
+    flagged = [f"{row_label(r)}: {r['flagged']} of {r.get('screened') or '?'}" for r in rows if r.get("flagged")]
+    total = sum(r.get("screened") or 0 for r in rows)
+    if flagged:
+        return (f"The screen flagged evaluation images ({'; '.join(flagged)}): a checkpoint with flagged images "
+                f"above register's --max-flagged is not promoted (docs/safety.md).")
+    return f"The screen flagged none of the {total} evaluation images (docs/safety.md)."
+
 
 
 def review(name: str, selection: dict, result: dict, parent_run_id: str | None, review_url: str | None) -> str:

@@ -194,6 +194,7 @@ def test_parent_run_has_one_nested_run_per_learning_rate_with_curves_metrics_and
     assert "Promoted to champion: first version: subject fidelity against the base model " in report
     assert "% interval " in report and "above the margin -10" in report and "base model" in report
     assert re.search(r"on 2 prompts \(\d+ images\)", report)  # what the interval rests on: the 2 held-out prompts
+    assert re.search(r"The screen flagged none of the \d+ evaluation images", report)  # NudeNet, for real
     import mlflow  # every evaluated checkpoint is a LoggedModel of its training run, ranked by select's score
 
     models = [m for m in mlflow.search_logged_models(  # besides the registered version's `lora`

@@ -308,3 +308,16 @@ def test_a_checkpoint_whose_images_the_screen_flagged_is_not_promoted():
     confirmation[1]["flagged"] = 4
     confirmed = register.decide(None, "1", clean, confirmation, {"accuracy": 1.0}, 0.95, 0.1, max_flagged=0.2)
     assert not confirmed.eligible and "flagged 4 of 16 of its confirmation images" in confirmed.reason
+
+
+def test_the_report_says_what_the_screen_flagged_and_of_how_many():
+    from sd_tasks.registry.report import screened
+
+    rows = [{"learning_rate": 1e-4, "step": 2, "flagged": 1, "screened": 4},
+            {"learning_rate": 1e-4, "step": 4, "flagged": 0, "screened": 4}]
+    selection = {"table": rows, "base": {"base": True, "flagged": 0, "screened": 4},
+                 "champion": {"champion_version": 3, "flagged": 2, "screened": 4}}
+    said = screened(selection)
+    assert said.startswith("The screen flagged evaluation images (lr 0.0001 @2: 1 of 4; champion v3: 2 of 4)")
+    rows[0]["flagged"] = selection["champion"]["flagged"] = 0
+    assert screened(selection) == "The screen flagged none of the 16 evaluation images (docs/safety.md)."
