@@ -1,7 +1,7 @@
 """Screening images for sexual content: training photos going in, generated images coming out.
 
 The default screen is NudeNet's detector (`nudenet`), whose small ONNX model ships inside its wheel and runs offline
-on the CPU (onnxruntime): about 0.2 s to load and 35 ms an image on a 2-core machine. An image is flagged when the
+on the CPU (onnxruntime, its telemetry switched off): about 0.2 s to load and 35 ms an image on a 2-core machine. An image is flagged when the
 detector finds one of the exposed classes below at `threshold` or above. On the DreamBench photos the detector's
 strongest finding on harmless images was 0.33 (a dog), hence the default of 0.5.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +38,9 @@ class NudeNetScreen:
     name = "nudenet"
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD):
+        # onnxruntime (1.29 on) sends usage telemetry to Microsoft from Linux and keeps a session file in TMPDIR
+        # unless this is set before it starts: a screen of people's photos must not call out
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         from nudenet import NudeDetector
 
         self.detector, self.threshold = NudeDetector(), threshold

@@ -68,3 +68,18 @@ def test_validate_with_the_refuse_policy_fails_in_one_line_with_a_final_exit_cod
     [line] = done.stderr.strip().splitlines()
     assert "the screen flagged 2 photos (red-0.png: stand-in: red)" in line and "--screen-policy refuse" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_the_detector_neither_calls_home_nor_leaves_a_file_behind(tmp_path):
+    """onnxruntime (1.29 on) starts Microsoft's telemetry on Linux and keeps a session file (`.ses`) in TMPDIR unless
+    ORT_DISABLE_TELEMETRY is set before it starts: the stack test found the file in a step's scratch folder."""
+    import os
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    code = ("import os; from PIL import Image; from sd_tasks.safety.screening import load_screen; "
+            "print(load_screen('nudenet').reason(Image.new('RGB', (64, 64))), os.environ['ORT_DISABLE_TELEMETRY'])")
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"} | {"TMPDIR": str(scratch)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["None", "1"], done.stderr
+    assert list(scratch.iterdir()) == []
