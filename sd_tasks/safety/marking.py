@@ -7,8 +7,8 @@ half and back; `rivaGan` survives more but takes 6 s per 1024 px image on a CPU.
 bits, so a mark says "made by Dreamline", not merely "made by SDXL". diffusers' own mark is switched off where
 Dreamline loads a pipeline (`add_watermarker=False`): two marks in one image disturb each other.
 
-The library marks only images of at least 256x256 pixels (65,536): smaller ones are returned unmarked, and callers
-say so (a served image's `X-Dreamline-Watermark` header, evaluate's `unmarked` count). A reader that is given a
+The library marks only images of at least 256x256 pixels (65,536): smaller ones (only the tiny test models make them)
+are returned unmarked, and the image API says so in its `X-Dreamline-Watermark` header. A reader that is given a
 resized copy tries it at its own size first, then at SDXL's generation size (longer side 1024 px).
 """
 from __future__ import annotations
