@@ -63,8 +63,8 @@ from sd_tasks.training.train import list_checkpoints
 IMAGE_METRICS = ("dino", "clip_i", "clip_t")  # per generated image; preservation is per class image
 BASE_INFO = {"step": None, "learning_rate": None, "run_id": None, "champion_version": None, "base_model": None}
 SUITE_FIELDS = ("prompts", "class_prompts", "clip_t_texts", "seeds", "class_seeds")  # written beside a result, not part of it
-# raise when a change here or in sd_tasks.evaluation.metrics changes scores or images: kept evaluations expire (4: marked)
-SCORING_VERSION = 4
+# raise when a change here or in sd_tasks.evaluation.metrics changes scores or images: kept evaluations expire
+SCORING_VERSION = 4  # 4: generated images are marked
 
 
 @dataclass

@@ -2,13 +2,13 @@
 
 The default screen is NudeNet's detector (`nudenet`), whose small ONNX model ships inside its wheel and runs offline
 on the CPU (onnxruntime, its telemetry switched off): about 0.2 s to load and 35 ms an image on a 2-core machine. An
-image is flagged when the detector finds one of the exposed classes below at `threshold` or above. On the DreamBench photos the detector's
-strongest finding on harmless images was 0.33 (a dog), hence the default of 0.5.
+image is flagged when the detector finds one of the exposed classes below at `threshold` or above. On the DreamBench
+photos the detector's strongest finding on harmless images was 0.33 (a dog), hence the default of 0.5.
 
 `--screen` picks the screen: `nudenet`, `off`, or `FILE.py:NAME` / `module:NAME`, a class of the operator's own
 (another classifier) constructed with the threshold and answering `reason(image) -> str | None` like NudeNetScreen.
-The suite's stand-in screens are such classes (tests/safety/stand_in_screen.py): no explicit material is needed to test
-what happens to a flagged image.
+The suite's stand-in screens are such classes (tests/safety/stand_in_screen.py): no explicit material is needed to
+test what happens to a flagged image.
 """
 from __future__ import annotations
 
