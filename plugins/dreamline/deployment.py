@@ -117,6 +117,9 @@ class Deployment:
                                       f"a folder (a relative path would mean another folder in every working folder)")
         if self.executor != "kubernetes":
             return
+        if self.screen.partition(":")[0].endswith(".py"):
+            raise DeploymentError(f"DREAMLINE_SCREEN={self.screen}: a file on this machine; in kubernetes mode name "
+                                  f"a module:NAME installed in the worker image")
         for name, value in (("DREAMLINE_STORAGE", self.storage), ("DREAMLINE_CACHE", self.cache)):
             if not is_remote_uri(value):
                 raise DeploymentError(f"{name}={value}: in kubernetes mode it must be a remote URI (s3://bucket/"

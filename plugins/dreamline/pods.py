@@ -167,12 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
     from kubernetes.client import ApiClient
 
-    from dreamline.deployment import DeploymentError
-
     try:
         with contextlib.redirect_stdout(sys.stderr):  # Airflow's log lines: stdout is the manifests alone
             pods = planned_pods(conf, args.images, not args.no_champion, subject=args.subject)
-    except DeploymentError as exc:
+    except ValueError as exc:  # DeploymentError, also as the settings are first read (importing dreamline.deployment)
         print(f"error: {args.settings or 'environment'}: {exc}", file=sys.stderr)
         return 2
     serialize = ApiClient().sanitize_for_serialization

@@ -166,6 +166,11 @@ def test_train_pods_get_the_production_recipe(manifests):
      "DREAMLINE_DATASET_REPO: holds credentials; put them in the Secret named by DREAMLINE_GIT_SECRET"),
     ("DREAMLINE_IMAGE", "registry.example.com/dreamline/worker:latest", "pin the worker image by tag or digest"),
     ("DREAMLINE_IMAGE", "registry.example.com:5000/dreamline/worker", "pin the worker image by tag or digest"),
+    ("DREAMLINE_SCREEN", "/home/me/screen.py:Mine", "DREAMLINE_SCREEN=/home/me/screen.py:Mine: a file on this machine"),
+    ("DREAMLINE_SCREEN", "nudenett", "DREAMLINE_SCREEN='nudenett': use nudenet, off, or FILE.py:NAME"),
+    # settings read as the deployment module loads: they were a traceback here before
+    ("DREAMLINE_GPU_HOUR_PRICE", "cheap", "DREAMLINE_GPU_HOUR_PRICE='cheap': a price"),
+    ("DREAMLINE_RETRY_DELAY", "-5", "DREAMLINE_RETRY_DELAY='-5': seconds before a retry"),
 ])
 def test_a_kubernetes_deployment_refuses_what_a_pod_could_not_use(tmp_path, setting, value, message):
     settings = tmp_path / "bad.env"
