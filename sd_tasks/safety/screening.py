@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 from pathlib import Path
 from typing import Protocol
 
@@ -38,10 +37,7 @@ class NudeNetScreen:
     name = "nudenet"
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD):
-        # onnxruntime (1.29 on) sends usage telemetry to Microsoft from Linux and keeps a session file in TMPDIR
-        # unless this is set before it starts: a screen of people's photos must not call out
-        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-        from nudenet import NudeDetector
+        from nudenet import NudeDetector  # onnxruntime's telemetry is off (sd_tasks/__init__.py)
 
         self.detector, self.threshold = NudeDetector(), threshold
 
