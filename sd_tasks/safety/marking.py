@@ -23,6 +23,11 @@ MATCH = 42  # bits of 48 that must agree: an unmarked image agrees on 24 +- 3.5;
 GENERATION_SIDE = 1024  # SDXL's: where a reader tries a resized copy
 
 
+def bgr_array(image: Image.Image) -> np.ndarray:
+    """The image as OpenCV reads one (BGR, contiguous), as invisible-watermark and NudeNet take it."""
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+
+
 def markable(image: Image.Image) -> bool:
     return image.width * image.height >= MIN_PIXELS
 
@@ -35,8 +40,7 @@ def mark(image: Image.Image) -> Image.Image:
 
     encoder = WatermarkEncoder()
     encoder.set_watermark("bytes", MESSAGE)
-    bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
-    marked = encoder.encode(bgr, METHOD)
+    marked = encoder.encode(bgr_array(image), METHOD)
     return Image.fromarray(np.ascontiguousarray(marked[:, :, ::-1]))
 
 
@@ -44,8 +48,7 @@ def matching_bits(image: Image.Image) -> int:
     """How many of the mark's 48 bits `image`, at its own size, agrees on."""
     from imwatermark import WatermarkDecoder
 
-    bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
-    bits = WatermarkDecoder("bits", len(MESSAGE) * 8).decode(bgr, METHOD)
+    bits = WatermarkDecoder("bits", len(MESSAGE) * 8).decode(bgr_array(image), METHOD)
     expected = np.unpackbits(np.frombuffer(MESSAGE, dtype=np.uint8))
     return int((np.asarray(bits, dtype=np.uint8) == expected).sum())
 

@@ -17,10 +17,10 @@ import importlib.util
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 from PIL import Image
 
 from sd_tasks.core.errors import StepError
+from sd_tasks.safety.marking import bgr_array
 
 UNSAFE_CLASSES = ("FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED", "ANUS_EXPOSED",
                   "BUTTOCKS_EXPOSED")
@@ -42,8 +42,7 @@ class NudeNetScreen:
         self.detector, self.threshold = NudeDetector(), threshold
 
     def reason(self, image: Image.Image) -> str | None:
-        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
-        found = [d for d in self.detector.detect(bgr) if d["class"] in UNSAFE_CLASSES and d["score"] >= self.threshold]
+        found = [d for d in self.detector.detect(bgr_array(image)) if d["class"] in UNSAFE_CLASSES and d["score"] >= self.threshold]
         if not found:
             return None
         worst = max(found, key=lambda d: d["score"])
